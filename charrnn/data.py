@@ -23,8 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
+from charrnn.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad data input; message is one clear line for the user."""
 
 

@@ -1,0 +1,63 @@
+"""Where metrics go: ``metrics.jsonl`` (one JSON object per record) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+class MetricWriter:
+    """Append records to ``<workdir>/metrics.jsonl`` and TensorBoard event files.
+
+    A record is a dict with ``step`` and ``split`` (train/val/test) and scalar
+    fields; TensorBoard tags are ``<split>/<field>``.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            import tensorboardX  # imported lazily: only the writing process needs it
+            self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step``: a resumed run rewrites them identically."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: _json_value(v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key not in ("step", "split") and isinstance(value, (int, float)):
+                self._tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """All records of a workdir's ``metrics.jsonl``, in order."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _json_value(v):
+    """Python scalars for JSON; non-finite floats as strings ("nan", "inf")."""
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v

@@ -1,0 +1,210 @@
+"""Recurrent cells and the character-level language model.
+
+Every cell keeps its recurrent weights in one parameter named ``W_hh`` (shape
+``[H, G*H]``, G gates) so that diagnostics can find it by name, its input
+weights in ``W_xh`` (``[E, G*H]``) and its bias in ``b`` (``[G*H]``). One
+matmul per weight per step computes all gates at once.
+
+The time loop is :func:`unroll`, one ``jax.lax.scan`` over a step function;
+training, evaluation, priming and sampling all go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CELLS = ("rnn", "gru", "lstm")
+
+Carry = Any  # one array [B, H] per layer (rnn, gru) or a (c, h) pair (lstm)
+
+
+class _Cell(nn.Module):
+    """Shared parameters of the cells: z_t = x_t W_xh + h_{t-1} W_hh + b."""
+    hidden_size: int
+    num_gates: int = 1
+    forget_bias: float = 0.0
+
+    def gates(self, x, h):
+        """Pre-activations [B, G*H] for input x [B, E] and previous state h [B, H]."""
+        H, G = self.hidden_size, self.num_gates
+        w_xh = self.param("W_xh", nn.initializers.glorot_uniform(), (x.shape[-1], G * H))
+        # Orthogonal per gate block: each block starts with all singular values 1.
+        w_hh = self.param("W_hh", _blockwise_orthogonal(G), (H, G * H))
+        b = self.param("b", self._bias_init, (G * H,))
+        return x @ w_xh + h @ w_hh + b
+
+    def _bias_init(self, key, shape):
+        del key
+        b = jnp.zeros(shape)
+        if self.forget_bias:  # the second gate block is the LSTM's forget gate
+            b = b.at[self.hidden_size:2 * self.hidden_size].set(self.forget_bias)
+        return b
+
+    def initial_carry(self, batch_size: int) -> Carry:
+        return jnp.zeros((batch_size, self.hidden_size))
+
+
+def _blockwise_orthogonal(num_blocks):
+    def init(key, shape, dtype=jnp.float32):
+        H = shape[0]
+        keys = jax.random.split(key, num_blocks)
+        return jnp.concatenate([nn.initializers.orthogonal()(k, (H, H), dtype) for k in keys], axis=1)
+    return init
+
+
+class RNNCell(_Cell):
+    """Elman tanh RNN: h_t = tanh(x_t W_xh + h_{t-1} W_hh + b)."""
+
+    @nn.compact
+    def __call__(self, h, x):
+        h = jnp.tanh(self.gates(x, h))
+        return h, h
+
+
+class LSTMCell(_Cell):
+    """LSTM (Hochreiter & Schmidhuber 1997; forget gate Gers et al. 2000).
+
+    Gate order in the G=4 blocks: input, forget, candidate, output. The forget
+    bias starts at 1 (Jozefowicz et al. 2015).
+    """
+    num_gates: int = 4
+    forget_bias: float = 1.0
+
+    @nn.compact
+    def __call__(self, carry, x):
+        c, h = carry
+        i, f, g, o = jnp.split(self.gates(x, h), 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (c, h), h
+
+    def initial_carry(self, batch_size):
+        shape = (batch_size, self.hidden_size)
+        return (jnp.zeros(shape), jnp.zeros(shape))  # two buffers: carries are donated
+
+
+class GRUCell(_Cell):
+    """GRU (Cho et al. 2014), reset gate applied after the recurrent matmul.
+
+    Gate order: reset, update, candidate. ``b_hn`` is the recurrent bias of the
+    candidate, which the reset gate scales together with h W_hh.
+    """
+    num_gates: int = 3
+
+    @nn.compact
+    def __call__(self, h, x):
+        H = self.hidden_size
+        w_xh = self.param("W_xh", nn.initializers.glorot_uniform(), (x.shape[-1], 3 * H))
+        w_hh = self.param("W_hh", _blockwise_orthogonal(3), (H, 3 * H))
+        b = self.param("b", nn.initializers.zeros, (3 * H,))
+        b_hn = self.param("b_hn", nn.initializers.zeros, (H,))
+        xr, xz, xn = jnp.split(x @ w_xh + b, 3, axis=-1)
+        hr, hz, hn = jnp.split(h @ w_hh, 3, axis=-1)
+        r = jax.nn.sigmoid(xr + hr)
+        z = jax.nn.sigmoid(xz + hz)
+        n = jnp.tanh(xn + r * (hn + b_hn))
+        h = (1.0 - z) * n + z * h
+        return h, h
+
+
+CELL_CLASSES = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell}
+
+
+def unroll(step: Callable, carry, xs, unroll_steps: int = 1):
+    """The one time loop: ``jax.lax.scan`` of ``step(carry, x_t) -> (carry, y_t)``.
+
+    xs is a pytree with time as its leading axis ([T, ...]); returns
+    (final carry, ys [T, ...]).
+    """
+    return jax.lax.scan(step, carry, xs, unroll=unroll_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class CharRNN:
+    """embedding -> num_layers stacked cells -> logits over the vocabulary.
+
+    Parameters are a plain pytree: ``{'embed': [V, E], 'layer_0': {...}, ...,
+    'head': {'kernel': [H, V], 'bias': [V]}}``. Dropout (rate ``dropout``) is
+    applied to the output of every layer while training.
+    """
+    vocab_size: int
+    cell: str = "lstm"
+    hidden_size: int = 256
+    num_layers: int = 2
+    embed_dim: int = 64
+    dropout: float = 0.0
+
+    @classmethod
+    def from_config(cls, model_config, vocab_size: int) -> "CharRNN":
+        return cls(vocab_size=vocab_size, cell=model_config.cell,
+                              hidden_size=model_config.hidden_size, num_layers=model_config.num_layers,
+                              embed_dim=model_config.embed_dim, dropout=model_config.dropout)
+
+    @property
+    def cells(self):
+        return [CELL_CLASSES[self.cell](hidden_size=self.hidden_size) for _ in range(self.num_layers)]
+
+    def init(self, key) -> dict:
+        keys = jax.random.split(key, self.num_layers + 2)
+        params = {"embed": jax.random.normal(keys[0], (self.vocab_size, self.embed_dim)) * 0.1}
+        in_dim = self.embed_dim
+        for layer, cell in enumerate(self.cells):
+            x = jnp.zeros((1, in_dim))
+            params[f"layer_{layer}"] = cell.init(keys[layer + 1], cell.initial_carry(1), x)["params"]
+            in_dim = self.hidden_size
+        head = nn.Dense(self.vocab_size)
+        params["head"] = head.init(keys[-1], jnp.zeros((1, in_dim)))["params"]
+        return params
+
+    def initial_carry(self, batch_size: int) -> tuple:
+        """Zero hidden state: a tuple with one carry per layer."""
+        return tuple(cell.initial_carry(batch_size) for cell in self.cells)
+
+    def cell_step(self, params: dict, layer: int) -> Callable:
+        """The step function of one layer, ``(carry, x_t [B, in]) -> (carry, h_t [B, H])``."""
+        cell = self.cells[layer]
+        p = {"params": params[f"layer_{layer}"]}
+        return lambda carry, x: cell.apply(p, carry, x)
+
+    def __call__(self, params, carry, tokens, dropout_key=None, unroll_steps: int = 1):
+        """Teacher-forced forward pass.
+
+        tokens: int [B, T]; carry: from :meth:`initial_carry` or a previous call.
+        Returns (carry after the last step, logits [B, T, V]). Layers run one after
+        another, each a full scan over time; dropout only when ``dropout_key`` is given.
+        """
+        xs = jnp.swapaxes(params["embed"][tokens], 0, 1)  # [T, B, E], time-major for scan
+        new_carry = []
+        for layer in range(self.num_layers):
+            c, xs = unroll(self.cell_step(params, layer), carry[layer], xs, unroll_steps)
+            new_carry.append(c)
+            xs = self._dropout(xs, dropout_key, layer)
+        logits = xs @ params["head"]["kernel"] + params["head"]["bias"]
+        return tuple(new_carry), jnp.swapaxes(logits, 0, 1)
+
+    def step(self, params, carry, token):
+        """One character through all layers (inference): token int [B] -> logits [B, V]."""
+        x = params["embed"][token]
+        new_carry = []
+        for layer in range(self.num_layers):
+            c, x = self.cell_step(params, layer)(carry[layer], x)
+            new_carry.append(c)
+        return tuple(new_carry), x @ params["head"]["kernel"] + params["head"]["bias"]
+
+    def _dropout(self, x, key, layer):
+        if key is None or self.dropout == 0.0:
+            return x
+        keep = 1.0 - self.dropout
+        mask = jax.random.bernoulli(jax.random.fold_in(key, layer), keep, x.shape)
+        return jnp.where(mask, x / keep, 0.0)
+
+
+def recurrent_weights(params: dict) -> list:
+    """The W_hh matrix [H, G*H] of every layer, in layer order."""
+    layers = sorted((k for k in params if k.startswith("layer_")), key=lambda k: int(k[6:]))
+    return [params[k]["W_hh"] for k in layers]

@@ -1,0 +1,92 @@
+"""Default configuration of a charrnn run, with variants after a colon.
+
+    python launch.py --workdir=W                                   # default
+    python launch.py --workdir=W --config=experiments/configs/default.py:gru
+    python launch.py --workdir=W --config.model.hidden_size=512    # any field
+
+Variants: smoke (tiny and fast, for tests), rnn, gru, lstm, tinyshakespeare.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # every random stream (init, data offsets, dropout) derives from it
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "shakespeare"  # built-in corpus: shakespeare (offline) or tinyshakespeare
+    config.data.path = ""  # a UTF-8 text file; wins over data.name when set
+    config.data.encoding = "utf-8"  # how to decode data.path
+    config.data.val_fraction = 0.05  # contiguous held-out tail fractions
+    config.data.test_fraction = 0.05
+
+    config.model = ml_collections.ConfigDict()
+    config.model.cell = "lstm"  # rnn (tanh Elman), gru, lstm
+    config.model.hidden_size = 256
+    config.model.num_layers = 2
+    config.model.embed_dim = 64
+    config.model.dropout = 0.0  # on every layer's output, training only
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 32  # B parallel streams
+    config.train.seq_len = 128  # T steps of truncated BPTT per window
+    config.train.num_steps = 2000
+    config.train.log_every = 50  # steps between progress lines / metrics records
+    config.train.eval_every = 500  # steps between val evaluations (and at the end)
+    config.train.checkpoint_every = 500  # steps between checkpoints (and at the end)
+    config.train.eval_batch_size = 64  # streams used to sweep the whole val/test split
+    config.train.max_consecutive_nonfinite = 20  # stop after this many skipped steps in a row
+    config.train.keep_checkpoints = 3  # how many recent checkpoints to keep
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "adam"  # adam or sgd
+    config.optim.learning_rate = 2e-3
+    config.optim.schedule = "constant"  # constant, or cosine (linear warmup then cosine decay)
+    config.optim.warmup_steps = 100  # cosine schedule only
+    config.optim.final_lr_fraction = 0.1  # cosine schedule: final lr = this × learning_rate
+    config.optim.b1 = 0.9  # adam
+    config.optim.b2 = 0.999  # adam
+    config.optim.momentum = 0.0  # sgd (0 = plain SGD)
+    config.optim.clip_mode = "global_norm"  # global_norm, value, agc, none
+    config.optim.clip_norm = 1.0  # τ: global-norm threshold (value bound / agc ratio in those modes)
+
+    if arg:
+        if arg not in _VARIANTS:
+            raise ValueError(f"unknown config variant {arg!r}; choose from {sorted(_VARIANTS)}")
+        _VARIANTS[arg](config)
+    return config
+
+
+def _smoke(c):
+    c.model.hidden_size, c.model.num_layers, c.model.embed_dim = 32, 1, 16
+    c.train.batch_size, c.train.seq_len, c.train.num_steps = 4, 16, 20
+    c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 5, 10, 10
+    c.train.eval_batch_size = 256
+
+
+def _rnn(c):
+    c.model.cell, c.model.hidden_size, c.model.num_layers = "rnn", 512, 1
+    c.optim.learning_rate = 1e-3
+
+
+def _gru(c):
+    c.model.cell = "gru"
+
+
+def _lstm(c):
+    c.model.cell = "lstm"
+
+
+def _tinyshakespeare(c):
+    # nanoGPT's split: the last 10% of tiny shakespeare is validation, no test.
+    c.data.name = "tinyshakespeare"
+    c.data.val_fraction, c.data.test_fraction = 0.1, 0.0
+    c.model.cell, c.model.hidden_size, c.model.num_layers = "lstm", 512, 2
+    c.model.dropout = 0.25
+    c.train.num_steps = 5000
+    c.optim.schedule = "cosine"
+
+
+_VARIANTS = {"smoke": _smoke, "rnn": _rnn, "gru": _gru, "lstm": _lstm,
+             "tinyshakespeare": _tinyshakespeare}

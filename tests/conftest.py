@@ -1,0 +1,43 @@
+"""Shared test fixtures. Tests run on the CPU."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SPEECH = """First Citizen:
+Before we proceed any further, hear me speak.
+
+All:
+Speak, speak.
+
+First Citizen:
+You are all resolved rather to die than to famish?
+
+All:
+Resolved. resolved.
+
+"""
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A small UTF-8 corpus (about 2 KB) in a temporary file."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(_SPEECH * 15)
+    return str(path)
+
+
+@pytest.fixture
+def smoke_config(text_file):
+    """The smoke config (tiny model, few steps) on the small corpus."""
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
+    import default
+    config = default.get_config("smoke")
+    config.data.path = text_file
+    config.data.val_fraction = config.data.test_fraction = 0.1
+    return config

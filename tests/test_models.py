@@ -1,0 +1,72 @@
+"""The cells and the scan tied to their equations on small exact cases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from charrnn import models
+
+
+def _model(cell, **kw):
+    kw = {"hidden_size": 8, "num_layers": 2, "embed_dim": 4, **kw}
+    return models.CharRNN(vocab_size=11, cell=cell, **kw)
+
+
+def test_rnn_cell_is_the_elman_equation():
+    model = _model("rnn", num_layers=1)
+    params = model.init(jax.random.key(0))
+    p = params["layer_0"]
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+    h = jax.random.normal(jax.random.key(2), (3, 8))
+    h_new, out = model.cell_step(params, 0)(h, x)
+    expected = np.tanh(np.asarray(x) @ p["W_xh"] + np.asarray(h) @ p["W_hh"] + p["b"])
+    np.testing.assert_allclose(h_new, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(h_new, out)
+
+
+@pytest.mark.parametrize("cell,gates", [("rnn", 1), ("gru", 3), ("lstm", 4)])
+def test_recurrent_weights_are_found_by_name(cell, gates):
+    params = _model(cell).init(jax.random.key(0))
+    w = models.recurrent_weights(params)
+    assert len(w) == 2 and all(m.shape == (8, gates * 8) for m in w)
+    # orthogonal initialisation of each gate block
+    block = np.asarray(w[0][:, :8])
+    np.testing.assert_allclose(block.T @ block, np.eye(8), atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", models.CELLS)
+def test_carrying_the_state_over_two_windows_equals_one_long_window(cell):
+    model = _model(cell)
+    params = model.init(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 10), 0, 11)
+    carry0 = model.initial_carry(3)
+    carry_long, logits_long = model(params, carry0, tokens)
+    carry_a, logits_a = model(params, carry0, tokens[:, :5])
+    carry_b, logits_b = model(params, carry_a, tokens[:, 5:])
+    np.testing.assert_allclose(jnp.concatenate([logits_a, logits_b], 1), logits_long, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(carry_b), jax.tree.leaves(carry_long)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", models.CELLS)
+def test_step_by_step_equals_the_scan(cell):
+    model = _model(cell)
+    params = model.init(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 11)
+    _, logits = model(params, model.initial_carry(2), tokens)
+    carry = model.initial_carry(2)
+    for t in range(6):
+        carry, step_logits = model.step(params, carry, tokens[:, t])
+        np.testing.assert_allclose(step_logits, logits[:, t], atol=1e-5)
+
+
+def test_dropout_only_with_a_key():
+    model = _model("lstm", dropout=0.5)
+    params = model.init(jax.random.key(0))
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    _, a = model(params, model.initial_carry(2), tokens)
+    _, b = model(params, model.initial_carry(2), tokens)
+    _, c = model(params, model.initial_carry(2), tokens, dropout_key=jax.random.key(3))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)

@@ -2,11 +2,13 @@
 
     python launch.py --workdir=DIR [--config=experiments/configs/default.py[:ARG]] [--config.FIELD=V]
     python launch.py --mode=eval --workdir=DIR
-    python launch.py --mode=sample --workdir=DIR --prompt="The cat " --length=500
+    python launch.py --mode=sample --workdir=DIR --prompt="The cat " --length=500 \
+        [--temperature=0.8 --top_k=0 --top_p=1.0 --num_samples=1 --seed=0 --output=FILE]
 
 Errors in the input are printed as one line on stderr with a non-zero exit.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -20,6 +22,25 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
 _MODE = flags.DEFINE_string("mode", "train", f"One of {MODES}.")
 
+# Several processes (JAX's multi-controller runtime); README "Many devices and hosts".
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0; the same on every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process: 0 … num_processes-1.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-process run described by the environment (TPU VM / pod slice, "
+    "Slurm, Open MPI): jax.distributed.initialize() with no arguments.")
+
+# --mode=sample only.
+_PROMPT = flags.DEFINE_string("prompt", "", "Text that primes the hidden state; empty: see README.")
+_LENGTH = flags.DEFINE_integer("length", 500, "Characters to generate after the prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy argmax.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest characters; 0 = all.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 = off.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples, generated as one batch.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampling key; same seed, same text.")
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the samples to this file.")
+
 
 def main(argv):
     if len(argv) > 1:
@@ -30,11 +51,40 @@ def main(argv):
         raise _usage("--workdir is required")
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    _join_processes()
     from charrnn import train  # imported after flag parsing: a bad flag fails fast
     if _MODE.value == "train":
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "eval":
         train.evaluate_workdir(_WORKDIR.value)
+    elif _MODE.value == "sample":
+        _sample()
+
+
+def _sample():
+    """Print the samples (each begins with its prompt); --output also writes them."""
+    from charrnn import sampling
+    texts = sampling.sample(
+        _WORKDIR.value, prompt=_PROMPT.value, length=_LENGTH.value, temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value, top_p=_TOP_P.value, num_samples=_NUM_SAMPLES.value, seed=_SEED.value)
+    text = sampling.format_samples(texts)
+    if _OUTPUT.value:
+        try:
+            with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise _usage(f"cannot write --output={_OUTPUT.value}: {e.strerror or e}") from None
+    sys.stdout.write(text)
+
+
+def _join_processes():
+    """jax.distributed.initialize when asked to; then only process 0 prints progress."""
+    from charrnn import parallel
+    if parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           auto=_DISTRIBUTED.value):
+        import jax
+        if jax.process_index() != 0:
+            sys.stdout = open(os.devnull, "w")  # errors still reach stderr
 
 
 def _usage(message):

@@ -372,7 +372,13 @@ def load_checkpoint(workdir: str, step: int | None = None):
         config = ml_collections.ConfigDict(meta["config"])
         vocab = data.Vocab.from_json(meta["vocab"])
         model = models.CharRNN.from_config(config.model, vocab.size)
-        like = init_state(model, optim.make_optimizer(config), config.train.batch_size, config.seed)
+        # Shapes only (initialising the weights would compile dozens of ops), placed on
+        # this process's first device: the checkpoint's own shardings name the devices
+        # that saved it (e.g. cuda:0), which this machine may not have.
+        like = jax.eval_shape(lambda: init_state(
+            model, optim.make_optimizer(config), config.train.batch_size, config.seed))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), like)
         state = ckpt.restore_state(step, like)
     finally:
         ckpt.close()

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from charrnn import data, diagnostics, models, optim
+from charrnn import data, diagnostics, models, optim, parallel
 from charrnn.checkpoint import CheckpointError, Checkpointer
 from charrnn.metrics import MetricWriter
 from charrnn.errors import UserError
@@ -209,17 +209,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
         vocab.encode(text), config.data.val_fraction, config.data.test_fraction)
     batcher = data.Batcher(train_ids, config.train.batch_size, config.train.seq_len, config.seed)
     model = models.CharRNN.from_config(config.model, vocab.size)
-    state = init_state(model, optim.make_optimizer(config), config.train.batch_size, config.seed)
-    writer = MetricWriter(workdir)
+    # One device: no mesh. Several (or several processes): batch rows over a data mesh.
+    dp = parallel.DataParallel.create(config.train.batch_size)
+    state = dp.create_state(functools.partial(
+        init_state, model, optim.make_optimizer(config), config.train.batch_size, config.seed))
+    writer = MetricWriter(workdir, enabled=dp.is_main)  # only process 0 writes metrics
     if latest is not None:
         state = ckpt.restore_state(latest, state)
         batcher.load_state_dict(meta["batcher"])
         writer.truncate_after(latest)
         print(f"resuming from step {latest} ({ckpt.directory})", flush=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2) + "\n")
+    if dp.is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2) + "\n")
 
-    loop = _Loop(config, model, vocab, batcher, ckpt, writer, (val_ids, test_ids))
+    loop = _Loop(config, model, vocab, batcher, ckpt, writer, (val_ids, test_ids), dp)
     with _StopOnSignal() as stop:
         try:
             return loop.run(state, stop)
@@ -257,12 +261,13 @@ class _StopOnSignal:
 class _Loop:
     """The host side of training: feeding batches, logging, evaluating, saving."""
 
-    def __init__(self, config, model, vocab, batcher, ckpt, writer, eval_splits):
+    def __init__(self, config, model, vocab, batcher, ckpt, writer, eval_splits, dp=None):
         self.config, self.model, self.vocab = config, model, vocab
         self.batcher, self.ckpt, self.writer = batcher, ckpt, writer
         self.val_ids, self.test_ids = eval_splits
-        self.step_fn = make_train_step(model, config)
-        self.eval_fn = make_eval_step(model)
+        self.dp = dp or parallel.DataParallel(mesh=None)
+        self.step_fn = self.dp.wrap_step(make_train_step(model, config))
+        self.eval_fn = self.dp.wrap_eval(make_eval_step(model))
 
     def run(self, state: TrainState, stop: _StopOnSignal) -> dict:
         cfg = self.config.train
@@ -278,7 +283,9 @@ class _Loop:
             batch = {"x": x, "y": y, "reset": np.bool_(reset)}
             state, metrics = self.step_fn(state, batch, jax.random.fold_in(base_key, step))
             pending.append(metrics)
-            done, last = step + 1, step + 1 == cfg.num_steps or bool(stop)
+            done = step + 1
+            stopping = self.dp.should_stop(stop, sync_point=done % cfg.log_every == 0)
+            last = done == cfg.num_steps or stopping
             if done == start + 1:
                 jax.block_until_ready(metrics)
                 print(f"first step (compilation included) took {time.perf_counter() - tick:.2f} s",
@@ -300,9 +307,10 @@ class _Loop:
             if done % cfg.checkpoint_every == 0 or last:
                 self._save(done, state)
             tick += time.perf_counter() - paused
-            if stop:
+            if stopping:
                 self.ckpt.wait()
-                print(f"received {stop.signal_name}: saved a checkpoint at step {done} in "
+                signal_name = stop.signal_name or "a stop signal (on another process)"
+                print(f"received {signal_name}: saved a checkpoint at step {done} in "
                       f"{self.ckpt.directory}; run the same command again to resume", flush=True)
                 break
         return result

@@ -6,17 +6,25 @@ weights in ``W_xh`` (``[E, G*H]``) and its bias in ``b`` (``[G*H]``). One
 matmul per weight per step computes all gates at once.
 
 The time loop is :func:`unroll`, one ``jax.lax.scan`` over a step function;
-training, evaluation, priming and sampling all go through it.
+training, evaluation, priming and sampling all go through it. For training
+speed, :meth:`CharRNN.__call__` by default runs each layer as one
+``jax.lax.scan`` whose gradient is written by hand (:mod:`charrnn.fused`); the
+same equations, so ``fast_vjp=False`` (plain autodiff of :func:`unroll` over
+the Flax cells) gives the same numbers and stays available for debugging.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from charrnn import fused
 
 CELLS = ("rnn", "gru", "lstm")
 
@@ -131,6 +139,12 @@ class CharRNN:
     Parameters are a plain pytree: ``{'embed': [V, E], 'layer_0': {...}, ...,
     'head': {'kernel': [H, V], 'bias': [V]}}``. Dropout (rate ``dropout``) is
     applied to the output of every layer while training.
+
+    ``fast_vjp``: run the layers with the hand-written VJP of
+    :mod:`charrnn.fused` (default) instead of autodiff of :func:`unroll`.
+    ``remat``: rematerialise in the backward pass (``jax.checkpoint`` over
+    chunks of about √T steps) so that activation memory stays small at long T
+    (config ``model.remat``; it changes memory and time, not results).
     """
     vocab_size: int
     cell: str = "lstm"
@@ -138,12 +152,17 @@ class CharRNN:
     num_layers: int = 2
     embed_dim: int = 64
     dropout: float = 0.0
+    fast_vjp: bool = True
+    remat: bool = False
 
     @classmethod
     def from_config(cls, model_config, vocab_size: int) -> "CharRNN":
+        # .get: configs saved before a field existed still load.
         return cls(vocab_size=vocab_size, cell=model_config.cell,
                               hidden_size=model_config.hidden_size, num_layers=model_config.num_layers,
-                              embed_dim=model_config.embed_dim, dropout=model_config.dropout)
+                              embed_dim=model_config.embed_dim, dropout=model_config.dropout,
+                              fast_vjp=model_config.get("fast_vjp", True),
+                              remat=model_config.get("remat", False))
 
     @property
     def cells(self):
@@ -178,14 +197,43 @@ class CharRNN:
         Returns (carry after the last step, logits [B, T, V]). Layers run one after
         another, each a full scan over time; dropout only when ``dropout_key`` is given.
         """
-        xs = jnp.swapaxes(params["embed"][tokens], 0, 1)  # [T, B, E], time-major for scan
+        tokens = jnp.swapaxes(tokens, 0, 1)  # [T, B], time-major for scan
         new_carry = []
         for layer in range(self.num_layers):
-            c, xs = unroll(self.cell_step(params, layer), carry[layer], xs, unroll_steps)
+            if layer == 0:
+                xs = self._first_layer_inputs(params, tokens)
+            run = functools.partial(self._run_layer, layer=layer, unroll_steps=unroll_steps)
+            if self.remat:
+                c, xs = _remat_chunks(run, params, carry[layer], xs)
+            else:
+                c, xs = run(params, carry[layer], xs)
             new_carry.append(c)
             xs = self._dropout(xs, dropout_key, layer)
         logits = xs @ params["head"]["kernel"] + params["head"]["bias"]
         return tuple(new_carry), jnp.swapaxes(logits, 0, 1)
+
+    def _first_layer_inputs(self, params, tokens):
+        """What layer 0 reads: embeddings [T, B, E], or for the fast path tokens [T, B].
+
+        The fast path folds the embedding into layer 0's input projection: with
+        the table P = embed W_xh + b [V, G*H], x_t W_xh + b is row tokens_t of P.
+        One V x E x G*H product replaces a T*B x E x G*H one, and the gradient
+        of the lookup (a scatter-add into P) replaces two more such products.
+        """
+        if self.fast_vjp and self.vocab_size <= tokens.size:
+            return tokens
+        return params["embed"][tokens]
+
+    def _run_layer(self, params, carry, xs, *, layer, unroll_steps):
+        """One layer over a window: xs [T, B, in] (or tokens [T, B]) -> (carry, hs [T, B, H])."""
+        if not self.fast_vjp:
+            return unroll(self.cell_step(params, layer), carry, xs, unroll_steps)
+        p = params[f"layer_{layer}"]
+        if xs.ndim == 2:  # tokens of layer 0: look up the projected embedding table
+            zx = (params["embed"] @ p["W_xh"] + p["b"])[xs]
+        else:  # one large product over all T*B positions, outside the time loop
+            zx = xs @ p["W_xh"] + p["b"]
+        return fused.recurrence(self.cell, p, carry, zx, unroll_steps)
 
     def step(self, params, carry, token):
         """One character through all layers (inference): token int [B] -> logits [B, V]."""
@@ -202,6 +250,28 @@ class CharRNN:
         keep = 1.0 - self.dropout
         mask = jax.random.bernoulli(jax.random.fold_in(key, layer), keep, x.shape)
         return jnp.where(mask, x / keep, 0.0)
+
+
+def _remat_chunks(run, params, carry, xs):
+    """``run(params, carry, xs)`` over chunks of time under ``jax.checkpoint``.
+
+    The backward pass keeps only each chunk's inputs and its starting carry
+    and recomputes the chunk's forward pass: activation memory goes from
+    O(T) per-step residuals to O(T/k + k) with chunks of k ≈ √T steps, for
+    about one extra forward pass of compute.
+    """
+    T = xs.shape[0]
+    k = _chunk_length(T)
+    chunks = xs.reshape(T // k, k, *xs.shape[1:])
+    body = jax.checkpoint(run)
+    carry, hs = jax.lax.scan(lambda c, x: body(params, c, x), carry, chunks)
+    return carry, hs.reshape(T, *hs.shape[2:])
+
+
+def _chunk_length(T: int) -> int:
+    """The divisor of T closest to √T (1 for a prime T: still exact, only slower)."""
+    divisors = [k for k in range(1, T + 1) if T % k == 0]
+    return min(divisors, key=lambda k: abs(k - math.sqrt(T)))
 
 
 def recurrent_weights(params: dict) -> list:

@@ -27,6 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_layers = 2
     config.model.embed_dim = 64
     config.model.dropout = 0.0  # on every layer's output, training only
+    config.model.fast_vjp = True  # hand-written backward pass (charrnn.fused); False: autodiff
+    config.model.remat = False  # recompute activations in the backward pass: memory ~√T, not T
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32  # B parallel streams

@@ -1,0 +1,89 @@
+"""The hand-written VJPs of charrnn.fused against plain autodiff of the Flax cells."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from charrnn import models
+
+V, B, T = 11, 3, 6
+
+
+def _model(cell, **kw):
+    kw = {"hidden_size": 8, "num_layers": 2, "embed_dim": 4, **kw}
+    return models.CharRNN(vocab_size=V, cell=cell, **kw)
+
+
+def _random_carry(model, key):
+    leaves, tree = jax.tree.flatten(model.initial_carry(B))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [jax.random.normal(k, c.shape) for k, c in zip(keys, leaves)])
+
+
+def _loss(model, params, carry, tokens, targets, dropout_key=None):
+    """Cross-entropy plus a term on the final carry, so its cotangent is not zero."""
+    new_carry, logits = model(params, carry, tokens, dropout_key)
+    ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+    return ce + sum(jnp.sum(jnp.sin(c)) for c in jax.tree.leaves(new_carry))
+
+
+def _grads(model, key=0, dropout_key=None, batch=B):
+    k = jax.random.split(jax.random.key(key), 4)
+    params = model.init(k[0])
+    carry = _random_carry(model, k[1])
+    carry = jax.tree.map(lambda c: c[:batch], carry)
+    tokens = jax.random.randint(k[2], (batch, T), 0, V)
+    targets = jax.random.randint(k[3], (batch, T), 0, V)
+    fn = jax.value_and_grad(lambda p, c: _loss(model, p, c, tokens, targets, dropout_key), (0, 1))
+    return jax.jit(fn)(params, carry)
+
+
+def _assert_trees_close(a, b, tol=1e-5):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cell", models.CELLS)
+def test_fast_vjp_gradients_equal_autodiff_of_the_cells(cell):
+    loss_ref, grads_ref = _grads(_model(cell, fast_vjp=False))
+    loss_fast, grads_fast = _grads(_model(cell, fast_vjp=True))
+    assert float(loss_fast) == pytest.approx(float(loss_ref), abs=1e-5)
+    _assert_trees_close(grads_fast, grads_ref)  # params and the initial carry
+    assert float(jnp.abs(grads_ref[0]["layer_0"]["W_hh"]).max()) > 1e-3  # not vacuous
+
+
+def test_dropout_is_the_same_on_both_paths():
+    key = jax.random.key(7)
+    model = _model("lstm", num_layers=1, dropout=0.5)
+    loss_ref, grads_ref = _grads(dataclasses.replace(model, fast_vjp=False), dropout_key=key)
+    loss_fast, grads_fast = _grads(model, dropout_key=key)
+    _assert_trees_close((loss_fast, grads_fast), (loss_ref, grads_ref))
+    _, grads_off = _grads(model)
+    assert not np.allclose(grads_off[0]["head"]["kernel"], grads_fast[0]["head"]["kernel"])
+
+
+def test_large_vocabulary_projects_embeddings_instead_of_the_table():
+    # V > T*B: layer 0 multiplies the looked-up embeddings (no [V, G*H] table).
+    model = _model("gru", num_layers=1, fast_vjp=True)
+    assert model._first_layer_inputs({"embed": jnp.ones((V, 4))}, jnp.zeros((T, 1), int)).ndim == 3
+    _, grads_ref = _grads(dataclasses.replace(model, fast_vjp=False), batch=1)
+    _, grads_fast = _grads(model, batch=1)
+    _assert_trees_close(grads_fast, grads_ref)
+
+
+def test_remat_changes_memory_not_numbers():
+    model = _model("lstm", num_layers=1)
+    reference = _grads(model)
+    _assert_trees_close(_grads(dataclasses.replace(model, remat=True)), reference)
+    _assert_trees_close(_grads(dataclasses.replace(model, remat=True, fast_vjp=False)), reference)
+
+
+def test_chunk_length_divides_t_near_its_square_root():
+    assert models._chunk_length(1024) == 32
+    assert models._chunk_length(128) in (8, 16)
+    assert models._chunk_length(6) in (2, 3)
+    assert models._chunk_length(7) == 1

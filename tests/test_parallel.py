@@ -52,6 +52,23 @@ def test_four_devices_match_one_device_including_a_clipped_step(text_file):
     assert "batch_size = 6 does not split over 4 devices" in r["error"]
 
 
+def test_a_sweep_with_its_runs_over_four_devices_equals_the_sweep_on_one(text_file):
+    pytest.importorskip("charrnn.sweep")  # the sweep module lands separately
+    r = _child("sweep", text_file)
+    one, four = r["one"], r["four"]
+    assert r["device_count"] == 4
+    # τ = inf, 0.5, 0.3, 0.1: the runs clip on different steps.
+    assert four["clipped"] == one["clipped"]
+    assert any(any(step) and not all(step) for step in one["clipped"])
+    np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)
+    np.testing.assert_allclose(four["grad_norm"], one["grad_norm"], rtol=1e-5)
+    for a, b in zip(four["params"], one["params"]):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+    assert four["param_specs"] == ["P('data',)"]
+    assert all(rows == [1, 1, 1, 1] for rows in four["runs_per_device"])  # one run per device
+    assert "number of runs = 6 does not split over 4 devices" in r["error"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

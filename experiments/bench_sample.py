@@ -20,8 +20,9 @@ from other processes hits both alike. chars/s counts all B streams.
 
 At batch 1 every step reads all weights once, so for 2x512 the scan is bounded
 by (bytes of weights per character) / (memory bandwidth); the bandwidth is
-measured with a NumPy copy of a buffer as large as the weights (the size the
-sampler streams through) and of a 256 MiB buffer.
+measured with a NumPy copy (read + write bytes, one core) of a buffer as large
+as the weights (the working set the sampler streams through), interleaved with
+the same repetitions, and of a 256 MiB buffer afterwards.
 
 Prints one JSON line per measurement and a summary; writes
 ``<outdir>/bench_sample.json``. Targets (batch 1): scan >= 10x the loop for
@@ -85,22 +86,28 @@ def weight_bytes_per_char(params) -> int:
     return total + params["embed"][0].nbytes
 
 
-def copy_bandwidth(nbytes: int, repeats: int) -> float:
-    """Bytes/s of ``np.copyto`` between two buffers of ``nbytes`` (read + write counted)."""
+def make_copy(nbytes: int):
+    """A probe: ``np.copyto`` between two buffers of ``nbytes``, repeated to move ~256 MiB.
+
+    Returns (run, bytes moved per run); read and write both count.
+    """
     import numpy as np
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
-    inner = max(1, (256 << 20) // nbytes)  # about 256 MiB moved per timing
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    inner = max(1, (256 << 20) // src.nbytes)
+
+    def run():
         for _ in range(inner):
             np.copyto(dst, src)
-        times.append((time.perf_counter() - start) / inner)
-    return 2 * src.nbytes / min(times)  # fastest: the least disturbed by other processes
+    return run, 2 * src.nbytes * inner
 
 
 def bench_model(name, hidden, layers, length, repeats, unroll):
+    """Median seconds of every method and batch, repetitions interleaved.
+
+    Returns (params, results, copy_bandwidth in bytes/s or None); the copy
+    probe runs only for 2x512, interleaved with the same repetitions.
+    """
     import jax
     import numpy as np
     from charrnn import models, sampling
@@ -115,7 +122,9 @@ def bench_model(name, hidden, layers, length, repeats, unroll):
     methods = {"scan": lambda c, lg, k: scan(params, c, lg, k),
                "loop": lambda c, lg, k: loop(params, c, lg, k, length),
                "loop_sync": lambda c, lg, k: loop_sync(params, c, lg, k, length)}
+    probe = make_copy(weight_bytes_per_char(params)) if name == "lstm_2x512" else None
     times = {(m, b): [] for m in methods for b in BATCHES}
+    copy_times = []
     for rep in range(repeats + 1):  # the first round compiles and is not timed
         for batch in BATCHES:
             carry, logits = model.initial_carry(batch), logits0[:batch]
@@ -128,6 +137,10 @@ def bench_model(name, hidden, layers, length, repeats, unroll):
                 assert ids.shape == (batch, length)
                 if rep:
                     times[method, batch].append(elapsed)
+        if probe:
+            start = time.perf_counter()
+            probe[0]()
+            copy_times.append(time.perf_counter() - start)
     results = []
     for (method, batch), ts in times.items():
         median = statistics.median(ts)
@@ -135,7 +148,8 @@ def bench_model(name, hidden, layers, length, repeats, unroll):
                         "unroll": unroll if method == "scan" else None, "seconds": median,
                         "chars_per_sec": batch * length / median,
                         "steps_per_sec": length / median, "repeats": len(ts)})
-    return params, results
+    bandwidth = probe[1] / statistics.median(copy_times[1:]) if probe else None
+    return params, results, bandwidth
 
 
 def main(argv):
@@ -148,7 +162,8 @@ def main(argv):
                "length": length, "repeats": repeats, "smoke": _SMOKE.value, "speedups": {}}
     all_results = []
     for name, (hidden, layers) in MODELS.items():
-        params, results = bench_model(name, hidden, layers, length, repeats, _UNROLL.value)
+        params, results, bw_weights = bench_model(name, hidden, layers, length, repeats,
+                                                  _UNROLL.value)
         for r in results:
             print(json.dumps(r), flush=True)
         all_results += results
@@ -159,8 +174,13 @@ def main(argv):
                     rate["scan", batch] / rate[baseline, batch])
         if name == "lstm_2x512":
             nbytes = weight_bytes_per_char(params)
-            bw_weights = copy_bandwidth(nbytes, repeats=5)
-            bw_large = copy_bandwidth(256 << 20, repeats=3 if _SMOKE.value else 5)
+            copy_large, moved = make_copy(256 << 20)
+            large = []
+            for _ in range(3 if _SMOKE.value else 5):
+                start = time.perf_counter()
+                copy_large()
+                large.append(time.perf_counter() - start)
+            bw_large = moved / statistics.median(large)
             summary["bound_2x512"] = {
                 "weight_bytes_per_char": nbytes,
                 "copy_bandwidth_weights_sized_GBps": bw_weights / 1e9,

@@ -74,7 +74,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         else:
             jax.distributed.initialize(coordinator_address, num_processes, process_id)
     except (RuntimeError, ValueError) as e:
-        raise ParallelError(f"jax.distributed.initialize failed: {str(e).splitlines()[0]}") from None
+        hint = (" (--distributed found no TPU pod, Slurm or MPI job in the environment; pass "
+                "--coordinator_address, --num_processes and --process_id)") if auto else ""
+        first_line = str(e).splitlines()[0]
+        raise ParallelError(f"jax.distributed.initialize failed: {first_line}{hint}") from None
     return jax.process_count() > 1
 
 
@@ -113,7 +116,7 @@ def check_divisible(size: int, mesh: Mesh, what: str) -> None:
     if size % n:
         raise ParallelError(
             f"{what} = {size} does not split over {n} devices; use a multiple of {n} "
-            "(or fewer devices: CUDA_VISIBLE_DEVICES / TPU_VISIBLE_CHIPS)")
+            "(or make fewer devices visible, e.g. CUDA_VISIBLE_DEVICES=0,1)")
 
 
 def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> np.ndarray:
@@ -155,7 +158,12 @@ def shard_batch(tree, mesh: Mesh):
 
 
 def shard_runs(tree, mesh: Mesh):
-    """A sweep's stacked pytree (leading axis R = runs) with its runs split over the mesh."""
+    """A sweep's stacked pytree (every leaf [R, ...], R runs) with its runs split over the mesh.
+
+    Use it on the stacked states, the stacked batches and the thresholds τ [R]
+    alike; the vmapped step then runs R/N runs on each device, with no
+    communication between devices.
+    """
     sharding = run_axis_sharding(mesh)
     for leaf in jax.tree.leaves(tree):
         check_divisible(np.shape(leaf)[0], mesh, "the number of runs")
@@ -163,6 +171,7 @@ def shard_runs(tree, mesh: Mesh):
 
 
 def _put(value, sharding):
+    """One leaf (host array, local or global jax.Array, PRNG key) placed with ``sharding``."""
     if isinstance(value, jax.Array) and value.sharding == sharding:
         return value
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
@@ -177,15 +186,15 @@ def _put(value, sharding):
 
 @dataclasses.dataclass
 class DataParallel:
-    """Where training runs: one device (``mesh`` None, a pass-through) or a data mesh.
-
-    ``batch_size`` is B, the number of streams; it must split over the devices.
-    """
+    """Where training runs: one device (``mesh`` None, a pass-through) or a data mesh."""
     mesh: Mesh | None
 
     @classmethod
     def create(cls, batch_size: int, num_devices: int | None = None) -> "DataParallel":
-        """A data mesh over all devices (or the first ``num_devices``); none for one device."""
+        """A data mesh over all devices (or the first ``num_devices``); none for one device.
+
+        ``batch_size`` is B, the number of streams; it must split over the devices.
+        """
         n = jax.device_count() if num_devices is None else num_devices
         if n == 1 and jax.process_count() == 1:
             return cls(mesh=None)

@@ -87,7 +87,7 @@ def sweep_steps(corpus: str, mesh) -> dict:
     taus = jnp.array([np.inf, 0.5, 0.3, 0.1], jnp.float32)  # no clipping, then ever more
     model = models.CharRNN.from_config(configs[0].model, vocab.size)
     state = sweep.init_group(model, configs)
-    step_fn = sweep.make_group_step(model, configs[0], layout="vmap")
+    step_fn = sweep.make_group_step(model, configs[0])  # all runs vmapped at once
     batchers = [data.Batcher(ids, c.train.batch_size, c.train.seq_len, c.seed) for c in configs]
     if mesh is not None:
         state, taus = parallel.shard_runs((state, taus), mesh)

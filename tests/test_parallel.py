@@ -91,14 +91,18 @@ def _launch_two_processes(workdir, overrides, cache_dir):
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outs = []
-    for proc in procs:
-        try:
+    try:
+        for proc in procs:
             outs.append(proc.communicate(timeout=300))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        assert proc.returncode == 0, outs[-1][1][-3000:]
+            if proc.returncode != 0:
+                break  # the other process would wait for it until JAX's timeout
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
     return outs
 
 

@@ -9,6 +9,7 @@ Errors in the input are printed as one line on stderr with a non-zero exit.
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -16,11 +17,18 @@ from ml_collections import config_flags
 
 MODES = ("train", "eval", "sample")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/default.py", "Training configuration file (get_config(arg)).",
-    lock_config=True)
+try:  # ml_collections applies the --config.FIELD overrides to the default config right here
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", "experiments/configs/default.py",
+        "Training configuration file (get_config(arg)).", lock_config=True)
+    _CONFIG_ERROR = None
+except (AttributeError, KeyError) as _error:  # an unknown field: reported by run()
+    _CONFIG, _CONFIG_ERROR = None, _error
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
 _MODE = flags.DEFINE_string("mode", "train", f"One of {MODES}.")
+_FRESH = flags.DEFINE_bool(
+    "fresh", False, "--mode=train: move the workdir's previous run (checkpoints, metrics, "
+    "config.json, tensorboard) into <workdir>/previous-<time>/ and start again from step 0.")
 
 # Several processes (JAX's multi-controller runtime); README "Many devices and hosts".
 _COORDINATOR = flags.DEFINE_string(
@@ -49,12 +57,16 @@ def main(argv):
         raise _usage(f"unknown --mode={_MODE.value!r}; choose from {', '.join(MODES)}")
     if not _WORKDIR.value:
         raise _usage("--workdir is required")
+    if _FRESH.value and _MODE.value != "train":
+        raise _usage("--fresh starts a training run again; it means nothing with "
+                     f"--mode={_MODE.value}")
+    config = _checked_config() if _MODE.value == "train" else None
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     _join_processes()
     from charrnn import train  # imported after flag parsing: a bad flag fails fast
     if _MODE.value == "train":
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train.train_and_evaluate(config, _WORKDIR.value, fresh=_FRESH.value)
     elif _MODE.value == "eval":
         train.evaluate_workdir(_WORKDIR.value)
     elif _MODE.value == "sample":
@@ -92,14 +104,62 @@ def _usage(message):
     return UserError(message)
 
 
+def _checked_config():
+    """The --config value, validated (charrnn.config) before JAX is even imported."""
+    from charrnn import config as config_lib
+    try:
+        config = _CONFIG.value
+        config_lib.validate(config)
+    except OSError as e:  # ml_collections raises a load failure of the file on first use
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        raise _usage(f"cannot load --config={path}: {lines[-1]}") from None
+    return config
+
+
+def _parse_flags(argv):
+    """absl's flag parsing; its errors, and ml_collections', as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        # A --config file that raised embeds its traceback: keep the first and last lines.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise _usage(" ".join(lines[:1] + lines[1:][-1:])) from None
+    except (AttributeError, KeyError) as e:  # --config.FIELD names no field of the config
+        raise _unknown_field(e, argv) from None
+
+
+def _unknown_field(error, argv):
+    """One line naming the --config.FIELD override whose field does not exist."""
+    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError)
+        error = error.args[0]
+    message = str(error.args[0]) if error.args else ""
+    name = message.splitlines()[0].strip("'\"") if message else "?"
+    overrides = [arg.split("=", 1)[0][len("--config."):] for arg in argv
+                 if arg.startswith("--config.")]
+    path = next((p for p in overrides if name in p.split(".")), name)
+    hint = re.search(r'Did you mean "([^"]+)"', message)
+    suggestion = "see the config file for its fields"
+    if hint:
+        parts = path.split(".")
+        parts[parts.index(name) if name in parts else -1] = hint.group(1)
+        suggestion = f"did you mean {'.'.join(parts)}?"
+    return _usage(f"unknown config field '{path}' (--config.{path}); {suggestion}")
+
+
 def run():
     """app.run with user errors turned into one line on stderr and exit status 1."""
     from charrnn.errors import UserError
     try:
-        app.run(main)
+        if _CONFIG_ERROR is not None:
+            raise _unknown_field(_CONFIG_ERROR, sys.argv)
+        app.run(main, flags_parser=_parse_flags)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before training began (then it saves and exits 0)
+        print("interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from charrnn.errors import UserError
@@ -26,6 +27,28 @@ from charrnn.errors import UserError
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the run."""
+
+
+def encode_step_metrics(step_metrics: list[dict]) -> dict:
+    """Per-step host metrics (dicts of 0-d arrays) as JSON, dtypes kept.
+
+    The train step's metrics since the last train record go into the checkpoint,
+    so a run resumed from it writes the same record an uninterrupted run would.
+    float32 -> Python float -> JSON -> float32 is exact (NaN and inf included).
+    """
+    if not step_metrics:
+        return {"dtypes": {}, "steps": []}
+    dtypes = {k: str(np.asarray(v).dtype) for k, v in step_metrics[0].items()}
+    return {"dtypes": dtypes,
+            "steps": [{k: np.asarray(v).tolist() for k, v in m.items()} for m in step_metrics]}
+
+
+def decode_step_metrics(encoded: dict | None) -> list[dict]:
+    """Inverse of :func:`encode_step_metrics`; None (an older checkpoint) gives []."""
+    if not encoded:
+        return []
+    dtypes = encoded["dtypes"]
+    return [{k: np.asarray(v, dtype=dtypes[k]) for k, v in m.items()} for m in encoded["steps"]]
 
 
 class Checkpointer:
@@ -76,7 +99,8 @@ class Checkpointer:
         if step is None:
             step = self.latest_step()
         if step is None:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
+            raise CheckpointError(f"no checkpoint in {self.directory}; train one first "
+                                  "(--mode=train with this --workdir)")
         return step
 
     def wait(self) -> None:

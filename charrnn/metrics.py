@@ -27,7 +27,8 @@ class MetricWriter:
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            steps = [(line, _step_of(line)) for line in f]
+        kept = [line for line, s in steps if s is not None and s <= step]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
@@ -52,6 +53,14 @@ def read_metrics(workdir: str) -> list[dict]:
     """All records of a workdir's ``metrics.jsonl``, in order."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a record line; None for a blank or torn one (a process killed mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _json_value(v):

@@ -14,6 +14,7 @@ One training iteration, in the order the seed describes it:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -28,8 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from charrnn import config as config_lib
 from charrnn import data, diagnostics, models, optim, parallel
-from charrnn.checkpoint import CheckpointError, Checkpointer
+from charrnn import workdir as workdir_lib
+from charrnn.checkpoint import (CheckpointError, Checkpointer, decode_step_metrics,
+                                encode_step_metrics)
 from charrnn.metrics import MetricWriter
 from charrnn.errors import UserError
 
@@ -74,8 +78,10 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
 
     batch: ``x``, ``y`` int [B, T] and ``reset`` bool [] (start of an epoch:
     the carried hidden state restarts from zeros). key: dropout key of this step.
-    A step whose loss or gradient is not finite changes neither the parameters
-    nor the optimizer state; it is counted instead.
+    A step whose loss, gradient or update is not finite changes neither the
+    parameters nor the optimizer state; it is counted instead. (An update whose
+    norm overflows float32, e.g. Adam with a learning rate of 1e20, counts too:
+    applying it would leave finite but meaningless weights, and the next loss inf.)
     """
     carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), state.carry)
     (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -88,7 +94,8 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
     updates, opt_state = optimizer.update(clipped, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optim.global_norm(updates)))
     keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     nonfinite_run = jnp.where(finite, 0, state.nonfinite_run + 1)
     new_state = TrainState(
@@ -180,24 +187,55 @@ def check_resumable(saved: dict, config) -> None:
         old, new = saved.get(group, {}).get(name), current[group][name]
         if old != new:
             differing.append(f"{field} {old!r} -> {new!r}")
-    if bool(saved["optim"].get("momentum")) != bool(current["optim"]["momentum"]):
-        differing.append("optim.momentum (on/off)")
+    if current["optim"]["name"] == "sgd" and (
+            bool(saved["optim"].get("momentum")) != bool(current["optim"]["momentum"])):
+        differing.append("optim.momentum (on/off)")  # plain SGD keeps no momentum state
     if differing:
         raise CheckpointError(
             "the workdir's checkpoint was trained with a different config: " + ", ".join(differing)
-            + " (use another --workdir, or --fresh to set the old checkpoints aside)")
+            + " (use another --workdir, or --fresh to set the old run aside and start afresh)")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def _encode(vocab, text: str, checkpoint_dir: str | None) -> np.ndarray:
+    """ids of ``text``; with a resumed vocabulary, unknown characters name the checkpoint."""
+    try:
+        return vocab.encode(text)
+    except data.DataError as e:
+        if checkpoint_dir is None:
+            raise
+        raise CheckpointError(
+            f"the checkpoint in {checkpoint_dir} was trained with another vocabulary: {e} "
+            "(use another --workdir, or --fresh to set the old run aside and start afresh)"
+        ) from None
+
+
+def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict:
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
     Writes config.json, metrics.jsonl, TensorBoard events and checkpoints.
     Returns the last val (and test) losses. SIGTERM/SIGINT stop the run after
-    the current step with a checkpoint saved.
+    the current step with a checkpoint saved. A bad config raises a UserError
+    before anything is written. One process at a time trains in a workdir (a
+    lock, see :mod:`charrnn.workdir`); ``fresh=True`` moves a previous run's
+    files into ``<workdir>/previous-<time>/`` and starts from step 0.
     """
+    config_lib.validate(config)
+    main = jax.process_index() == 0  # process 0 alone writes the (shared) workdir
+    with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
+        if fresh and main:
+            moved = workdir_lib.set_aside_previous_run(workdir)
+            if moved:
+                print(f"--fresh: moved the previous run into {moved}", flush=True)
+        if fresh and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("charrnn fresh start")
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
+    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
     latest = ckpt.latest_step()
     if latest is not None:
         _, meta = ckpt.restore_meta(latest)
@@ -206,7 +244,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     else:
         vocab = data.Vocab.from_text(text)
     train_ids, val_ids, test_ids = data.split(
-        vocab.encode(text), config.data.val_fraction, config.data.test_fraction)
+        _encode(vocab, text, ckpt.directory if latest is not None else None),
+        config.data.val_fraction, config.data.test_fraction)
     batcher = data.Batcher(train_ids, config.train.batch_size, config.train.seq_len, config.seed)
     model = models.CharRNN.from_config(config.model, vocab.size)
     # One device: no mesh. Several (or several processes): batch rows over a data mesh.
@@ -214,19 +253,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = dp.create_state(functools.partial(
         init_state, model, optim.make_optimizer(config), config.train.batch_size, config.seed))
     writer = MetricWriter(workdir, enabled=dp.is_main)  # only process 0 writes metrics
+    pending = []  # per-step metrics since the last train record
     if latest is not None:
         state = ckpt.restore_state(latest, state)
         batcher.load_state_dict(meta["batcher"])
-        writer.truncate_after(latest)
+        pending = decode_step_metrics(meta.get("step_metrics"))
         print(f"resuming from step {latest} ({ckpt.directory})", flush=True)
+    # Records past the checkpoint (or all, with none: a run killed before its first
+    # save) are rewritten identically by the steps that follow.
+    writer.truncate_after(latest or 0)
     if dp.is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2) + "\n")
+        workdir_lib.write_atomically(os.path.join(workdir, "config.json"),
+                                     config.to_json_best_effort(indent=2) + "\n")
 
     loop = _Loop(config, model, vocab, batcher, ckpt, writer, (val_ids, test_ids), dp)
     with _StopOnSignal() as stop:
         try:
-            return loop.run(state, stop)
+            return loop.run(state, stop, pending)
         finally:
             ckpt.wait()
             ckpt.close()
@@ -269,12 +312,14 @@ class _Loop:
         self.step_fn = self.dp.wrap_step(make_train_step(model, config))
         self.eval_fn = self.dp.wrap_eval(make_eval_step(model))
 
-    def run(self, state: TrainState, stop: _StopOnSignal) -> dict:
+    def run(self, state: TrainState, stop: _StopOnSignal, pending: list | None = None) -> dict:
+        """Steps from ``state.step`` to ``train.num_steps``; ``pending``: the per-step
+        metrics since the last train record, as saved in the checkpoint resumed from."""
         cfg = self.config.train
         base_key = jax.random.wrap_key_data(np.asarray(state.rng))
         start = int(state.step)
         chars_per_step = cfg.batch_size * cfg.seq_len
-        pending, result = [], {}
+        pending, result = list(pending or []), {}
         tick, timed_steps = time.perf_counter(), 0  # throughput excludes compilation, eval, saves
         if start >= cfg.num_steps:
             print(f"already trained for {start} steps (train.num_steps={cfg.num_steps})", flush=True)
@@ -284,8 +329,7 @@ class _Loop:
             state, metrics = self.step_fn(state, batch, jax.random.fold_in(base_key, step))
             pending.append(metrics)
             done = step + 1
-            stopping = self.dp.should_stop(stop, sync_point=done % cfg.log_every == 0)
-            last = done == cfg.num_steps or stopping
+            last = done == cfg.num_steps
             if done == start + 1:
                 jax.block_until_ready(metrics)
                 print(f"first step (compilation included) took {time.perf_counter() - tick:.2f} s",
@@ -304,8 +348,13 @@ class _Loop:
             paused = time.perf_counter()
             if done % cfg.eval_every == 0 or last:
                 result = self._evaluate(done, state.params, with_test=done == cfg.num_steps)
-            if done % cfg.checkpoint_every == 0 or last:
-                self._save(done, state)
+            # Asked after the eval, so that a signal arriving during it still saves at this
+            # step. Stopping writes no records of its own: the metrics of the steps since
+            # the last record travel in the checkpoint, and the resumed run writes exactly
+            # the records an uninterrupted one would have.
+            stopping = self.dp.should_stop(stop, sync_point=done % cfg.log_every == 0)
+            if done % cfg.checkpoint_every == 0 or last or stopping:
+                self._save(done, state, pending)
             tick += time.perf_counter() - paused
             if stopping:
                 self.ckpt.wait()
@@ -341,19 +390,31 @@ class _Loop:
         return result
 
     def _check_nonfinite(self, state):
+        """Stop after ``train.max_consecutive_nonfinite`` skipped steps in a row.
+
+        Checked at log steps only: reading the counter makes the host wait for the
+        device, which at every step would stall the dispatch pipeline. A skipped
+        step changes no weights, so stopping up to log_every - 1 steps late loses nothing.
+        """
         run = int(state.nonfinite_run)
         if run >= self.config.train.max_consecutive_nonfinite:
+            self.ckpt.wait()
+            latest = self.ckpt.latest_step()
+            kept = ("no checkpoint was written" if latest is None else
+                    f"the last good checkpoint (step {latest}) is in {self.ckpt.directory}")
             raise NonFiniteError(
-                f"{run} consecutive steps had a non-finite loss or gradient (up to step "
-                f"{int(state.step)}); stopped. The last good checkpoint is in {self.ckpt.directory}; "
-                "lower optim.learning_rate or enable clipping")
+                f"stopped at step {int(state.step)}: the last {run} steps had a non-finite loss, "
+                f"gradient or update (train.max_consecutive_nonfinite="
+                f"{self.config.train.max_consecutive_nonfinite}); {kept}; lower "
+                "optim.learning_rate or enable clipping (optim.clip_mode)")
 
-    def _save(self, step, state):
+    def _save(self, step, state, pending):
         if not all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(state.params)):
             print(f"step {step}: parameters are not finite; checkpoint not written", flush=True)
             return
         meta = {"vocab": self.vocab.to_json(), "config": self.config.to_dict(),
-                "batcher": self.batcher.state_dict(), "format": 1}
+                "batcher": self.batcher.state_dict(), "format": 1,
+                "step_metrics": encode_step_metrics(jax.device_get(pending))}
         self.ckpt.save(step, state, meta)
 
 

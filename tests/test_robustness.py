@@ -1,0 +1,433 @@
+"""Never lose a run; answer every bad input clearly.
+
+Everything here runs the real thing: launch.py in subprocesses, real SIGTERM,
+SIGINT and SIGKILL, a real divergence, real file locks; the bad-input
+catalogue runs launch.py once per case in a forked child (tests/launch_forks.py).
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from charrnn import checkpoint, config as config_lib, data, metrics, models, optim, train
+from charrnn import workdir as workdir_lib
+from conftest import REPO, _SPEECH
+
+LAUNCH = os.path.join(REPO, "launch.py")
+SMOKE = os.path.join(REPO, "experiments", "configs", "default.py") + ":smoke"
+# On top of the smoke config (LSTM 1x32, B=4, T=16, 20 steps, log every 5, eval and
+# checkpoint every 10): dropout, so that the RNG stream matters to exactness too.
+BASE = {"data.val_fraction": 0.1, "data.test_fraction": 0.1, "model.dropout": 0.1}
+
+
+def _config(corpus, fields=None):
+    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
+    import default
+    config = default.get_config("smoke")
+    config.data.path = corpus
+    for field, value in {**BASE, **(fields or {})}.items():
+        group, name = field.split(".")
+        config[group][name] = value
+    return config
+
+
+def _command(workdir, corpus, fields=None):
+    return ([sys.executable, LAUNCH, f"--workdir={workdir}", f"--config={SMOKE}",
+             f"--config.data.path={corpus}"]
+            + [f"--config.{k}={v}" for k, v in {**BASE, **(fields or {})}.items()])
+
+
+def _records(workdir, splits=("train", "val", "test")):
+    """metrics.jsonl without the one field that measures time."""
+    return [{k: v for k, v in r.items() if k != "chars_per_sec"}
+            for r in metrics.read_metrics(workdir) if r["split"] in splits]
+
+
+def _params(workdir, step=None):
+    return jax.device_get(train.load_checkpoint(workdir, step)[3])
+
+
+def _assert_equal_trees(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _steps(workdir):
+    """Complete checkpoints: orbax names a finished step directory by its number alone."""
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def _wait_for_progress(proc) -> str:
+    """The child's stdout up to its first progress line ("step 5/...")."""
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if re.match(r"step \d+/\d+ \|", line):
+            return seen
+    proc.wait()
+    pytest.fail(f"the run ended before any progress (exit {proc.returncode}): "
+                f"{proc.stderr.read()}")
+
+
+def _start(command):
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(_SPEECH * 15)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """The workdir of an uninterrupted 20-step run."""
+    workdir = str(tmp_path_factory.mktemp("reference") / "run")
+    train.train_and_evaluate(_config(corpus), workdir)
+    return workdir
+
+
+# ---------------------------------------------------------------------------
+# Bit-exact resume
+
+
+def test_resume_is_bit_exact(reference, corpus, tmp_path):
+    # 10 steps with checkpoints at 7 and 10, then extended to 20 ...
+    extended = str(tmp_path / "extended")
+    train.train_and_evaluate(_config(corpus, {"train.num_steps": 10,
+                                              "train.checkpoint_every": 7}), extended)
+    # ... and the same run as if killed before its step-10 save completed: it resumes
+    # from step 7, in the middle of a log interval (records at 10 are dropped).
+    killed = str(tmp_path / "killed")
+    shutil.copytree(extended, killed)
+    shutil.rmtree(os.path.join(killed, "checkpoints", "10"))
+    for workdir in (extended, killed):
+        train.train_and_evaluate(_config(corpus, {"train.checkpoint_every": 7}), workdir)
+        _assert_equal_trees(_params(workdir), _params(reference))
+    # The shorter run's own end (its test record at step 10) is history; the rest matches.
+    assert _records(extended, ("train", "val")) == _records(reference, ("train", "val"))
+    # The step-10 train record averages steps 6-10: 6 and 7 came from the checkpoint.
+    assert _records(killed) == _records(reference)
+
+
+def test_step_metrics_survive_json_exactly():
+    steps = [{"loss": np.float32(np.nan), "nonfinite": np.int32(1), "clipped": np.bool_(True),
+              "lr": np.float32(2e-3)},
+             {"loss": np.float32(1 / 3), "nonfinite": np.int32(0), "clipped": np.bool_(False),
+              "lr": np.float32(2e-3)}]
+    back = checkpoint.decode_step_metrics(json.loads(json.dumps(
+        checkpoint.encode_step_metrics(steps))))
+    for a, b in zip(steps, back):
+        for k in a:
+            assert b[k].dtype == a[k].dtype
+            np.testing.assert_array_equal(b[k], a[k])
+    assert checkpoint.decode_step_metrics(None) == []  # a checkpoint from before this field
+
+
+# ---------------------------------------------------------------------------
+# Preemption, hard kills, one writer per workdir
+
+
+def test_sigterm_and_sigint_save_wait_and_resume(corpus, tmp_path):
+    workdir = str(tmp_path / "run")
+    command = _command(workdir, corpus, {"train.num_steps": 100_000,
+                                         "train.checkpoint_every": 1000})
+    stopped = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = _start(command)
+        out = _wait_for_progress(proc)
+        proc.send_signal(sig)
+        rest, err = proc.communicate(timeout=120)
+        out += rest
+        assert proc.returncode == 0, err
+        match = re.search(rf"received {sig.name}: saved a checkpoint at step (\d+) in (\S+); "
+                          "run the same command again to resume", out)
+        assert match, out[-2000:]
+        step = int(match.group(1))
+        assert match.group(2) == os.path.join(workdir, "checkpoints")
+        assert step in _steps(workdir)  # complete on disk: the async save was waited for
+        if stopped:
+            assert f"resuming from step {stopped[-1]} " in out and step > stopped[-1]
+        stopped.append(step)
+    # A stop writes no records of its own (its steps' metrics travel in the checkpoint):
+    # train records only at log steps, as in a run that was never stopped.
+    train_steps = [r["step"] for r in metrics.read_metrics(workdir) if r["split"] == "train"]
+    assert train_steps == list(range(5, stopped[-1] + 1, 5))
+
+
+def test_sigkill_lock_and_partial_checkpoints(corpus, tmp_path):
+    workdir = str(tmp_path / "run")
+    # Saves back to back (each waits for the previous): a kill most likely lands in one.
+    fields = {"train.num_steps": 100_000, "train.checkpoint_every": 5,
+              "train.keep_checkpoints": 10_000}
+    proc = _start(_command(workdir, corpus, fields))
+    try:
+        _wait_for_progress(proc)
+        # One writer: a second run on the same workdir is refused, nothing touched.
+        second = subprocess.run(_command(workdir, corpus, fields), capture_output=True,
+                                text=True, cwd=REPO, timeout=120)
+        assert second.returncode == 1
+        assert second.stderr == (
+            f"error: workdir {workdir} is in use by process {proc.pid} on host "
+            f"{socket.gethostname()} (lock {workdir}/.lock); wait for that run to finish, "
+            "stop it, or use another --workdir\n")
+        # Reading takes no lock: evaluate the latest checkpoint while the run goes on.
+        assert np.isfinite(train.evaluate_workdir(workdir)["val"]["loss"])
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, the save in flight is cut short
+        proc.communicate()
+    # The dead process's lock file stays behind (stale), as may an unfinished save.
+    with open(os.path.join(workdir, ".lock")) as f:
+        assert f.read().split()[0] == str(proc.pid)
+    complete = _steps(workdir)[-1]
+    partial = os.path.join(workdir, "checkpoints", f"{complete + 5}.orbax-checkpoint-tmp-1")
+    os.makedirs(partial, exist_ok=True)
+    with open(os.path.join(partial, "_CHECKPOINT_METADATA"), "w") as f:
+        f.write("{half a fi")
+    resumed = subprocess.run(
+        _command(workdir, corpus, {**fields, "train.num_steps": complete + 3}),
+        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {complete} " in resumed.stdout
+    assert _steps(workdir)[-1] == complete + 3
+    assert not os.path.exists(os.path.join(workdir, ".lock"))  # released at the end
+
+
+def test_lock_refuses_a_live_holder_and_takes_a_dead_ones(tmp_path):
+    workdir = str(tmp_path / "run")
+    with workdir_lib.WorkdirLock(workdir):
+        with pytest.raises(workdir_lib.WorkdirError, match=rf"in use by process {os.getpid()} "):
+            workdir_lib.WorkdirLock(workdir).acquire()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is no longer a live process
+    with open(os.path.join(workdir, ".lock"), "w") as f:  # as a killed run leaves it
+        f.write(f"{dead.pid} {socket.gethostname()}\n")
+    with workdir_lib.WorkdirLock(workdir) as lock:
+        with open(lock.path) as f:
+            assert f.read().split()[0] == str(os.getpid())
+    assert not os.path.exists(os.path.join(workdir, ".lock"))
+
+
+# ---------------------------------------------------------------------------
+# Non-finite steps
+
+
+def test_divergence_is_skipped_counted_and_stops_with_good_checkpoints(reference, corpus,
+                                                                         tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)  # a healthy run, saved at steps 10 and 20
+    good = _params(workdir)
+    # Clipping off and Adam at lr=1e20: its first update is about lr * sign(g), whose
+    # norm overflows float32. (Even a tanh RNN stays finite up to lr ~ 1e16 with Adam or
+    # SGD: tanh bounds every activation, so the loss grows huge but finite.)
+    diverging = {"optim.clip_mode": "none", "optim.learning_rate": 1e20,
+                 "train.num_steps": 40, "train.max_consecutive_nonfinite": 3,
+                 "train.checkpoint_every": 2, "train.keep_checkpoints": 10}
+    out = subprocess.run(_command(workdir, corpus, diverging), capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 1
+    # Checked at log steps (every 5): the 3rd skipped step in a row is noticed at step 25.
+    assert out.stderr == (
+        "error: stopped at step 25: the last 5 steps had a non-finite loss, gradient or update "
+        "(train.max_consecutive_nonfinite=3); the last good checkpoint (step 24) is in "
+        f"{workdir}/checkpoints; lower optim.learning_rate or enable clipping "
+        "(optim.clip_mode)\n")
+    record = [r for r in metrics.read_metrics(workdir) if r["split"] == "train"][-1]
+    assert record["step"] == 25 and record["nonfinite_steps"] == 5
+    # Skipped steps change no weight: every checkpoint holds the last finite step's, and
+    # the good ones are still there.
+    assert _steps(workdir) == [10, 20, 22, 24]
+    for step in _steps(workdir)[1:]:
+        _assert_equal_trees(_params(workdir, step), good)
+
+
+# ---------------------------------------------------------------------------
+# No pickle
+
+
+def test_restoring_a_checkpoint_executes_no_pickle(reference, monkeypatch):
+    events = []
+    sys.addaudithook(lambda event, args: events.append(event)
+                     if event == "pickle.find_class" else None)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used while restoring a checkpoint")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    config, vocab, model, params, step = train.load_checkpoint(reference)
+    ckpt = checkpoint.Checkpointer(reference, create=False)
+    try:
+        _, meta = ckpt.restore_meta(step)  # what a resumed run reads: meta, then the full state
+        like = jax.eval_shape(lambda: train.init_state(
+            model, optim.make_optimizer(config), config.train.batch_size, config.seed))
+        state = ckpt.restore_state(step, like)
+    finally:
+        ckpt.close()
+    assert step == 20 and int(state.step) == 20 and meta["vocab"] == vocab.to_json()
+    assert events == []
+
+
+# ---------------------------------------------------------------------------
+# The bad-input catalogue
+
+
+def test_choice_names_match_the_modules_they_configure():
+    assert config_lib.CELLS == models.CELLS
+    assert config_lib.OPTIMIZERS == optim.OPTIMIZERS
+    assert config_lib.SCHEDULES == optim.SCHEDULES
+    assert config_lib.CLIP_MODES == optim.CLIP_MODES
+    assert config_lib.CORPORA == data.BUILTIN_CORPORA
+
+
+def test_a_bad_config_fails_before_the_workdir_is_touched(corpus, tmp_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(config_lib.ConfigError, match="train.seq_len must be a positive integer"):
+        train.train_and_evaluate(_config(corpus, {"train.seq_len": 0}), workdir)
+    assert not os.path.exists(workdir)
+
+
+def _catalogue(d, corpus, trained):
+    """(case id, launch.py arguments, a piece of the expected error line)."""
+    smoke = [f"--config={SMOKE}", f"--config.data.path={corpus}"]
+    work = [f"--workdir={d}/new"]
+    data_path = lambda p: [f"--workdir={d}/new", f"--config={SMOKE}", f"--config.data.path={p}"]
+    return [
+        ("missing data file", data_path(f"{d}/nope.txt"), f"data file {d}/nope.txt does not exist"),
+        ("directory as data file", data_path(d), f"data path {d} is a directory"),
+        ("empty file", data_path(f"{d}/empty.txt"), f"data file {d}/empty.txt is empty"),
+        ("shorter than a window", data_path(f"{d}/short.txt"),
+         "the text has 9 characters but batch_size*seq_len+1 = 65 are needed"),
+        ("not utf-8", data_path(f"{d}/latin1.txt"),
+         f"data file {d}/latin1.txt is not valid utf-8 at byte offset 3; pass its encoding "
+         "with --config.data.encoding=..."),
+        ("unknown encoding", data_path(f"{d}/latin1.txt") + ["--config.data.encoding=latin-9x"],
+         "unknown text encoding data.encoding 'latin-9x'"),
+        ("unknown corpus", work + ["--config.data.name=tolstoy"],
+         "unknown corpus data.name 'tolstoy'; known names: shakespeare, tinyshakespeare"),
+        ("unknown field", work + ["--config.train.num_step=5"],
+         "unknown config field 'train.num_step' (--config.train.num_step); did you mean "
+         "train.num_steps?"),
+        ("unknown field, --config given", work + smoke + ["--config.foo=1"],
+         "unknown config field 'foo' (--config.foo)"),
+        ("not a number", work + ["--config.train.num_steps=ten"],
+         "flag --config.train.num_steps=ten: invalid literal for int()"),
+        ("zero size", work + ["--config.model.hidden_size=0"],
+         "model.hidden_size must be a positive integer, got 0"),
+        ("negative size", work + ["--config.train.batch_size=-4"],
+         "train.batch_size must be a positive integer, got -4"),
+        ("zero learning rate", work + ["--config.optim.learning_rate=0"],
+         "optim.learning_rate must be a positive number, got 0.0"),
+        ("clip_norm <= 0", work + ["--config.optim.clip_norm=-1"],
+         "optim.clip_norm must be a positive number with optim.clip_mode=global_norm"),
+        ("unknown cell", work + ["--config.model.cell=transformer"],
+         "unknown model.cell 'transformer'; choose from rnn, gru, lstm"),
+        ("unknown optimizer", work + ["--config.optim.name=lion"],
+         "unknown optim.name 'lion'; choose from adam, sgd"),
+        ("unknown clip mode", work + ["--config.optim.clip_mode=norm"],
+         "unknown optim.clip_mode 'norm'; choose from global_norm, value, agc, none"),
+        ("unknown schedule", work + ["--config.optim.schedule=linear"],
+         "unknown optim.schedule 'linear'; choose from constant, cosine"),
+        ("dropout 1", work + ["--config.model.dropout=1.0"], "model.dropout must be in [0, 1)"),
+        ("no training text", work + ["--config.data.val_fraction=0.5",
+                                     "--config.data.test_fraction=0.5"],
+         "data.val_fraction + data.test_fraction = 1 leave no training text"),
+        ("workdir is a file", [f"--workdir={d}/empty.txt"] + smoke,
+         f"workdir {d}/empty.txt exists and is not a directory"),
+        ("workdir not creatable", [f"--workdir={d}/empty.txt/run"] + smoke,
+         f"cannot create workdir {d}/empty.txt/run: Not a directory"),
+        ("incompatible checkpoint", [f"--workdir={trained}"] + smoke
+         + ["--config.model.cell=gru", "--config.model.hidden_size=64"],
+         "the workdir's checkpoint was trained with a different config: model.cell 'lstm' -> "
+         "'gru', model.hidden_size 32 -> 64 (use another --workdir, or --fresh"),
+        ("other vocabulary", [f"--workdir={trained}", f"--config={SMOKE}",
+                              f"--config.data.path={d}/other.txt"],
+         "was trained with another vocabulary: text has characters not in the vocabulary: 'Z'"),
+        ("eval without checkpoint", [f"--workdir={d}/new", "--mode=eval"],
+         f"no checkpoint in {d}/new/checkpoints; train one first"),
+        ("sample without checkpoint", [f"--workdir={d}/new", "--mode=sample"],
+         f"no checkpoint in {d}/new/checkpoints; train one first"),
+        ("unknown mode", work + ["--mode=serve"], "unknown --mode='serve'"),
+        ("unknown variant", [f"--workdir={d}/new", f"--config={SMOKE[:-6]}:bogus"],
+         "unknown config variant 'bogus'"),
+        ("missing config file", [f"--workdir={d}/new", f"--config={d}/nope.py"],
+         f"cannot load --config={d}/nope.py: [Errno 2] No such file or directory"),
+        ("--fresh with eval", [f"--workdir={trained}", "--mode=eval", "--fresh"],
+         "--fresh starts a training run again"),
+    ]
+
+
+def _tree_digest(path):
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            digest.update(os.path.relpath(os.path.join(root, name), path).encode())
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def catalogue(reference, corpus, tmp_path_factory):
+    """Every bad input run through launch.py, then --fresh on the mismatched workdir."""
+    d = str(tmp_path_factory.mktemp("inputs"))
+    with open(f"{d}/empty.txt", "w"):
+        pass
+    with open(f"{d}/short.txt", "w") as f:
+        f.write("hello world")
+    with open(f"{d}/latin1.txt", "wb") as f:
+        f.write("Caf\u00e9 au lait\n".encode("latin-1") * 50)  # 'é' is the byte 0xE9
+    with open(f"{d}/other.txt", "w") as f:
+        f.write(_SPEECH.replace("a", "Z") * 15)
+    trained = f"{d}/trained"
+    shutil.copytree(reference, trained)
+    before = _tree_digest(trained)
+    cases = _catalogue(d, corpus, trained)
+    fresh = [f"--workdir={trained}", f"--config={SMOKE}", f"--config.data.path={corpus}",
+             "--config.model.cell=gru", "--config.train.num_steps=2", "--fresh"]
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "launch_forks.py")],
+                         input=json.dumps([args for _, args, _ in cases] + [fresh]),
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    return {"results": {case: result for (case, _, _), result in zip(cases, results)},
+            "expected": {case: expected for case, _, expected in cases},
+            "fresh": results[-1], "trained": trained, "before": before}
+
+
+CASES = [case for case, _, _ in _catalogue("D", "C", "T")]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_one_clear_line(catalogue, case):
+    result = catalogue["results"][case]
+    assert result["returncode"] == 1, result
+    assert result["stderr"].count("\n") == 1 and "Traceback" not in result["stderr"], result
+    assert result["stderr"].startswith("error: ")
+    assert catalogue["expected"][case] in result["stderr"], result["stderr"]
+
+
+def test_fresh_sets_the_old_run_aside_intact(catalogue):
+    result, trained = catalogue["fresh"], catalogue["trained"]
+    assert result["returncode"] == 0, result["stderr"]
+    moved = re.search(r"--fresh: moved the previous run into (\S+)", result["stdout"]).group(1)
+    assert os.path.dirname(moved) == trained
+    # All the error cases before left the trained workdir exactly as it was; --fresh
+    # moved it whole; the new run (a GRU) started from step 0.
+    assert _tree_digest(moved) == catalogue["before"]
+    assert _steps(trained) == [2] and _steps(moved) == [10, 20]
+    assert [r["step"] for r in metrics.read_metrics(trained) if r["split"] == "train"] == [2]

@@ -110,6 +110,8 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
         "loss": loss,
         "grad_norm": grad_norm,
         "grad_norm_clipped": optim.global_norm(clipped),
+        # cos∠(g, clip(g)): 1 for global-norm clipping, below 1 when a rule turns g.
+        "clip_cosine": diagnostics.tree_cosine(grads, clipped),
         "clipped": jnp.any(jnp.array([jnp.any(a != b) for a, b in
                                       zip(jax.tree.leaves(clipped), jax.tree.leaves(grads))])),
         "nonfinite": 1 - finite.astype(jnp.int32),

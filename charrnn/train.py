@@ -222,6 +222,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict:
     files into ``<workdir>/previous-<time>/`` and starts from step 0.
     """
     config_lib.validate(config)
+    # Read before the workdir is touched: a bad data file leaves no trace there.
+    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
     main = jax.process_index() == 0  # process 0 alone writes the (shared) workdir
     with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
         if fresh and main:
@@ -231,11 +233,10 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict:
         if fresh and jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("charrnn fresh start")
-        return _train_and_evaluate(config, workdir)
+        return _train_and_evaluate(config, workdir, text)
 
 
-def _train_and_evaluate(config, workdir: str) -> dict:
-    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
+def _train_and_evaluate(config, workdir: str, text: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()

@@ -193,16 +193,17 @@ def test_sigkill_lock_and_partial_checkpoints(corpus, tmp_path):
     with open(os.path.join(workdir, ".lock")) as f:
         assert f.read().split()[0] == str(proc.pid)
     complete = _steps(workdir)[-1]
-    partial = os.path.join(workdir, "checkpoints", f"{complete + 5}.orbax-checkpoint-tmp-1")
+    # The next save, as the kill left it (or, if it had not begun, a fake one), cut short.
+    partial = os.path.join(workdir, "checkpoints", f"{complete + 5}.orbax-checkpoint-tmp")
     os.makedirs(partial, exist_ok=True)
     with open(os.path.join(partial, "_CHECKPOINT_METADATA"), "w") as f:
         f.write("{half a fi")
     resumed = subprocess.run(
-        _command(workdir, corpus, {**fields, "train.num_steps": complete + 3}),
+        _command(workdir, corpus, {**fields, "train.num_steps": complete + 5}),
         capture_output=True, text=True, cwd=REPO, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from step {complete} " in resumed.stdout
-    assert _steps(workdir)[-1] == complete + 3
+    assert _steps(workdir)[-1] == complete + 5  # saved over the partial one
     assert not os.path.exists(os.path.join(workdir, ".lock"))  # released at the end
 
 

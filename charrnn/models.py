@@ -216,9 +216,10 @@ class CharRNN:
         """What layer 0 reads: embeddings [T, B, E], or for the fast path tokens [T, B].
 
         The fast path folds the embedding into layer 0's input projection: with
-        the table P = embed W_xh + b [V, G*H], x_t W_xh + b is row tokens_t of P.
-        One V x E x G*H product replaces a T*B x E x G*H one, and the gradient
-        of the lookup (a scatter-add into P) replaces two more such products.
+        the table P = embed W_xh + b [V, G*H], x_t W_xh + b is row tokens_t of P,
+        looked up inside the time loop. One V x E x G*H product replaces a
+        T*B x E x G*H one, and the gradient of the lookup (a scatter-add into P)
+        replaces two more such products.
         """
         if self.fast_vjp and self.vocab_size <= tokens.size:
             return tokens
@@ -229,11 +230,11 @@ class CharRNN:
         if not self.fast_vjp:
             return unroll(self.cell_step(params, layer), carry, xs, unroll_steps)
         p = params[f"layer_{layer}"]
-        if xs.ndim == 2:  # tokens of layer 0: look up the projected embedding table
-            zx = (params["embed"] @ p["W_xh"] + p["b"])[xs]
-        else:  # one large product over all T*B positions, outside the time loop
-            zx = xs @ p["W_xh"] + p["b"]
-        return fused.recurrence(self.cell, p, carry, zx, unroll_steps)
+        if xs.ndim == 2:  # tokens of layer 0: each step looks up a row of embed W_xh + b
+            table = params["embed"] @ p["W_xh"] + p["b"]
+            return fused.recurrence(self.cell, p, carry, table, tokens=xs, unroll=unroll_steps)
+        zx = xs @ p["W_xh"] + p["b"]  # one large product over all T*B positions, outside the loop
+        return fused.recurrence(self.cell, p, carry, zx, unroll=unroll_steps)
 
     def step(self, params, carry, token):
         """One character through all layers (inference): token int [B] -> logits [B, V]."""

@@ -1,0 +1,386 @@
+"""Clipping-threshold sweeps: many training runs as one jitted program.
+
+A sweep is a grid, written as data: cells × optimizers × seeds × thresholds.
+A threshold is ``none`` (no clipping, τ = ∞), an absolute τ (``"2.5"``) or a
+multiple of the run's reference norm (``"0.5x"``): the mean unclipped global
+gradient norm over its first ``warmup_steps`` training windows, measured at
+the initial parameters (Pascanu, Mikolov & Bengio 2013 set τ from the
+average norm).
+
+Two ways to run a grid, with the same numbers:
+
+- :func:`run_single`: one run, the plain jitted :func:`train.train_step`
+  (one process per run, e.g. one task of a cluster array job);
+- :func:`run_group`: every run of one (cell, optimizer) — they share
+  parameter shapes — in one program. The state, the batch and τ get a leading
+  run axis [R, ...] and the step is :func:`train.train_step` under
+  ``jax.vmap`` (in chunks, see :func:`make_group_step`). τ is a runtime
+  array, so one compiled step serves every threshold; ``inf`` never clips.
+
+Both record, per run and step, the loss (nats/char), the global gradient norm
+before and after clipping, whether the step clipped and whether it was
+non-finite, plus the val loss every ``eval_every`` steps (step 0 included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from charrnn import data, models, optim, train
+from charrnn.errors import UserError
+
+STEP_METRICS = ("loss", "grad_norm", "grad_norm_clipped", "clipped", "nonfinite")
+
+
+class SweepError(UserError):
+    """A malformed grid (threshold label, cell, optimizer) or run index."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One point of the grid. ``threshold``: 'none', '0.5x' (relative) or '2.5' (absolute)."""
+    cell: str
+    optimizer: str
+    seed: int
+    threshold: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.cell}-{self.optimizer}-seed{self.seed}-tau_{self.threshold}"
+
+    @property
+    def group(self) -> tuple:
+        return (self.cell, self.optimizer)
+
+
+def parse_threshold(label: str) -> tuple[str, float]:
+    """'none' -> ('none', inf); '0.5x' -> ('relative', 0.5); '2.5' -> ('absolute', 2.5)."""
+    text = str(label).strip().lower()
+    if text in ("none", "inf"):
+        return "none", math.inf
+    kind, number = ("relative", text[:-1]) if text.endswith("x") else ("absolute", text)
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or math.isinf(value):
+        raise SweepError(f"bad threshold {label!r}: use 'none', a positive number, or a "
+                         "positive multiple such as '0.5x'")
+    return kind, value
+
+
+def make_grid(sweep_config) -> list[Run]:
+    """All runs, in a fixed order (cell, optimizer, seed, threshold): ``--run_index`` counts in it."""
+    for cell in sweep_config.cells:
+        if cell not in models.CELLS:
+            raise SweepError(f"unknown cell {cell!r}; choose from {models.CELLS}")
+    for name in sweep_config.optimizers:
+        if name not in optim.OPTIMIZERS:
+            raise SweepError(f"unknown optimizer {name!r}; choose from {optim.OPTIMIZERS}")
+    for label in sweep_config.thresholds:
+        parse_threshold(label)
+    runs = [Run(c, o, int(s), str(t)) for c in sweep_config.cells for o in sweep_config.optimizers
+            for s in sweep_config.seeds for t in sweep_config.thresholds]
+    if not runs:
+        raise SweepError("the grid is empty: give at least one cell, optimizer, seed and threshold")
+    return runs
+
+
+def run_config(config, run: Run, tau: float = math.inf) -> ml_collections.ConfigDict:
+    """The full training config of one run: the base config with the run's choices.
+
+    The learning rate comes from ``config.sweep.learning_rate[optimizer]``.
+    τ = inf becomes ``clip_mode='none'``.
+    """
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.seed = run.seed
+    c.model.cell = run.cell
+    c.optim.name = run.optimizer
+    c.optim.learning_rate = float(config.sweep.learning_rate[run.optimizer])
+    c.optim.clip_mode = "none" if math.isinf(tau) else "global_norm"
+    c.optim.clip_norm = float(tau) if not math.isinf(tau) else c.optim.clip_norm
+    return c
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Train ids, the (possibly truncated) val ids used for evaluation, and the vocabulary size."""
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, config) -> "Corpus":
+        text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
+        vocab = data.Vocab.from_text(text)
+        train_ids, val_ids, _ = data.split(vocab.encode(text), config.data.val_fraction,
+                                           config.data.test_fraction)
+        if config.sweep.eval_chars:
+            val_ids = val_ids[:config.sweep.eval_chars]
+        return cls(train_ids, val_ids, vocab.size)
+
+
+# ---------------------------------------------------------------------------
+# One run: the plain training step
+
+
+def run_single(config, corpus: Corpus, num_steps: int | None = None) -> dict:
+    """Train one run with :func:`train.make_train_step`; returns its history.
+
+    ``config`` is a full run config (:func:`run_config`). History: per-step
+    arrays ``loss``, ``grad_norm``, ``grad_norm_clipped``, ``clipped``,
+    ``nonfinite`` [num_steps] and ``val_steps``, ``val_loss`` (nats/char).
+    """
+    num_steps = config.train.num_steps if num_steps is None else num_steps
+    model = models.CharRNN.from_config(config.model, corpus.vocab_size)
+    state = train.init_state(model, optim.make_optimizer(config), config.train.batch_size,
+                             config.seed)
+    step_fn = train.make_train_step(model, config)
+    eval_fn = train.make_eval_step(model)
+    batcher = data.Batcher(corpus.train_ids, config.train.batch_size, config.train.seq_len,
+                           config.seed)
+    base_key = jax.random.wrap_key_data(np.asarray(state.rng))  # a copy: the state is donated
+    evaluate = lambda params: train.evaluate(eval_fn, model, params, corpus.val_ids,
+                                             config.train.eval_batch_size,
+                                             config.train.seq_len)["loss"]
+    history = _History(1)
+    history.add_val(0, [evaluate(state.params)])
+    for step in range(num_steps):
+        x, y, reset = batcher.next()
+        batch = {"x": x, "y": y, "reset": np.bool_(reset)}
+        state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+        history.add_step({k: metrics[k][None] for k in STEP_METRICS})
+        if _eval_due(step + 1, num_steps, config.sweep.eval_every):
+            history.add_val(step + 1, [evaluate(state.params)])
+    return history.finish()[0]
+
+
+def reference_norm(config, run: Run, corpus: Corpus) -> float:
+    """Mean global gradient norm at the run's initial parameters over its first batches.
+
+    The warm-up feeds the run's first ``sweep.warmup_steps`` training windows
+    (same seed, same batcher, hidden state carried) through
+    :func:`train.train_step` with clipping off and an optimizer that changes
+    nothing, so it measures the unclipped norm without moving: a warm-up that
+    trained at a learning rate that explodes would measure the explosion. Every
+    way of running the grid calls this, so all get the same τ.
+    """
+    c = run_config(config, run, math.inf)
+    model = models.CharRNN.from_config(c.model, corpus.vocab_size)
+    state = train.init_state(model, optax.chain(optax.identity(), optax.set_to_zero()),
+                             c.train.batch_size, c.seed)
+    step_fn = _frozen_step(model)
+    batcher = data.Batcher(corpus.train_ids, c.train.batch_size, c.train.seq_len, c.seed)
+    norms = []
+    for step in range(config.sweep.warmup_steps):
+        x, y, reset = batcher.next()
+        state, metrics = step_fn(state, {"x": x, "y": y, "reset": np.bool_(reset)},
+                                 jax.random.key(step))
+        norms.append(metrics["grad_norm"])
+    norms = np.asarray(jax.device_get(norms), np.float64)
+    norms = norms[np.isfinite(norms)]
+    if norms.size == 0:
+        raise SweepError(f"no finite gradient norm in the warm-up of {run.name}")
+    return float(norms.mean())
+
+
+@functools.lru_cache(maxsize=8)
+def _frozen_step(model: models.CharRNN):
+    """train_step with clipping off and an optimizer whose update is zero (compiled once per model)."""
+    return jax.jit(functools.partial(train.train_step, model=model, clip=optax.identity(),
+                                     optimizer=optax.set_to_zero(),
+                                     schedule=optax.constant_schedule(0.0)))
+
+
+def thresholds(config, runs: list[Run], corpus: Corpus) -> tuple[list[float], dict]:
+    """(τ per run, reference norm per (cell, optimizer, seed) that needed one)."""
+    refs = {}
+    for run in runs:
+        key = (run.cell, run.optimizer, run.seed)
+        if parse_threshold(run.threshold)[0] == "relative" and key not in refs:
+            refs[key] = reference_norm(config, run, corpus)
+    taus = []
+    for run in runs:
+        kind, value = parse_threshold(run.threshold)
+        taus.append(value * refs[(run.cell, run.optimizer, run.seed)] if kind == "relative"
+                    else value)
+    return taus, refs
+
+
+# ---------------------------------------------------------------------------
+# Many runs: one program
+
+
+def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0):
+    """The jitted step of R runs: (states[R], batches[R], taus[R]) -> (states, metrics[R]).
+
+    Each run's step is :func:`train.train_step` with ``clip_by_global_norm(τ_r)``
+    (τ a traced scalar; inf never clips). ``runs_per_chunk`` C sets the layout:
+    runs are vectorized C at a time by ``jax.vmap`` and the R / C chunks run one
+    after another inside the same program (``jax.lax.map``). 0 (or ≥ R) vmaps
+    all runs at once, the layout for a GPU or TPU that one small model leaves
+    idle; 1 runs them one by one, which measured fastest on a 2-core CPU, where
+    batched matmuls are slower than plain ones (experiments/bench_sweep.py).
+    ``config`` is any run config of the group (optimizer and learning rate are
+    shared). The dropout key of run r at step s is ``fold_in(key(rng_r), s)``,
+    as in :func:`run_single`.
+    """
+    num_steps = config.train.num_steps
+    optimizer = optim.make_base_optimizer(config.optim, num_steps)
+    schedule = optim.make_schedule(config.optim, num_steps)
+    if runs_per_chunk < 0:
+        raise SweepError(f"runs_per_chunk must be >= 0, got {runs_per_chunk}")
+
+    def one_run(state, batch, tau):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        return train.train_step(state, batch, key, model=model,
+                                clip=optax.clip_by_global_norm(tau), optimizer=optimizer,
+                                schedule=schedule)
+
+    def group(states, batches, taus):
+        num_runs = taus.shape[0]
+        if runs_per_chunk == 0 or runs_per_chunk >= num_runs:
+            return jax.vmap(one_run)(states, batches, taus)
+        return jax.lax.map(lambda args: one_run(*args), (states, batches, taus),
+                           batch_size=runs_per_chunk)
+
+    return jax.jit(group, donate_argnums=0)
+
+
+def default_runs_per_chunk() -> int:
+    """1 (one run at a time) on a CPU, 0 (all runs vmapped) on a GPU or TPU."""
+    return 1 if jax.default_backend() == "cpu" else 0
+
+
+def make_group_eval(model: models.CharRNN):
+    """Summed val nats of one window for R runs: params[R], carry[R], shared x, y, mask."""
+    step = functools.partial(train.eval_step, model=model)
+    return jax.jit(jax.vmap(step, in_axes=(0, 0, None, None, None)))
+
+
+def init_group(model, configs: list) -> train.TrainState:
+    """The R runs' initial states stacked on a leading run axis."""
+    states = [train.init_state(model, optim.make_optimizer(c), c.train.batch_size, c.seed)
+              for c in configs]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def evaluate_group(eval_fn, model, params, ids, batch_size: int, seq_len: int,
+                   num_runs: int) -> np.ndarray:
+    """Val loss (nats/char) of every run [R], the hidden state carried over windows."""
+    carry = jax.tree.map(lambda a: jnp.stack([a] * num_runs), model.initial_carry(batch_size))
+    total, count = 0.0, 0
+    for x, y, mask in data.eval_windows(ids, batch_size, seq_len):
+        carry, nll = eval_fn(params, carry, x, y, mask)
+        total = total + nll
+        count += int(mask.sum())
+    return np.asarray(total, np.float64) / count
+
+
+def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: int | None = None,
+              num_steps: int | None = None) -> list[dict]:
+    """Train R runs of one (cell, optimizer) in one program; one history per run.
+
+    configs: run configs differing only in seed (and clip settings, which
+    ``taus`` replaces: inf = no clipping). ``runs_per_chunk``: see
+    :func:`make_group_step` (None: :func:`default_runs_per_chunk`). Returns
+    what :func:`run_single` returns, for each run, in order.
+    """
+    first = configs[0]
+    num_steps = first.train.num_steps if num_steps is None else num_steps
+    R, B, T = len(configs), first.train.batch_size, first.train.seq_len
+    model = models.CharRNN.from_config(first.model, corpus.vocab_size)
+    state = init_group(model, configs)
+    if runs_per_chunk is None:
+        runs_per_chunk = default_runs_per_chunk()
+    step_fn = make_group_step(model, first, runs_per_chunk)
+    eval_fn = make_group_eval(model)
+    batchers = [data.Batcher(corpus.train_ids, B, T, c.seed) for c in configs]
+    tau = jnp.asarray(taus, jnp.float32)
+    evaluate = lambda params: evaluate_group(eval_fn, model, params, corpus.val_ids,
+                                             first.train.eval_batch_size, T, R)
+    history = _History(R)
+    history.add_val(0, evaluate(state.params))
+    for step in range(num_steps):
+        batch = stack_batches([b.next() for b in batchers])
+        state, metrics = step_fn(state, batch, tau)
+        history.add_step({k: metrics[k] for k in STEP_METRICS})
+        if _eval_due(step + 1, num_steps, first.sweep.eval_every):
+            history.add_val(step + 1, evaluate(state.params))
+    return history.finish()
+
+
+def stack_batches(windows: list) -> dict:
+    """[(x [B, T], y [B, T], reset)] of R runs -> {x, y: [R, B, T], reset: [R]}."""
+    return {"x": np.stack([w[0] for w in windows]), "y": np.stack([w[1] for w in windows]),
+            "reset": np.array([w[2] for w in windows])}
+
+
+def _eval_due(done: int, num_steps: int, every: int) -> bool:
+    return done == num_steps or (every > 0 and done % every == 0)
+
+
+class _History:
+    """Per-step metrics of R runs, kept on the device until :meth:`finish`."""
+
+    def __init__(self, num_runs: int):
+        self.num_runs = num_runs
+        self.steps, self.val_steps, self.val_loss = [], [], []
+        self.start = time.perf_counter()
+
+    def add_step(self, metrics: dict) -> None:
+        self.steps.append(metrics)  # device arrays [R]: no host sync per step
+
+    def add_val(self, step: int, losses) -> None:
+        self.val_steps.append(step)
+        self.val_loss.append(np.asarray(losses, np.float64).reshape(self.num_runs))
+
+    def finish(self) -> list[dict]:
+        host = jax.device_get(self.steps)
+        out = []
+        for r in range(self.num_runs):
+            h = {k: np.array([m[k][r] for m in host]) for k in STEP_METRICS}
+            h["val_steps"] = np.array(self.val_steps)
+            h["val_loss"] = np.array([v[r] for v in self.val_loss])
+            h["seconds"] = time.perf_counter() - self.start
+            out.append(h)
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Results
+
+
+def summarize(run: Run, tau: float, history: dict, reference: float | None = None) -> dict:
+    """One table row: final/best val bpc, diverged or not, clip fraction, max grad norm.
+
+    A run diverged when a step was non-finite, or its final val loss is not
+    finite or above its initial (step 0) val loss.
+    """
+    val = history["val_loss"]
+    final, initial = float(val[-1]), float(val[0])
+    finite_val = val[np.isfinite(val)]
+    nonfinite = int(history["nonfinite"].sum())
+    grad = history["grad_norm"][np.isfinite(history["grad_norm"])]
+    return {
+        "cell": run.cell, "optimizer": run.optimizer, "seed": run.seed,
+        "threshold": run.threshold, "tau": tau, "reference_norm": reference,
+        "final_val_bpc": final / train.LN2, "best_val_bpc": float(finite_val.min()) / train.LN2
+        if finite_val.size else float("nan"),
+        "initial_val_bpc": initial / train.LN2,
+        "diverged": bool(nonfinite > 0 or not math.isfinite(final) or final > initial),
+        "clip_fraction": float(history["clipped"].mean()),
+        "mean_grad_norm": float(grad.mean()) if grad.size else float("nan"),
+        "max_grad_norm": float(grad.max()) if grad.size else float("nan"),
+        "nonfinite_steps": nonfinite,
+        "steps": int(history["loss"].size),
+    }

@@ -1,0 +1,148 @@
+"""Figures of the clipping ablation (used by clip_ablation.py; matplotlib, Agg backend).
+
+- val_bpc_vs_threshold.png: final val bpc against τ (as a multiple of the
+  reference norm, or absolute), one panel per cell, SGD and Adam, seeds as
+  dots, diverged runs as crosses, no clipping at the right edge;
+- loss_curves.png: training loss (bits/char, smoothed) of seed 0 per threshold;
+- grad_norm_traces.png: the pre-clip global gradient norm of seed 0's
+  unclipped run and of its clipped runs, with each run's τ drawn.
+"""
+
+import math
+import os
+
+import numpy as np
+
+LN2 = math.log(2.0)
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _x_of(row):
+    """x position of a threshold: its multiple (relative) or τ (absolute); inf for none."""
+    label = row["threshold"]
+    if label == "none":
+        return math.inf
+    return float(label[:-1]) if label.endswith("x") else float(label)
+
+
+def _relative(rows) -> bool:
+    return all(r["threshold"] == "none" or r["threshold"].endswith("x") for r in rows)
+
+
+def _smooth(y, width):
+    y = np.asarray(y, float)
+    if width <= 1 or y.size < width:
+        return y
+    kernel = np.ones(width) / width
+    return np.convolve(np.where(np.isfinite(y), y, np.nan), kernel, mode="valid")
+
+
+def plot_val_vs_threshold(path, rows):
+    plt = _plt()
+    cells = sorted({r["cell"] for r in rows})
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.6 * len(cells), 3.6), squeeze=False)
+    finite_x = [_x_of(r) for r in rows if math.isfinite(_x_of(r))]
+    none_x = (max(finite_x) * 3) if finite_x else 1.0
+    ceiling = max(r["initial_val_bpc"] for r in rows) + 0.5  # diverged runs are drawn here
+    for ax, cell in zip(axes[0], cells):
+        for i, opt in enumerate(sorted({r["optimizer"] for r in rows})):
+            rs = [r for r in rows if r["cell"] == cell and r["optimizer"] == opt]
+            if not rs:
+                continue
+            xs = sorted({_x_of(r) for r in rs})
+            plot_x = [none_x if math.isinf(x) else x for x in xs]
+            means = []
+            for x, px in zip(xs, plot_x):
+                vals = [r for r in rs if _x_of(r) == x]
+                for r in vals:
+                    y = r["final_val_bpc"]
+                    bad = r["diverged"] or not math.isfinite(y)
+                    ax.scatter([px], [min(y, ceiling) if math.isfinite(y) else ceiling],
+                               marker="x" if bad else "o", color=f"C{i}", s=22, alpha=0.7)
+                finite = [min(r["final_val_bpc"], ceiling) for r in vals
+                          if math.isfinite(r["final_val_bpc"])]
+                means.append(np.mean(finite) if finite else ceiling)
+            ax.plot(plot_x, means, color=f"C{i}", label=opt)
+        ax.axvline(none_x / 1.7, color="gray", linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_ylim(top=ceiling + 0.2)
+        ax.set_title(f"{cell}: final val bpc (x = diverged)")
+        ax.set_xlabel(("τ / reference norm" if _relative(rows) else "τ") + "   (right edge: none)")
+        ax.set_ylabel("bits/char")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _panels(records):
+    groups = sorted({(r["row"]["cell"], r["row"]["optimizer"]) for r in records})
+    seed0 = min(r["row"]["seed"] for r in records)
+    return groups, seed0
+
+
+def plot_loss_curves(path, records):
+    plt = _plt()
+    groups, seed = _panels(records)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    for ax, (cell, opt) in zip(axes[0], groups):
+        rs = sorted((r for r in records if r["row"]["cell"] == cell
+                     and r["row"]["optimizer"] == opt and r["row"]["seed"] == seed),
+                    key=lambda r: _x_of(r["row"]))
+        top = 0.0
+        for i, r in enumerate(rs):
+            loss = np.asarray(r["history"]["loss"], float) / LN2
+            width = max(1, loss.size // 50)
+            y = _smooth(loss, width)
+            ax.plot(np.arange(y.size) + width, y, color=f"C{i}", linewidth=1,
+                    label=r["row"]["threshold"])
+            top = max(top, r["row"]["initial_val_bpc"])
+        ax.set_ylim(bottom=0, top=top * 1.6)
+        ax.set_title(f"{cell} / {opt}: train loss, seed {seed}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("bits/char")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="threshold", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_grad_norms(path, records):
+    plt = _plt()
+    groups, seed = _panels(records)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    for ax, (cell, opt) in zip(axes[0], groups):
+        rs = sorted((r for r in records if r["row"]["cell"] == cell
+                     and r["row"]["optimizer"] == opt and r["row"]["seed"] == seed),
+                    key=lambda r: -_x_of(r["row"]))  # unclipped first, drawn underneath
+        for i, r in enumerate(rs):
+            g = np.asarray(r["history"]["grad_norm"], float)
+            color = "black" if r["row"]["threshold"] == "none" else f"C{i}"
+            ax.plot(np.arange(1, g.size + 1), g, color=color, linewidth=0.6, alpha=0.8,
+                    label=r["row"]["threshold"])
+            if math.isfinite(r["row"]["tau"]):
+                ax.axhline(r["row"]["tau"], color=color, linestyle="--", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"{cell} / {opt}: ||g|| before clipping (dashed: τ)")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="threshold", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_all(outdir, records, table):
+    del table  # the figures show every seed; the table has the means
+    rows = [r["row"] for r in records]
+    plot_val_vs_threshold(os.path.join(outdir, "val_bpc_vs_threshold.png"), rows)
+    plot_loss_curves(os.path.join(outdir, "loss_curves.png"), records)
+    plot_grad_norms(os.path.join(outdir, "grad_norm_traces.png"), records)

@@ -1,0 +1,141 @@
+"""Throughput of one R-run sweep program against the same R runs one after another.
+
+    python experiments/bench_sweep.py --outdir=DIR [--smoke] [--cell=lstm --hidden_size=128]
+
+Sequential: R runs, each with its own state, stepped by the plain jitted
+:func:`charrnn.train.make_train_step` (the training path of one run).
+Sweep: :func:`charrnn.sweep.make_group_step` stepping all R runs at once, for
+each ``--runs_per_chunk`` C (0 = all R runs vmapped; 1 = one run at a time
+inside the program). Both see the same pre-made batches; compilation is
+excluded. Timing windows alternate between the variants and each keeps its
+best window, so a machine shared with other jobs biases no variant.
+
+Prints JSON (also written to DIR/bench_sweep.json): chars/s of every variant
+and ``ratio`` = sweep chars/s / sequential chars/s per C; ratio ≥ 1 means the
+one-program sweep is at least as fast as running the runs one by one.
+"""
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+
+_OUTDIR = flags.DEFINE_string("outdir", None, "Directory for bench_sweep.json.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
+_CELL = flags.DEFINE_enum("cell", "lstm", ["rnn", "gru", "lstm"], "Recurrent cell.")
+_HIDDEN = flags.DEFINE_integer("hidden_size", 128, "H.")
+_LAYERS = flags.DEFINE_integer("num_layers", 1, "Stacked layers.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "B per run.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "T per window.")
+_RUNS = flags.DEFINE_integer("num_runs", 8, "R, runs in the sweep.")
+_CHUNKS = flags.DEFINE_list("runs_per_chunk", ["1", "2", "0"],
+                            "Sweep layouts to time: runs vmapped together (0 = all).")
+_STEPS = flags.DEFINE_integer("steps", 4, "Sweep steps per timing window (R× as many sequential).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timing windows per variant; the best counts.")
+_VOCAB = 65
+
+
+def _config(smoke: bool):
+    from ml_collections import ConfigDict
+    hidden, batch, seq_len = (_HIDDEN.value, _BATCH.value, _SEQ_LEN.value)
+    if smoke:
+        hidden, batch, seq_len = 16, 4, 16
+    return ConfigDict({
+        "seed": 0,
+        "model": {"cell": _CELL.value, "hidden_size": hidden, "num_layers": _LAYERS.value,
+                  "embed_dim": 64 if not smoke else 8, "dropout": 0.0},
+        "train": {"batch_size": batch, "seq_len": seq_len, "num_steps": 1000},
+        "optim": {"name": "adam", "learning_rate": 2e-3, "schedule": "constant",
+                  "warmup_steps": 0, "final_lr_fraction": 0.1, "b1": 0.9, "b2": 0.999,
+                  "momentum": 0.0, "clip_mode": "global_norm", "clip_norm": 1.0}})
+
+
+def measure(config, num_runs: int, chunks: list, steps: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from charrnn import models, optim, sweep, train
+
+    B, T = config.train.batch_size, config.train.seq_len
+    model = models.CharRNN.from_config(config.model, _VOCAB)
+    rng = np.random.default_rng(0)
+    tokens = lambda *shape: jnp.asarray(rng.integers(0, _VOCAB, shape, dtype=np.int32))
+    # Each run gets its own batches; windows reuse them (the work does not depend on the text).
+    batches = {"x": tokens(num_runs, B, T), "y": tokens(num_runs, B, T),
+               "reset": jnp.zeros((num_runs,), bool)}
+    run_batch = [jax.tree.map(lambda a: a[r], batches) for r in range(num_runs)]
+    seeds = [_with_seed(config, s) for s in range(num_runs)]
+    step_one = train.make_train_step(model, seeds[0])
+    key = jax.random.key(0)
+
+    def sequential(states):
+        for r in range(num_runs):  # run r's steps, then the next run's
+            for _ in range(steps):
+                states[r], m = step_one(states[r], run_batch[r], key)
+        jax.block_until_ready(m)
+        return states
+
+    variants = {"sequential": ([train.init_state(model, optim.make_optimizer(c), B, c.seed)
+                                for c in seeds], sequential)}
+    taus = jnp.ones((num_runs,), jnp.float32)
+    for chunk in chunks:
+        step_all = sweep.make_group_step(model, seeds[0], chunk)
+
+        def swept(state, step_all=step_all):
+            for _ in range(steps):
+                state, m = step_all(state, batches, taus)
+            jax.block_until_ready(m)
+            return state
+        variants[f"sweep_chunk{chunk}"] = (sweep.init_group(model, seeds), swept)
+
+    states, best = {}, {}
+    for name, (state, fn) in variants.items():
+        states[name] = fn(state)  # compile and warm up
+        best[name] = float("inf")
+    for _ in range(repeats):
+        for name, (_, fn) in variants.items():
+            start = time.perf_counter()
+            states[name] = fn(states[name])
+            best[name] = min(best[name], time.perf_counter() - start)
+    chars = num_runs * steps * B * T
+    result = {"backend": jax.default_backend(), "cell": config.model.cell,
+              "hidden_size": config.model.hidden_size, "num_layers": config.model.num_layers,
+              "batch_size": B, "seq_len": T, "num_runs": num_runs, "steps_per_window": steps,
+              "repeats": repeats,
+              "chars_per_sec": {name: chars / t for name, t in best.items()}}
+    seq = result["chars_per_sec"]["sequential"]
+    result["ratio"] = {str(c): result["chars_per_sec"][f"sweep_chunk{c}"] / seq for c in chunks}
+    result["best_ratio"] = max(result["ratio"].values())
+    return result
+
+
+def _with_seed(config, seed: int):
+    from ml_collections import ConfigDict
+    c = ConfigDict(config.to_dict())
+    c.seed = seed
+    return c
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _OUTDIR.value:
+        raise app.UsageError("--outdir is required")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        chunks = [int(c) for c in _CHUNKS.value]
+    except ValueError:
+        raise app.UsageError("--runs_per_chunk must be integers") from None
+    if min(chunks + [_RUNS.value - 1, _STEPS.value - 1, _REPEATS.value - 1]) < 0:
+        raise app.UsageError("--num_runs, --steps, --repeats must be positive, chunks >= 0")
+    steps, repeats = (1, 2) if _SMOKE.value else (_STEPS.value, _REPEATS.value)
+    result = measure(_config(_SMOKE.value), _RUNS.value, chunks, steps, repeats)
+    os.makedirs(_OUTDIR.value, exist_ok=True)
+    with open(os.path.join(_OUTDIR.value, "bench_sweep.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,215 @@
+"""Clipping-threshold ablation: thresholds × seeds × optimizer {sgd, adam} × cell {rnn, lstm}.
+
+The grid and the base run are the config (experiments/configs/clip_ablation.py).
+Three ways to run it, with the same numbers:
+
+    # the whole grid, one jitted program per (cell, optimizer):
+    python experiments/clip_ablation.py --outdir=DIR
+    # one run per process (a cluster array job), then collect:
+    python experiments/clip_ablation.py --outdir=DIR --list_runs
+    python experiments/clip_ablation.py --outdir=DIR --run_index=$TASK_ID
+    python experiments/clip_ablation.py --outdir=DIR --aggregate
+
+Each run writes DIR/runs/<name>.json (its per-step history and its row).
+Collecting writes DIR/clip_ablation.csv (one row per run), DIR/clip_ablation.md
+(mean over seeds per cell, optimizer and threshold), DIR/clip_ablation.json and
+the figures val_bpc_vs_threshold.png, loss_curves.png and grad_norm_traces.png.
+"""
+
+import csv
+import glob
+import json
+import math
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "clip_ablation.py"), "Ablation config (base run + grid).")
+_OUTDIR = flags.DEFINE_string("outdir", None, "Directory for runs/, tables and figures.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "The config's smoke variant on top: tiny and fast.")
+_RUN_INDEX = flags.DEFINE_integer("run_index", -1, "Run only this grid index (see --list_runs); "
+                                  "-1 runs the whole grid, one program per (cell, optimizer).")
+_LIST = flags.DEFINE_bool("list_runs", False, "Print the grid with run indices and exit.")
+_AGGREGATE = flags.DEFINE_bool("aggregate", False, "Only collect DIR/runs/*.json into tables.")
+_CHUNK = flags.DEFINE_integer("runs_per_chunk", -1, "Runs vmapped together in the one-program "
+                              "sweep (0 = all; -1 = 1 on CPU, all on GPU/TPU).")
+
+
+def _config_module():
+    """experiments/configs/clip_ablation.py, loaded by path (this script has the same name)."""
+    import importlib.util
+    path = os.path.join(_HERE, "configs", "clip_ablation.py")
+    spec = importlib.util.spec_from_file_location("clip_ablation_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None) -> None:
+    """Train the grid (or one run of it) and write DIR/runs/<name>.json per run."""
+    from charrnn import sweep
+
+    runs = sweep.make_grid(config.sweep)
+    if run_index >= len(runs):
+        raise sweep.SweepError(f"--run_index={run_index} but the grid has {len(runs)} runs")
+    selected = runs if run_index < 0 else [runs[run_index]]
+    corpus = sweep.Corpus.from_config(config)
+    taus, refs = sweep.thresholds(config, selected, corpus)
+    os.makedirs(os.path.join(outdir, "runs"), exist_ok=True)
+    groups = {}
+    for run, tau in zip(selected, taus):
+        groups.setdefault(run.group, []).append((run, tau))
+    for (cell, name), members in groups.items():
+        configs = [sweep.run_config(config, run, tau) for run, tau in members]
+        if run_index >= 0:
+            histories = [sweep.run_single(configs[0], corpus)]
+        else:
+            histories = sweep.run_group(configs, [t for _, t in members], corpus, runs_per_chunk)
+        for (run, tau), history in zip(members, histories):
+            ref = refs.get((run.cell, run.optimizer, run.seed))
+            row = sweep.summarize(run, tau, history, ref)
+            _write_run(outdir, run, row, history)
+            print(f"{run.name}: τ={tau:.4g} final val bpc {row['final_val_bpc']:.3f} "
+                  f"(best {row['best_val_bpc']:.3f}) clipped {100 * row['clip_fraction']:.0f}% "
+                  f"max grad norm {row['max_grad_norm']:.3g}"
+                  + (" DIVERGED" if row["diverged"] else ""), flush=True)
+
+
+def _write_run(outdir, run, row, history):
+    import numpy as np
+    record = {"row": row, "seconds": float(history["seconds"]),
+              "history": {k: np.asarray(v).astype(float).tolist() for k, v in history.items()
+                          if k != "seconds"}}
+    path = os.path.join(outdir, "runs", run.name + ".json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, allow_nan=True)
+    os.replace(path + ".tmp", path)
+
+
+def load_runs(outdir: str) -> list:
+    paths = sorted(glob.glob(os.path.join(outdir, "runs", "*.json")))
+    if not paths:
+        raise FileNotFoundError(f"no run results in {outdir}/runs: run the grid first")
+    out = []
+    for p in paths:
+        with open(p) as f:
+            out.append(json.load(f))
+    return out
+
+
+def _threshold_key(label: str) -> float:
+    from charrnn import sweep
+    kind, value = sweep.parse_threshold(label)
+    return value
+
+
+def grouped(rows: list) -> list:
+    """Mean over seeds per (cell, optimizer, threshold), thresholds in increasing τ."""
+    import numpy as np
+    out = {}
+    for r in rows:
+        out.setdefault((r["cell"], r["optimizer"], r["threshold"]), []).append(r)
+    table = []
+    for (cell, opt, label), rs in sorted(out.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], _threshold_key(kv[0][2]))):
+        mean = lambda k: float(np.mean([r[k] for r in rs]))
+        table.append({"cell": cell, "optimizer": opt, "threshold": label, "seeds": len(rs),
+                      "tau": mean("tau"), "final_val_bpc": mean("final_val_bpc"),
+                      "best_val_bpc": mean("best_val_bpc"),
+                      "diverged": sum(r["diverged"] for r in rs),
+                      "clip_fraction": mean("clip_fraction"),
+                      "max_grad_norm": float(max(r["max_grad_norm"] for r in rs)),
+                      "mean_grad_norm": mean("mean_grad_norm")})
+    return table
+
+
+def adam_contrast(table: list) -> list:
+    """Per (cell, optimizer): how far each threshold moves the final val bpc from 'none'.
+
+    ``spread``: max − min of the mean final val bpc over the thresholds whose
+    runs did not diverge; ``delta``: threshold -> bpc(τ) − bpc(none).
+    """
+    out = []
+    for cell, opt in sorted({(r["cell"], r["optimizer"]) for r in table}):
+        rs = [r for r in table if r["cell"] == cell and r["optimizer"] == opt]
+        none = [r for r in rs if r["threshold"] == "none"]
+        ok = [r["final_val_bpc"] for r in rs if not r["diverged"]
+              and math.isfinite(r["final_val_bpc"])]
+        out.append({"cell": cell, "optimizer": opt,
+                    "spread": (max(ok) - min(ok)) if ok else float("nan"),
+                    "none_bpc": none[0]["final_val_bpc"] if none else float("nan"),
+                    "delta": {r["threshold"]: r["final_val_bpc"] - none[0]["final_val_bpc"]
+                              for r in rs if none},
+                    "clip_fraction": {r["threshold"]: r["clip_fraction"] for r in rs}})
+    return out
+
+
+def markdown(table: list) -> str:
+    lines = ["| cell | optimizer | threshold | τ | final val bpc | best val bpc | diverged "
+             "| clip fraction | max grad norm |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in table:
+        tau = "∞" if math.isinf(r["tau"]) else f"{r['tau']:.3g}"
+        lines.append(f"| {r['cell']} | {r['optimizer']} | {r['threshold']} | {tau} "
+                     f"| {r['final_val_bpc']:.3f} | {r['best_val_bpc']:.3f} "
+                     f"| {r['diverged']}/{r['seeds']} | {r['clip_fraction']:.2f} "
+                     f"| {r['max_grad_norm']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def aggregate(outdir: str) -> dict:
+    """Tables, figures and clip_ablation.json from DIR/runs/*.json."""
+    import ablation_plots
+    records = load_runs(outdir)
+    rows = [r["row"] for r in records]
+    with open(os.path.join(outdir, "clip_ablation.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = grouped(rows)
+    md = markdown(table)
+    with open(os.path.join(outdir, "clip_ablation.md"), "w") as f:
+        f.write(md)
+    ablation_plots.plot_all(outdir, records, table)
+    summary = {"rows": rows, "table": table, "markdown": md, "contrast": adam_contrast(table),
+               "seconds": sum(r["seconds"] for r in records)}
+    with open(os.path.join(outdir, "clip_ablation.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _OUTDIR.value:
+        raise app.UsageError("--outdir is required")
+    logging.set_verbosity(logging.WARNING)
+    from charrnn import sweep
+    from charrnn.errors import UserError
+
+    config = _CONFIG.value
+    if _SMOKE.value:
+        _config_module().apply_variant(config, "smoke")
+    try:
+        runs = sweep.make_grid(config.sweep)
+        if _LIST.value:
+            for i, run in enumerate(runs):
+                print(i, run.name)
+            return
+        if not _AGGREGATE.value:
+            chunk = None if _CHUNK.value < 0 else _CHUNK.value
+            run_grid(config, _OUTDIR.value, _RUN_INDEX.value, chunk)
+        if _AGGREGATE.value or _RUN_INDEX.value < 0:
+            summary = aggregate(_OUTDIR.value)
+            print(summary["markdown"], end="")
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

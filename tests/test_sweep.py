@@ -1,0 +1,101 @@
+"""Threshold sweeps: the grid, the reference norm, and one program equal to separate runs."""
+
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from charrnn import data, models, sweep, train
+from conftest import REPO
+
+
+@pytest.fixture
+def ablation_config(text_file):
+    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
+    import clip_ablation
+    config = clip_ablation.get_config("smoke")
+    config.data.path = text_file
+    config.data.val_fraction = config.data.test_fraction = 0.1
+    config.sweep.eval_chars = 200
+    return config
+
+
+@pytest.mark.parametrize("label,expected", [("none", ("none", math.inf)), ("0.5x", ("relative", 0.5)),
+                                            ("10X", ("relative", 10.0)), ("2.5", ("absolute", 2.5))])
+def test_threshold_labels(label, expected):
+    assert sweep.parse_threshold(label) == expected
+
+
+@pytest.mark.parametrize("label", ["0", "-1x", "x", "abc", "inf x"])
+def test_bad_threshold_labels_are_user_errors(label):
+    with pytest.raises(sweep.SweepError, match="bad threshold"):
+        sweep.parse_threshold(label)
+
+
+def test_the_grid_is_a_fixed_order_product(ablation_config):
+    s = ablation_config.sweep
+    runs = sweep.make_grid(s)
+    assert len(runs) == len(s.cells) * len(s.optimizers) * len(s.seeds) * len(s.thresholds)
+    assert runs[0] == sweep.Run(s.cells[0], s.optimizers[0], s.seeds[0], s.thresholds[0])
+    assert runs[1].threshold == s.thresholds[1]  # thresholds vary fastest
+    s.cells = ("rnn", "transformer")
+    with pytest.raises(sweep.SweepError, match="unknown cell"):
+        sweep.make_grid(s)
+
+
+def test_reference_norm_is_the_mean_norm_at_the_initial_parameters(ablation_config):
+    ablation_config.sweep.warmup_steps = 2
+    corpus = sweep.Corpus.from_config(ablation_config)
+    run = sweep.Run("rnn", "sgd", 0, "1x")
+    config = sweep.run_config(ablation_config, run)
+    model = models.CharRNN.from_config(config.model, corpus.vocab_size)
+    params = model.init(jax.random.split(jax.random.key(0))[0])  # what init_state uses
+    batcher = data.Batcher(corpus.train_ids, config.train.batch_size, config.train.seq_len, 0)
+    carry, norms = model.initial_carry(config.train.batch_size), []
+    for _ in range(2):  # the same windows, the state carried, the parameters never moved
+        x, y, _ = batcher.next()
+        (_, carry), g = jax.value_and_grad(train.loss_fn, has_aux=True)(params, model, carry, x, y)
+        norms.append(float(np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(g)))))
+    assert sweep.reference_norm(ablation_config, run, corpus) == pytest.approx(np.mean(norms),
+                                                                               rel=1e-5)
+
+
+def test_one_program_sweep_equals_separate_runs(ablation_config):
+    corpus = sweep.Corpus.from_config(ablation_config)
+    runs = [sweep.Run("rnn", "sgd", 0, "none"), sweep.Run("rnn", "sgd", 1, "0.3x")]
+    taus, refs = sweep.thresholds(ablation_config, runs, corpus)
+    assert math.isinf(taus[0]) and taus[1] == pytest.approx(0.3 * refs[("rnn", "sgd", 1)])
+    configs = [sweep.run_config(ablation_config, r, t) for r, t in zip(runs, taus)]
+    steps = 5
+    vmapped = sweep.run_group(configs, taus, corpus, runs_per_chunk=0, num_steps=steps)
+    one_by_one = sweep.run_group(configs, taus, corpus, runs_per_chunk=1, num_steps=steps)
+    for config, got, other in zip(configs, vmapped, one_by_one):
+        alone = sweep.run_single(config, corpus, num_steps=steps)
+        for key in ("loss", "grad_norm", "grad_norm_clipped", "val_loss"):
+            np.testing.assert_allclose(got[key], alone[key], rtol=2e-5, err_msg=key)
+            np.testing.assert_allclose(other[key], alone[key], rtol=2e-5, err_msg=key)
+        np.testing.assert_array_equal(got["clipped"], alone["clipped"])
+    assert not vmapped[0]["clipped"].any() and vmapped[1]["clipped"].all()
+    np.testing.assert_allclose(vmapped[1]["grad_norm_clipped"], taus[1], rtol=1e-5)
+    assert list(vmapped[1]["val_steps"]) == [0, 5]  # eval_every 6 > 5 steps: start and end
+
+
+def _history(val_loss, nonfinite=0):
+    steps = 4
+    return {"loss": np.ones(steps), "grad_norm": np.array([1.0, 2.0, 3.0, np.nan]),
+            "grad_norm_clipped": np.ones(steps), "clipped": np.array([0, 1, 1, 0]),
+            "nonfinite": np.array([0, 0, 0, nonfinite]), "val_steps": np.arange(len(val_loss)),
+            "val_loss": np.array(val_loss, float)}
+
+
+@pytest.mark.parametrize("val_loss,nonfinite,diverged", [
+    ([4.0, 3.0, 2.5], 0, False), ([4.0, 3.0, 4.5], 0, True), ([4.0, 2.0, np.nan], 0, True),
+    ([4.0, 3.0, 2.0], 1, True)])
+def test_summary_row(val_loss, nonfinite, diverged):
+    row = sweep.summarize(sweep.Run("rnn", "sgd", 0, "1x"), 0.7, _history(val_loss, nonfinite))
+    assert row["diverged"] is diverged
+    assert row["clip_fraction"] == 0.5 and row["max_grad_norm"] == 3.0
+    assert row["final_val_bpc"] == pytest.approx(val_loss[-1] / math.log(2), nan_ok=True)

@@ -1,0 +1,109 @@
+"""Memory of one training step, and time to the first step, each in a fresh process.
+
+Used by experiments/benchmark.py; also runnable alone:
+
+    python experiments/bench_memory.py --first_step_config=:smoke   # JSON line
+    python experiments/bench_memory.py --measure='{"cell": "lstm", "hidden": 512, "layers": 2,
+        "batch": 32, "seq_len": 1024, "remat": true}'                 # JSON line
+
+:func:`measure` (called in a fresh process per variant) trains two steps and
+reports how far the resident set grows during the second one above where it
+stood before it (Linux: the high-water mark ``VmHWM`` is reset by writing 5 to
+/proc/self/clear_refs), i.e. the step's working memory, activations included;
+for charrnn also XLA's own count of the step's temporary buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+_START = time.perf_counter()
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(spec: dict) -> dict:
+    """Peak growth of the resident set (MB) during one training step of ``spec``."""
+    sys.path[:0] = [HERE, os.path.join(HERE, "configs")]
+    result = {}
+    if spec.get("torch"):
+        from bench_workers import TorchTrain
+        task = TorchTrain({**spec, "kind": "train"})
+        task.run_units(1)  # Adam's state is created lazily by the first step
+        run = lambda: task.run_units(1)
+    else:
+        import jax
+        from bench_workers import JaxTrain
+        task = JaxTrain({**spec, "kind": "train"})
+        compiled = task.step.lower(task.state, task.batch, task.key).compile()
+        stats = compiled.memory_analysis()
+        if stats is not None:
+            result["xla_temp_mb"] = stats.temp_size_in_bytes / 2 ** 20
+        task.step = compiled
+        task.run_units(1)
+        run = lambda: task.run_units(1)
+    before = _status_kb("VmRSS")
+    if not _reset_peak():
+        return {**result, "error": "cannot reset the peak RSS (/proc/self/clear_refs)"}
+    run()
+    result["step_peak_mb"] = (_status_kb("VmHWM") - before) / 1024
+    result["rss_mb"] = _status_kb("VmHWM") / 1024
+    return result
+
+
+def first_step(config_arg: str) -> dict:
+    """Import, build the default config's model and state, and run one step (timed)."""
+    sys.path[:0] = [os.path.join(HERE, "configs")]
+    import default
+    import jax
+    import numpy as np
+    from charrnn import models, optim, train
+    imported = time.perf_counter()
+    config = default.get_config(config_arg or None)
+    model = models.CharRNN.from_config(config.model, 65)
+    state = train.init_state(model, optim.make_optimizer(config), config.train.batch_size,
+                             config.seed)
+    step = train.make_train_step(model, config)
+    rng = np.random.default_rng(0)
+    shape = (config.train.batch_size, config.train.seq_len)
+    batch = {"x": rng.integers(0, 65, shape, dtype=np.int32),
+             "y": rng.integers(0, 65, shape, dtype=np.int32), "reset": np.bool_(True)}
+    begin = time.perf_counter()
+    state, metrics = step(state, batch, jax.random.key(0))
+    jax.block_until_ready(metrics)
+    done = time.perf_counter()
+    return {"config": f"default.py{':' + config_arg if config_arg else ''}",
+            "import_s": imported - _START, "first_step_s": done - begin,
+            "process_start_to_first_step_s": done - _START}
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    _ARG = flags.DEFINE_string("first_step_config", None, "Variant of configs/default.py to "
+                               "time the first step of ('' or ':smoke').")
+    _MEASURE = flags.DEFINE_string("measure", None, "JSON spec of a training step to measure "
+                                   "the memory of (see measure()).")
+
+    def _main(argv):
+        del argv
+        if _MEASURE.value:
+            print(json.dumps(measure(json.loads(_MEASURE.value))), flush=True)
+        else:
+            print(json.dumps(first_step((_ARG.value or "").lstrip(":"))), flush=True)
+    app.run(_main)

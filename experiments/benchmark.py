@@ -1,0 +1,288 @@
+"""How fast is charrnn on this machine, against PyTorch eager and NumPy?
+
+    python experiments/benchmark.py --outdir=runs/bench [--quick | --smoke]
+        [--json=PATH] [--markdown=BENCHMARKS.md]
+
+Measured in one run, as ratios within the run (a shared machine is noisy):
+
+- training chars/s and time to the first finished step (compilation
+  included), B=32, T=128, vocabulary 65, embedding 64, Adam, global-norm clip
+  1.0: tanh RNN 1x512, LSTM 2x512, LSTM 1x128 — charrnn's training step
+  (``train.make_train_step``; also with ``model.fast_vjp=False``, plain
+  autodiff) vs PyTorch eager (nn.RNN/nn.LSTM, clip_grad_norm_, Adam; with its
+  default threads and with one thread, the faster is the reference) vs a
+  hand-written NumPy tanh RNN (experiments/numpy_rnn.py, first config);
+- an 8-threshold sweep of LSTM 1x128 as one program (``charrnn.sweep``)
+  against 8 runs one after another (whose throughput is one run's);
+- sampling chars/s, 1000 characters, LSTM 1x128 and 2x512, batch 1 and 64:
+  charrnn's scan sampler vs a per-character jitted loop vs a PyTorch loop
+  (oneDNN on and off; the faster one is the reference);
+- the float32 GEMM peak (NumPy and jax.numpy matmul), so that each training
+  result also reads as a fraction of peak from the model's FLOPs per char;
+- peak memory of one training step at T=1024 (LSTM 2x512), with and without
+  rematerialisation (``model.remat``), each in a fresh process;
+- time to the first step of the default config in a fresh process.
+
+Contenders run in one worker process per framework (experiments/bench_workers.py);
+timing windows rotate over the contenders of a group, repetition after
+repetition, and the median window counts. Prints a table; --json writes the
+results (each comparison with both throughputs and their ratio), --markdown a
+page with the same tables. Exits 1 when a contender fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+_OUTDIR = flags.DEFINE_string("outdir", "runs/benchmark", "Directory for benchmark.json.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes, same pipeline: about a minute.")
+_QUICK = flags.DEFINE_bool("quick", False, "Full sizes, fewer and shorter windows.")
+_JSON = flags.DEFINE_string("json", None, "Also write the results as JSON here.")
+_MARKDOWN = flags.DEFINE_string("markdown", None, "Write the tables as a Markdown page here.")
+_REPEATS = flags.DEFINE_integer("repeats", None, "Windows per contender (default 5; quick 3).")
+_WINDOW = flags.DEFINE_float("window", None, "Seconds per timing window (default 2; quick 1).")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE]
+
+import bench_report  # noqa: E402  (needs HERE on sys.path)
+
+TRAIN_CONFIGS = {"rnn_1x512": ("rnn", 512, 1), "lstm_2x512": ("lstm", 512, 2),
+                 "lstm_1x128": ("lstm", 128, 1)}
+SAMPLE_MODELS = {"lstm_1x128": (128, 1), "lstm_2x512": (512, 2)}
+SWEEP_RUNS = 8
+
+
+def sizes(smoke: bool) -> dict:
+    if smoke:
+        return {"batch": 4, "seq_len": 16, "hidden": lambda h: 32, "length": 50, "gemm": 256,
+                "memory_seq_len": 64}
+    return {"batch": 32, "seq_len": 128, "hidden": lambda h: h, "length": 1000, "gemm": 2048,
+            "memory_seq_len": 1024}
+
+
+class Workers:
+    """One worker process per framework (bench_workers.py); contenders are (framework, task)."""
+
+    def __init__(self, frameworks):
+        import subprocess
+        script = os.path.join(HERE, "bench_workers.py")
+        self.procs = {fw: subprocess.Popen([sys.executable, script, fw], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True)
+                      for fw in frameworks}
+
+    def ask(self, framework, message):
+        proc = self.procs[framework]
+        proc.stdin.write(json.dumps(message) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        if not line:
+            return {"error": f"the {framework} worker exited (status {proc.wait()})"}
+        return json.loads(line)
+
+    def close(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.stdin.write(json.dumps(["stop"]) + "\n")
+                proc.stdin.close()
+        for proc in self.procs.values():
+            proc.wait(timeout=60)
+
+
+def measure_group(workers, contenders, repeats, window, log):
+    """Set up every contender, then rotate timing windows; per contender: windows and medians.
+
+    contenders: {label: (framework, spec)}. A contender whose framework is
+    missing or whose setup fails is reported with its error and left out.
+    """
+    results, live = {}, []
+    for label, (fw, spec) in contenders.items():
+        if fw not in workers.procs:
+            results[label] = {"skipped": f"{fw} is not installed"}
+            continue
+        reply = workers.ask(fw, ("setup", label, spec))
+        if "error" in reply:
+            results[label] = {"error": reply["error"]}
+            log(f"  {label}: FAILED {reply['error']}\n{reply.get('trace', '')}")
+            continue
+        workers.ask(fw, ("run", label, min(window, 0.5)))  # warm-up window, not counted
+        results[label] = {"first_step_s": reply["first_s"], "windows": []}
+        live.append(label)
+    for rep in range(repeats):
+        order = live if rep % 2 == 0 else live[::-1]  # no contender always runs first
+        for label in order:
+            reply = workers.ask(contenders[label][0], ("run", label, window))
+            if "error" in reply:
+                raise RuntimeError(f"{label}: {reply['error']}\n{reply.get('trace', '')}")
+            results[label]["windows"].append(reply)
+    for label in live:
+        ws = results[label]["windows"]
+        rates = [w["units"] / w["wall"] for w in ws]
+        results[label].update(per_sec=statistics.median(rates), per_sec_max=max(rates),
+                              per_cpu_sec=statistics.median(w["units"] / w["cpu"] for w in ws))
+        log(f"  {label}: {results[label]['per_sec']:,.0f}/s (median of {len(ws)}), "
+            f"first {results[label]['first_step_s']:.2f} s")
+    return results
+
+
+def train_flops_per_char(cell, hidden, layers, embed=64, vocab=65):
+    """Model FLOPs of one training character: 3x the forward matmuls (forward + backward)."""
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[cell]
+    forward = sum(2 * ((embed if l == 0 else hidden) + hidden) * gates * hidden
+                  for l in range(layers)) + 2 * hidden * vocab
+    return 3 * forward
+
+
+def run_benchmark(smoke, repeats, window, log):
+    size = sizes(smoke)
+    frameworks = ["jax", "numpy"] + (["torch"] if _has_torch() else [])
+    workers = Workers(frameworks)
+    out = {"machine": machine_info(), "settings": {
+        "smoke": smoke, "repeats": repeats, "window_s": window, "batch": size["batch"],
+        "seq_len": size["seq_len"], "vocab": 65, "embed": 64, "sample_length": size["length"],
+        "sweep_runs": SWEEP_RUNS}}
+    try:
+        log("GEMM peak")
+        gemm = {"numpy": ("numpy", {"kind": "gemm", "n": size["gemm"]}),
+                "jax": ("jax", {"kind": "gemm", "n": size["gemm"]})}
+        out["gemm"] = measure_group(workers, gemm, repeats, min(window, 1.0), log)
+        peak = max(r.get("per_sec_max", 0.0) for r in out["gemm"].values())
+        out["gemm"]["peak_flops"] = peak
+
+        out["train"] = {}
+        for name, (cell, hidden, layers) in TRAIN_CONFIGS.items():
+            log(f"training {name}")
+            spec = {"kind": "train", "cell": cell, "hidden": size["hidden"](hidden),
+                    "layers": layers, "batch": size["batch"], "seq_len": size["seq_len"]}
+            group = {"charrnn": ("jax", spec),
+                     "charrnn_autodiff": ("jax", {**spec, "fast_vjp": False}),
+                     "pytorch": ("torch", spec),
+                     "pytorch_1thread": ("torch", {**spec, "threads": 1})}
+            if cell == "rnn":
+                group["numpy"] = ("numpy", spec)
+            if name == "lstm_1x128":
+                group[f"charrnn_sweep{SWEEP_RUNS}"] = ("jax", {**spec, "kind": "sweep",
+                                                             "runs": SWEEP_RUNS})
+            res = measure_group(workers, group, repeats, window, log)
+            flops = train_flops_per_char(cell, spec["hidden"], layers)
+            for r in res.values():
+                if "per_sec" in r:
+                    r["fraction_of_peak"] = r["per_sec"] * flops / peak
+            out["train"][name] = {"flops_per_char": flops, "contenders": res}
+
+        out["sample"] = {}
+        for name, (hidden, layers) in SAMPLE_MODELS.items():
+            for batch in (1, 64):
+                if smoke and name != "lstm_1x128":
+                    continue  # the same pipeline, one model
+                log(f"sampling {name} batch {batch}")
+                spec = {"hidden": size["hidden"](hidden), "layers": layers, "batch": batch,
+                        "length": size["length"]}
+                group = {"charrnn_scan": ("jax", {**spec, "kind": "sample_scan"}),
+                         "charrnn_loop": ("jax", {**spec, "kind": "sample_loop"}),
+                         "pytorch_onednn": ("torch", {**spec, "kind": "sample", "mkldnn": True}),
+                         "pytorch_no_onednn": ("torch", {**spec, "kind": "sample",
+                                                         "mkldnn": False})}
+                out["sample"][f"{name}/batch{batch}"] = measure_group(
+                    workers, group, repeats, min(window, 1.0), log)
+    finally:
+        workers.close()
+
+    log("memory at long T (fresh processes)")
+    out["memory"] = measure_memory(size["memory_seq_len"], size, smoke, log)
+    log("first step of the default config (fresh process)")
+    out["first_step_default"] = first_step_default(smoke)
+    out["comparisons"], out["targets"] = bench_report.compare(out, SWEEP_RUNS)
+    return out
+
+
+def measure_memory(seq_len, size, smoke, log):
+    """Peak memory of training steps of LSTM 2x512 at seq_len, one fresh process per variant."""
+    spec = {"cell": "lstm", "hidden": size["hidden"](512), "layers": 2, "batch": size["batch"],
+            "seq_len": seq_len}
+    variants = {"charrnn": {**spec}, "charrnn_remat": {**spec, "remat": True}}
+    if not smoke:
+        variants.update(charrnn_autodiff={**spec, "fast_vjp": False},
+                        charrnn_autodiff_remat={**spec, "fast_vjp": False, "remat": True})
+    if _has_torch():
+        variants["pytorch"] = {**spec, "torch": True}
+    results = {}
+    for label, v in variants.items():
+        results[label] = _fresh_process("--measure=" + json.dumps(v))
+        log(f"  {label}: {results[label]}")
+    return {"spec": spec, "results": results}
+
+
+def first_step_default(smoke):
+    """Seconds from a fresh interpreter to the default config's first finished step."""
+    return _fresh_process("--first_step_config=" + (":smoke" if smoke else ""))
+
+
+def _fresh_process(flag):
+    """Run bench_memory.py with one flag in a new interpreter; its last stdout line is JSON."""
+    import subprocess
+    out = subprocess.run([sys.executable, os.path.join(HERE, "bench_memory.py"), flag],
+                         capture_output=True, text=True)
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine_info():
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    from importlib import metadata
+    for pkg in ("jax", "jaxlib", "numpy", "torch"):
+        try:
+            info[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            info[pkg] = None
+    info["load_average"] = os.getloadavg()
+    return info
+
+
+def _has_torch():
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    smoke, quick = _SMOKE.value, _QUICK.value
+    repeats = _REPEATS.value or (2 if smoke else 3 if quick else 5)
+    window = _WINDOW.value or (0.2 if smoke else 1.0 if quick else 2.0)
+    log = lambda msg: print(msg, flush=True)
+    start = time.perf_counter()
+    out = run_benchmark(smoke, repeats, window, log)
+    out["settings"]["total_s"] = time.perf_counter() - start
+    out["settings"]["command"] = " ".join(["python", "experiments/benchmark.py"] + sys.argv[1:])
+    print(bench_report.text_tables(out))
+    os.makedirs(_OUTDIR.value, exist_ok=True)
+    paths = [os.path.join(_OUTDIR.value, "benchmark.json")] + ([_JSON.value] if _JSON.value else [])
+    for path in paths:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+    if _MARKDOWN.value:
+        with open(_MARKDOWN.value, "w") as f:
+            f.write(bench_report.markdown(out))
+    failed = bench_report.failures(out)
+    if failed:
+        print("failed: " + ", ".join(failed), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from charrnn import data, models, optim, train
+from charrnn import data, models, optim, parallel, train
 from charrnn.errors import UserError
 
 STEP_METRICS = ("loss", "grad_norm", "grad_norm_clipped", "clipped", "nonfinite")
@@ -287,13 +287,16 @@ def evaluate_group(eval_fn, model, params, ids, batch_size: int, seq_len: int,
 
 
 def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: int | None = None,
-              num_steps: int | None = None) -> list[dict]:
+              num_steps: int | None = None, *, mesh=None) -> list[dict]:
     """Train R runs of one (cell, optimizer) in one program; one history per run.
 
     configs: run configs differing only in seed (and clip settings, which
     ``taus`` replaces: inf = no clipping). ``runs_per_chunk``: see
     :func:`make_group_step` (None: :func:`default_runs_per_chunk`). Returns
-    what :func:`run_single` returns, for each run, in order.
+    what :func:`run_single` returns, for each run, in order. ``mesh``
+    (:func:`parallel.make_mesh`): the run axis split over its N devices, each
+    training R/N runs vmapped together (R a multiple of N; runs_per_chunk
+    defaults to 0 there).
     """
     first = configs[0]
     num_steps = first.train.num_steps if num_steps is None else num_steps
@@ -301,17 +304,20 @@ def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: 
     model = models.CharRNN.from_config(first.model, corpus.vocab_size)
     state = init_group(model, configs)
     if runs_per_chunk is None:
-        runs_per_chunk = default_runs_per_chunk()
+        runs_per_chunk = 0 if mesh is not None else default_runs_per_chunk()
     step_fn = make_group_step(model, first, runs_per_chunk)
     eval_fn = make_group_eval(model)
     batchers = [data.Batcher(corpus.train_ids, B, T, c.seed) for c in configs]
     tau = jnp.asarray(taus, jnp.float32)
+    # With a mesh each device holds R/N runs' states, batches and τ; without, a no-op.
+    place = (lambda tree: tree) if mesh is None else (lambda tree: parallel.shard_runs(tree, mesh))
+    state, tau = place((state, tau))
     evaluate = lambda params: evaluate_group(eval_fn, model, params, corpus.val_ids,
                                              first.train.eval_batch_size, T, R)
     history = _History(R)
     history.add_val(0, evaluate(state.params))
     for step in range(num_steps):
-        batch = stack_batches([b.next() for b in batchers])
+        batch = place(stack_batches([b.next() for b in batchers]))
         state, metrics = step_fn(state, batch, tau)
         history.add_step({k: metrics[k] for k in STEP_METRICS})
         if _eval_due(step + 1, num_steps, first.sweep.eval_every):

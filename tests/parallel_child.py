@@ -72,51 +72,59 @@ def check_devices(corpus: str) -> dict:
     return {"device_count": jax.device_count(), "one": one, "four": four, "error": error}
 
 
-def sweep_steps(corpus: str, mesh) -> dict:
-    """NUM_STEPS steps of a 4-run sweep (sweep.py's vmapped group step), runs on ``mesh``."""
+def sweep_configs(corpus: str) -> list:
+    """4 runs of the clip_ablation smoke config: seeds 0, 1 and τ = inf, 0.1, 0.4, 0.32."""
+    import clip_ablation
+    from charrnn import sweep
+    base = clip_ablation.get_config("smoke")
+    base.data.path = corpus
+    base.data.val_fraction = base.data.test_fraction = 0.1
+    base.sweep.eval_every = 2
+    base.sweep.learning_rate.adam = 0.05  # big steps: the norms cross the thresholds
+    runs = [sweep.Run("lstm", "adam", seed, label)
+            for seed, label in ((0, "none"), (1, "0.1"), (0, "0.4"), (1, "0.32"))]
+    taus = [sweep.parse_threshold(r.threshold)[1] for r in runs]
+    return [sweep.run_config(base, r, t) for r, t in zip(runs, taus)], taus
+
+
+def sweep_layout(configs, taus, vocab_size: int, mesh) -> dict:
+    """How the compiled group step lays out its runs on ``mesh``: output specs, collectives."""
+    import re
     import jax.numpy as jnp
     from charrnn import sweep
-    text = data.load_text(path=corpus)
-    vocab = data.Vocab.from_text(text)
-    ids = vocab.encode(text)
-    configs = []
-    for seed in (0, 1, 0, 1):
-        config = default.get_config("smoke")
-        config.seed, config.optim.learning_rate = seed, 0.05
-        configs.append(config)
-    taus = jnp.array([np.inf, 0.5, 0.3, 0.1], jnp.float32)  # no clipping, then ever more
-    model = models.CharRNN.from_config(configs[0].model, vocab.size)
+    model = models.CharRNN.from_config(configs[0].model, vocab_size)
     state = sweep.init_group(model, configs)
-    step_fn = sweep.make_group_step(model, configs[0])  # all runs vmapped at once
-    batchers = [data.Batcher(ids, c.train.batch_size, c.train.seq_len, c.seed) for c in configs]
-    if mesh is not None:
-        state, taus = parallel.shard_runs((state, taus), mesh)
-    out = {"loss": [], "grad_norm": [], "clipped": []}
-    for _ in range(NUM_STEPS):
-        batch = sweep.stack_batches([b.next() for b in batchers])
-        if mesh is not None:
-            batch = parallel.shard_runs(batch, mesh)
-        state, metrics = step_fn(state, batch, taus)
-        for key in out:
-            out[key].append(np.asarray(metrics[key]).tolist())
-    out["params"] = [np.asarray(p).tolist() for p in jax.tree.leaves(state.params)]
-    out["param_specs"] = sorted({str(p.sharding.spec) for p in jax.tree.leaves(state.params)
-                                 if hasattr(p.sharding, "spec")})
-    # Runs held by each device, per parameter: [1, 1, 1, 1] when the run axis is split.
-    out["runs_per_device"] = [[s.data.shape[0] for s in p.addressable_shards]
-                              for p in jax.tree.leaves(state.params)]
-    return out
+    c = configs[0].train
+    batch = {"x": np.zeros((len(configs), c.batch_size, c.seq_len), np.int32),
+             "y": np.zeros((len(configs), c.batch_size, c.seq_len), np.int32),
+             "reset": np.zeros(len(configs), bool)}
+    args = parallel.shard_runs((state, batch, jnp.asarray(taus, jnp.float32)), mesh)
+    compiled = sweep.make_group_step(model, configs[0], 0).lower(*args).compile()
+    new_state = compiled.output_shardings[0]
+    hlo = compiled.as_text()
+    return {"param_specs": sorted({str(s.spec) for s in jax.tree.leaves(new_state.params)}),
+            "collectives": sorted(set(re.findall(
+                r"all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter", hlo)))}
 
 
 def check_sweep(corpus: str) -> dict:
-    one = sweep_steps(corpus, None)
-    four = sweep_steps(corpus, parallel.make_mesh())
+    from charrnn import sweep
+    configs, taus = sweep_configs(corpus)
+    data_ = sweep.Corpus.from_config(configs[0])
+    mesh = parallel.make_mesh()
+    result = {"device_count": jax.device_count()}
+    for name, m in (("one", None), ("four", mesh)):
+        histories = sweep.run_group(configs, taus, data_, runs_per_chunk=0, num_steps=NUM_STEPS,
+                                    mesh=m)
+        result[name] = {k: [np.asarray(h[k]).tolist() for h in histories]
+                        for k in ("loss", "grad_norm", "clipped", "val_loss")}
+    result["layout"] = sweep_layout(configs, taus, data_.vocab_size, mesh)
     try:
-        parallel.shard_runs(np.zeros((6, 2)), parallel.make_mesh())
-        error = None
+        parallel.shard_runs(np.zeros((6, 2)), mesh)
+        result["error"] = None
     except parallel.ParallelError as e:
-        error = str(e)
-    return {"device_count": jax.device_count(), "one": one, "four": four, "error": error}
+        result["error"] = str(e)
+    return result
 
 
 def main():

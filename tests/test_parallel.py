@@ -53,19 +53,19 @@ def test_four_devices_match_one_device_including_a_clipped_step(text_file):
 
 
 def test_a_sweep_with_its_runs_over_four_devices_equals_the_sweep_on_one(text_file):
-    pytest.importorskip("charrnn.sweep")  # the sweep module lands separately
     r = _child("sweep", text_file)
-    one, four = r["one"], r["four"]
+    one, four = r["one"], r["four"]  # per run: [steps] metrics, val losses
     assert r["device_count"] == 4
-    # τ = inf, 0.5, 0.3, 0.1: the runs clip on different steps.
+    # τ = inf, 0.1, 0.4, 0.32: never, always, and on some steps only.
     assert four["clipped"] == one["clipped"]
-    assert any(any(step) and not all(step) for step in one["clipped"])
-    np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)
-    np.testing.assert_allclose(four["grad_norm"], one["grad_norm"], rtol=1e-5)
-    for a, b in zip(four["params"], one["params"]):
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
-    assert four["param_specs"] == ["P('data',)"]
-    assert all(rows == [1, 1, 1, 1] for rows in four["runs_per_device"])  # one run per device
+    clipped = np.array(one["clipped"])
+    assert not clipped[0].any() and clipped[1].all()
+    assert all(row.any() and not row.all() for row in clipped[2:])
+    for key in ("loss", "grad_norm", "val_loss"):
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-5, err_msg=key)
+    # Each device trains its own runs: the state stays split over the mesh and
+    # the compiled step has no cross-device communication.
+    assert r["layout"] == {"param_specs": ["P('data',)"], "collectives": []}
     assert "number of runs = 6 does not split over 4 devices" in r["error"]
 
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -171,11 +172,16 @@ def test_sigterm_and_sigint_save_wait_and_resume(corpus, tmp_path):
 def test_sigkill_lock_and_partial_checkpoints(corpus, tmp_path):
     workdir = str(tmp_path / "run")
     # Saves back to back (each waits for the previous): a kill most likely lands in one.
-    fields = {"train.num_steps": 100_000, "train.checkpoint_every": 5,
-              "train.keep_checkpoints": 10_000}
+    fields = {"train.num_steps": 100_000, "train.checkpoint_every": 5}
     proc = _start(_command(workdir, corpus, fields))
     try:
         _wait_for_progress(proc)
+        deadline = time.monotonic() + 120
+        while not _steps(workdir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Frozen mid-run (alive, lock held, most likely inside a save), so that it does
+        # not compete for the CPU with what follows.
+        proc.send_signal(signal.SIGSTOP)
         # One writer: a second run on the same workdir is refused, nothing touched.
         second = subprocess.run(_command(workdir, corpus, fields), capture_output=True,
                                 text=True, cwd=REPO, timeout=120)
@@ -184,10 +190,10 @@ def test_sigkill_lock_and_partial_checkpoints(corpus, tmp_path):
             f"error: workdir {workdir} is in use by process {proc.pid} on host "
             f"{socket.gethostname()} (lock {workdir}/.lock); wait for that run to finish, "
             "stop it, or use another --workdir\n")
-        # Reading takes no lock: evaluate the latest checkpoint while the run goes on.
+        # Reading takes no lock: evaluate the latest checkpoint while the run holds it.
         assert np.isfinite(train.evaluate_workdir(workdir)["val"]["loss"])
     finally:
-        proc.kill()  # SIGKILL: no handler runs, the save in flight is cut short
+        proc.kill()  # SIGKILL: no handler runs, a save in flight is cut short
         proc.communicate()
     # The dead process's lock file stays behind (stale), as may an unfinished save.
     with open(os.path.join(workdir, ".lock")) as f:

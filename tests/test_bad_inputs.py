@@ -1,0 +1,187 @@
+"""Every bad input answered with one clear line on stderr, exit status 1, no traceback.
+
+Each case runs launch.py for real, with its own argv, in a child forked from a
+process that has imported JAX once (tests/launch_forks.py): 30 cases cost
+seconds, not minutes. A trained workdir goes through the cases that concern
+it and must come out unchanged; then --fresh sets it aside and starts again.
+"""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from charrnn import config as config_lib, data, metrics, models, optim, train
+from conftest import REPO, _SPEECH
+
+SMOKE = os.path.join(REPO, "experiments", "configs", "default.py") + ":smoke"
+
+
+def _smoke_config(corpus):
+    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
+    import default
+    config = default.get_config("smoke")
+    config.data.path = corpus
+    return config
+
+
+def _steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def test_choice_names_match_the_modules_they_configure():
+    assert config_lib.CELLS == models.CELLS
+    assert config_lib.OPTIMIZERS == optim.OPTIMIZERS
+    assert config_lib.SCHEDULES == optim.SCHEDULES
+    assert config_lib.CLIP_MODES == optim.CLIP_MODES
+    assert config_lib.CORPORA == data.BUILTIN_CORPORA
+
+
+def test_a_bad_config_fails_before_the_workdir_is_touched(smoke_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    smoke_config.train.seq_len = 0
+    with pytest.raises(config_lib.ConfigError, match="train.seq_len must be a positive integer"):
+        train.train_and_evaluate(smoke_config, workdir)
+    assert not os.path.exists(workdir)
+
+
+def _catalogue(d, corpus, trained):
+    """(case id, launch.py arguments, a piece of the expected error line)."""
+    smoke = [f"--config={SMOKE}", f"--config.data.path={corpus}"]
+    work = [f"--workdir={d}/new"]
+    data_path = lambda p: [f"--workdir={d}/new", f"--config={SMOKE}", f"--config.data.path={p}"]
+    return [
+        ("missing data file", data_path(f"{d}/nope.txt"), f"data file {d}/nope.txt does not exist"),
+        ("directory as data file", data_path(d), f"data path {d} is a directory"),
+        ("empty file", data_path(f"{d}/empty.txt"), f"data file {d}/empty.txt is empty"),
+        ("shorter than a window", data_path(f"{d}/short.txt"),
+         "the text has 9 characters but batch_size*seq_len+1 = 65 are needed"),
+        ("not utf-8", data_path(f"{d}/latin1.txt"),
+         f"data file {d}/latin1.txt is not valid utf-8 at byte offset 3; pass its encoding "
+         "with --config.data.encoding=..."),
+        ("unknown encoding", data_path(f"{d}/latin1.txt") + ["--config.data.encoding=latin-9x"],
+         "unknown text encoding data.encoding 'latin-9x'"),
+        ("unknown corpus", work + ["--config.data.name=tolstoy"],
+         "unknown corpus data.name 'tolstoy'; known names: shakespeare, tinyshakespeare"),
+        ("unknown field", work + ["--config.train.num_step=5"],
+         "unknown config field 'train.num_step' (--config.train.num_step); did you mean "
+         "train.num_steps?"),
+        ("unknown field, --config given", work + smoke + ["--config.foo=1"],
+         "unknown config field 'foo' (--config.foo)"),
+        ("not a number", work + ["--config.train.num_steps=ten"],
+         "flag --config.train.num_steps=ten: invalid literal for int()"),
+        ("zero size", work + ["--config.model.hidden_size=0"],
+         "model.hidden_size must be a positive integer, got 0"),
+        ("negative size", work + ["--config.train.batch_size=-4"],
+         "train.batch_size must be a positive integer, got -4"),
+        ("zero learning rate", work + ["--config.optim.learning_rate=0"],
+         "optim.learning_rate must be a positive number, got 0.0"),
+        ("clip_norm <= 0", work + ["--config.optim.clip_norm=-1"],
+         "optim.clip_norm must be a positive number with optim.clip_mode=global_norm"),
+        ("unknown cell", work + ["--config.model.cell=transformer"],
+         "unknown model.cell 'transformer'; choose from rnn, gru, lstm"),
+        ("unknown optimizer", work + ["--config.optim.name=lion"],
+         "unknown optim.name 'lion'; choose from adam, sgd"),
+        ("unknown clip mode", work + ["--config.optim.clip_mode=norm"],
+         "unknown optim.clip_mode 'norm'; choose from global_norm, value, agc, none"),
+        ("unknown schedule", work + ["--config.optim.schedule=linear"],
+         "unknown optim.schedule 'linear'; choose from constant, cosine"),
+        ("dropout 1", work + ["--config.model.dropout=1.0"], "model.dropout must be in [0, 1)"),
+        ("no training text", work + ["--config.data.val_fraction=0.5",
+                                     "--config.data.test_fraction=0.5"],
+         "data.val_fraction + data.test_fraction = 1 leave no training text"),
+        ("workdir is a file", [f"--workdir={d}/empty.txt"] + smoke,
+         f"workdir {d}/empty.txt exists and is not a directory"),
+        ("workdir not creatable", [f"--workdir={d}/empty.txt/run"] + smoke,
+         f"cannot create workdir {d}/empty.txt/run: Not a directory"),
+        ("incompatible checkpoint", [f"--workdir={trained}"] + smoke
+         + ["--config.model.cell=gru", "--config.model.hidden_size=64"],
+         "the workdir's checkpoint was trained with a different config: model.cell 'lstm' -> "
+         "'gru', model.hidden_size 32 -> 64 (use another --workdir, or --fresh"),
+        ("other vocabulary", [f"--workdir={trained}", f"--config={SMOKE}",
+                              f"--config.data.path={d}/other.txt"],
+         "was trained with another vocabulary: text has characters not in the vocabulary: 'Z'"),
+        ("eval without checkpoint", [f"--workdir={d}/new", "--mode=eval"],
+         f"no checkpoint in {d}/new/checkpoints; train one first"),
+        ("sample without checkpoint", [f"--workdir={d}/new", "--mode=sample"],
+         f"no checkpoint in {d}/new/checkpoints; train one first"),
+        ("unknown mode", work + ["--mode=serve"], "unknown --mode='serve'"),
+        ("unknown variant", [f"--workdir={d}/new", f"--config={SMOKE[:-6]}:bogus"],
+         "unknown config variant 'bogus'"),
+        ("missing config file", [f"--workdir={d}/new", f"--config={d}/nope.py"],
+         f"cannot load --config={d}/nope.py: [Errno 2] No such file or directory"),
+        ("--fresh with eval", [f"--workdir={trained}", "--mode=eval", "--fresh"],
+         "--fresh starts a training run again"),
+    ]
+
+
+def _tree_digest(path):
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            digest.update(os.path.relpath(os.path.join(root, name), path).encode())
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    """Every bad input run through launch.py, then --fresh on the mismatched workdir."""
+    d = str(tmp_path_factory.mktemp("inputs"))
+    corpus = f"{d}/corpus.txt"
+    with open(corpus, "w") as f:
+        f.write(_SPEECH * 15)
+    trained = f"{d}/trained"  # 10 steps of the smoke config (LSTM 1x32), saved at step 10
+    config = _smoke_config(corpus)
+    config.train.num_steps = 10
+    train.train_and_evaluate(config, trained)
+    with open(f"{d}/empty.txt", "w"):
+        pass
+    with open(f"{d}/short.txt", "w") as f:
+        f.write("hello world")
+    with open(f"{d}/latin1.txt", "wb") as f:
+        f.write("Caf\u00e9 au lait\n".encode("latin-1") * 50)  # 'é' is the byte 0xE9
+    with open(f"{d}/other.txt", "w") as f:
+        f.write(_SPEECH.replace("a", "Z") * 15)
+    before = _tree_digest(trained)
+    cases = _catalogue(d, corpus, trained)
+    fresh = [f"--workdir={trained}", f"--config={SMOKE}", f"--config.data.path={corpus}",
+             "--config.model.cell=gru", "--config.train.num_steps=2", "--fresh"]
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "launch_forks.py")],
+                         input=json.dumps([args for _, args, _ in cases] + [fresh]),
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    return {"results": {case: result for (case, _, _), result in zip(cases, results)},
+            "expected": {case: expected for case, _, expected in cases},
+            "fresh": results[-1], "trained": trained, "before": before}
+
+
+CASES = [case for case, _, _ in _catalogue("D", "C", "T")]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_one_clear_line(catalogue, case):
+    result = catalogue["results"][case]
+    assert result["returncode"] == 1, result
+    assert result["stderr"].count("\n") == 1 and "Traceback" not in result["stderr"], result
+    assert result["stderr"].startswith("error: ")
+    assert catalogue["expected"][case] in result["stderr"], result["stderr"]
+
+
+def test_fresh_sets_the_old_run_aside_intact(catalogue):
+    result, trained = catalogue["fresh"], catalogue["trained"]
+    assert result["returncode"] == 0, result["stderr"]
+    moved = re.search(r"--fresh: moved the previous run into (\S+)", result["stdout"]).group(1)
+    assert os.path.dirname(moved) == trained
+    # All the error cases before left the trained workdir exactly as it was; --fresh
+    # moved it whole; the new run (a GRU) started from step 0.
+    assert _tree_digest(moved) == catalogue["before"]
+    assert _steps(trained) == [2] and _steps(moved) == [10]
+    assert [r["step"] for r in metrics.read_metrics(trained) if r["split"] == "train"] == [2]

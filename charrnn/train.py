@@ -292,7 +292,10 @@ class _StopOnSignal:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                # A background job of a shell script starts with SIGINT ignored, so that
+                # Ctrl-C in the terminal leaves it alone: keep it that way, as Python does.
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):

@@ -1,20 +1,20 @@
 """Whole-sequence recurrences with hand-written backward passes.
 
-``recurrence(cell, params, carry, zx)`` runs one layer over T steps given its
-input pre-activations ``zx = x W_xh + b`` ([T, B, G*H], computed outside the
-loop as one large product) and returns (final carry, h_1..T [T, B, H]). For
-the first layer, ``recurrence(..., zx=table, tokens=ids)`` reads row
-``ids[t]`` of a [V, G*H] table instead (see ``CharRNN._first_layer_inputs``).
-It computes what ``models.unroll`` over the layer's Flax cell computes, but
-its gradient is a ``jax.custom_vjp`` written for speed on CPU:
+``recurrence(cell, params, carry, xs)`` runs one layer over T steps: its input
+projection x W_xh as one large product over all T*B positions, then the time
+loop, and returns (final carry, h_1..T [T, B, H]). For the first layer,
+``recurrence(..., ids, table=P)`` reads row ``ids[t]`` of a [V, G*H] table
+inside the loop instead (see ``CharRNN._first_layer_inputs``). It computes
+what ``models.unroll`` over the layer's Flax cell computes, but its gradient
+is a ``jax.custom_vjp`` written for speed on CPU:
 
 * Autodiff of ``lax.scan`` accumulates ∂L/∂W_hh inside the backward loop:
   one [H, B] x [B, G*H] product per time step on the sequential path. Here
   the backward loop carries only ∂L/∂h (and ∂L/∂c) and emits the gate
   pre-activation gradients dz_t, doing one product per step,
   dh_{t-1} = dz_t W_hhᵀ (W_hhᵀ transposed once, before the loop). After it,
-  with all T*B rows stacked, dW_hh = H_prevᵀ DZ is one large GEMM; ∂L/∂zx
-  goes back through ``x W_xh + b`` by ordinary autodiff.
+  with all T*B rows stacked, the weight gradients are one large GEMM,
+  [W_xh; W_hh] gets [X, H_prev]ᵀ DZ, and dX = DZ W_xhᵀ another.
 * The forward loop saves, instead of activations, the [B, H] coefficients
   that the backward step multiplies by (e.g. ∂c_t/∂z_f = c_{t-1} σ'(z_f)), so
   the backward step is a few multiplies: no transcendental functions and no
@@ -34,21 +34,21 @@ import jax
 import jax.numpy as jnp
 
 
-def recurrence(cell: str, params: dict, carry, zx, tokens=None, unroll: int = 1):
+def recurrence(cell: str, params: dict, carry, xs, table=None, unroll: int = 1):
     """Run one layer over time with the hand-written VJP.
 
     cell: ``rnn``, ``gru`` or ``lstm``; params: the layer's parameters
-    (``W_hh`` [H, G*H], GRU also ``b_hn`` [H]); carry: [B, H] (LSTM: (c, h));
-    zx: [T, B, G*H] input pre-activations ``x_t W_xh + b``, or, when int
-    ``tokens`` [T, B] are given, a table [V, G*H] whose row ``tokens[t]`` is
-    step t's input pre-activation. Returns (carry after step T, hs [T, B, H]).
+    (``W_xh`` [in, G*H], ``W_hh`` [H, G*H], ``b`` [G*H], GRU also ``b_hn`` [H]);
+    carry: [B, H] (LSTM: (c, h)); xs: the inputs [T, B, in]. With ``table``
+    [V, G*H], xs are int token ids [T, B] instead and step t's input
+    pre-activation x_t W_xh + b is row xs[t] of the table (W_xh, b unused).
+    Returns (carry after step T, hs [T, B, H]).
     """
     if cell not in _CELLS:
         raise ValueError(f"unknown cell {cell!r}")
-    weights = (params["W_hh"], params["b_hn"]) if cell == "gru" else (params["W_hh"],)
-    if tokens is None:
-        return _layer(cell, weights, carry, None, zx, unroll)
-    return _layer(cell, weights, carry, zx, tokens, unroll)
+    rec = (params["W_hh"], params["b_hn"]) if cell == "gru" else (params["W_hh"],)
+    proj = None if table is not None else (params["W_xh"], params["b"])
+    return _layer(cell, unroll, rec, proj, table, xs, carry)
 
 
 def _shift(first, xs):
@@ -142,48 +142,68 @@ _CELLS = {"rnn": (_rnn_forward, _rnn_backward), "lstm": (_lstm_forward, _lstm_ba
 
 # --- one layer: forward scan, backward scan, weight gradients as GEMMs ------------
 
-def _scan_forward(cell, weights, carry, table, xs, unroll, save):
+def _scan_forward(cell, rec, carry, table, zx, bias, unroll, save):
+    """The time loop. Step t's input pre-activation: ``table[zx[t]]`` (zx holds token
+    ids) or ``zx[t] + bias`` (the bias added inside the loop saves a pass over zx)."""
     forward = _CELLS[cell][0]
 
     def step(carry, x_t):
-        zx_t = x_t if table is None else table[x_t]
-        carry, h, saved = forward(weights, carry, zx_t, save)
+        zx_t = table[x_t] if table is not None else x_t + bias
+        carry, h, saved = forward(rec, carry, zx_t, save)
         return carry, (h, saved)
 
-    return jax.lax.scan(step, carry, xs, unroll=unroll)
+    return jax.lax.scan(step, carry, zx, unroll=unroll)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
-def _layer(cell, weights, carry, table, xs, unroll):
-    last, (hs, _) = _scan_forward(cell, weights, carry, table, xs, unroll, save=False)
+def _inputs(table, xs, proj):
+    """What the loop reads: token ids (with a table) or x W_xh [T, B, G*H], one GEMM."""
+    if table is not None:
+        return xs, None
+    w_xh, bias = proj
+    return xs @ w_xh, bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _layer(cell, unroll, rec, proj, table, xs, carry):
+    zx, bias = _inputs(table, xs, proj)
+    last, (hs, _) = _scan_forward(cell, rec, carry, table, zx, bias, unroll, save=False)
     return last, hs
 
 
-def _layer_fwd(cell, weights, carry, table, xs, unroll):
-    last, (hs, saved) = _scan_forward(cell, weights, carry, table, xs, unroll, save=True)
+def _layer_fwd(cell, unroll, rec, proj, table, xs, carry):
+    zx, bias = _inputs(table, xs, proj)
+    last, (hs, saved) = _scan_forward(cell, rec, carry, table, zx, bias, unroll, save=True)
     h0 = carry[1] if cell == "lstm" else carry
-    return (last, hs), (weights, h0, table, xs, hs, saved)
+    return (last, hs), (rec, proj, table, xs, h0, hs, saved)
 
 
 def _layer_bwd(cell, unroll, residuals, cotangents):
-    weights, h0, table, xs, hs, saved = residuals
+    rec, proj, table, xs, h0, hs, saved = residuals
     dlast, dhs = cotangents
     backward = _CELLS[cell][1]
-    w_hh_t = weights[0].T  # [G*H, H]: transposed once, so each step's product is a plain one
+    w_hh_t = rec[0].T  # [G*H, H]: transposed once, so each step's product is a plain one
     step = lambda dcarry, inputs: backward(w_hh_t, dcarry, *inputs)
     dcarry0, emitted = jax.lax.scan(step, dlast, (saved, dhs), reverse=True, unroll=unroll)
     dz = emitted[0]  # [T, B, G*H], gradient wrt h_{t-1} W_hh (+ b_hn)
-    dw_hh = _flat(_shift(h0, hs)).T @ _flat(dz)
+    h_prev = _shift(h0, hs)
+    hidden = hs.shape[-1]
     if cell == "gru":  # the n block of the input gradient lacks the factor r
-        hidden = hs.shape[-1]
-        dweights = (dw_hh, jnp.sum(dz[..., 2 * hidden:], axis=(0, 1)))
         dzx = jnp.concatenate([dz[..., :2 * hidden], emitted[1]], axis=-1)
+        extra = (jnp.sum(dz[..., 2 * hidden:], axis=(0, 1)),)  # b_hn
     else:
-        dweights, dzx = (dw_hh,), dz
-    if table is None:
-        return dweights, dcarry0, None, dzx
-    # d table: the rows of dzx summed per token id (the transpose of the lookup)
-    return dweights, dcarry0, jnp.zeros_like(table).at[xs].add(dzx), None
+        dzx, extra = dz, ()
+    if table is not None:
+        # d table: the rows of dzx summed per token id (the transpose of the lookup)
+        drec = (_flat(h_prev).T @ _flat(dz),) + extra
+        return drec, None, jnp.zeros_like(table).at[xs].add(dzx), None, dcarry0
+    w_xh, _ = proj
+    if dzx is dz:  # dW_xh and dW_hh as one GEMM: [x_t, h_{t-1}]ᵀ dz_t summed over t
+        dw = _flat(jnp.concatenate([xs, h_prev], axis=-1)).T @ _flat(dz)
+        dw_xh, dw_hh = dw[:xs.shape[-1]], dw[xs.shape[-1]:]
+    else:
+        dw_xh, dw_hh = _flat(xs).T @ _flat(dzx), _flat(h_prev).T @ _flat(dz)
+    dproj = (dw_xh, jnp.sum(dzx, axis=(0, 1)))
+    return (dw_hh,) + extra, dproj, None, dzx @ w_xh.T, dcarry0
 
 
 _layer.defvjp(_layer_fwd, _layer_bwd)

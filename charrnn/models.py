@@ -232,9 +232,8 @@ class CharRNN:
         p = params[f"layer_{layer}"]
         if xs.ndim == 2:  # tokens of layer 0: each step looks up a row of embed W_xh + b
             table = params["embed"] @ p["W_xh"] + p["b"]
-            return fused.recurrence(self.cell, p, carry, table, tokens=xs, unroll=unroll_steps)
-        zx = xs @ p["W_xh"] + p["b"]  # one large product over all T*B positions, outside the loop
-        return fused.recurrence(self.cell, p, carry, zx, unroll=unroll_steps)
+            return fused.recurrence(self.cell, p, carry, xs, table=table, unroll=unroll_steps)
+        return fused.recurrence(self.cell, p, carry, xs, unroll=unroll_steps)
 
     def step(self, params, carry, token):
         """One character through all layers (inference): token int [B] -> logits [B, V]."""

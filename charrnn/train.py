@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from charrnn import config as config_lib
-from charrnn import data, diagnostics, models, optim, parallel
+from charrnn import data, diagnostics, hostmem, models, optim, parallel
 from charrnn import workdir as workdir_lib
 from charrnn.checkpoint import (CheckpointError, Checkpointer, decode_step_metrics,
                                 encode_step_metrics)
@@ -124,6 +124,7 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
 
 def make_train_step(model, config):
     """``train_step`` bound to this run's model and optimizer, jitted once, state donated."""
+    hostmem.keep_freed_memory()  # on CPU, stops every step page-faulting its buffers in again
     step = functools.partial(
         train_step, model=model, clip=optim.make_clip(config.optim),
         optimizer=optim.make_base_optimizer(config.optim, config.train.num_steps),

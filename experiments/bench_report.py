@@ -44,7 +44,8 @@ def compare(out, sweep_runs):
     for name, entry in out["train"].items():
         c = entry["contenders"]
         torch_label, torch_rate = _fastest(c, ["pytorch", "pytorch_1thread"])
-        row = _comparison(f"train {name}", "charrnn", _rate(c, "charrnn"), torch_label,
+        ours_label, ours_rate = _fastest(c, ["charrnn", "charrnn_1thread"])
+        row = _comparison(f"train {name}", ours_label, ours_rate, torch_label,
                           torch_rate, TRAIN_TARGET, TRAIN_STRETCH)
         rows.append(row)
         targets.append(row)
@@ -53,14 +54,15 @@ def compare(out, sweep_runs):
         rows.append(_comparison(f"train {name}", "charrnn_autodiff", _rate(c, "charrnn_autodiff"),
                                 torch_label, torch_rate))
         if "numpy" in c:
-            rows.append(_comparison(f"train {name}", "charrnn", _rate(c, "charrnn"), "numpy",
-                                    _rate(c, "numpy")))
-        sweep = c.get(f"charrnn_sweep{sweep_runs}")
-        if sweep:
+            rows.append(_comparison(f"train {name}", ours_label, ours_rate,
+                                    *_fastest(c, ["numpy", "numpy_1thread"])))
+        sweep_label, sweep_rate = _fastest(c, [f"charrnn_sweep{sweep_runs}",
+                                               f"charrnn_sweep{sweep_runs}_1thread"])
+        if sweep_rate:
             label = f"{sweep_runs}-run sweep {name}"
-            rows.append(_comparison(label, "one program", sweep.get("per_sec"),
-                                    f"{sweep_runs} sequential charrnn", _rate(c, "charrnn")))
-            row = _comparison(label, "one program", sweep.get("per_sec"),
+            rows.append(_comparison(label, sweep_label, sweep_rate,
+                                    f"{sweep_runs} sequential {ours_label}", ours_rate))
+            row = _comparison(label, sweep_label, sweep_rate,
                               f"{sweep_runs} sequential {torch_label}", torch_rate, 1.0)
             rows.append(row)
             targets.append(row)

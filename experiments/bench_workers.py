@@ -28,10 +28,18 @@ TEMPERATURE = 1.0
 
 
 def serve(framework: str, commands, replies):
-    """Answer JSON commands, one per line, until "stop" or the end of input."""
+    """Answer JSON commands, one per line, until "stop" or the end of input.
+
+    framework: ``jax``, ``torch`` or ``numpy``; ``jax_1thread``/``numpy_1thread``
+    run the same tasks on one thread (see :func:`_one_thread_jax`; NumPy's BLAS
+    reads OPENBLAS_NUM_THREADS=1, which the parent sets).
+    """
     sys.path[:0] = [HERE, os.path.join(HERE, "configs")]
     tasks = {}
-    factories = {"jax": _jax_tasks, "torch": _torch_tasks, "numpy": _numpy_tasks}[framework]()
+    base = framework.removesuffix("_1thread")
+    if framework == "jax_1thread":
+        _one_thread_jax()
+    factories = {"jax": _jax_tasks, "torch": _torch_tasks, "numpy": _numpy_tasks}[base]()
     for line in commands:
         command = json.loads(line)
         if command[0] == "stop":
@@ -72,6 +80,21 @@ class Task:
 
 # ----------------------------------------------------------------------------------
 # JAX / charrnn
+
+
+def _one_thread_jax():
+    """Start XLA's CPU client while this process may use one core only, then lift that.
+
+    XLA sizes its thread pool and splits ops into parallel tasks by the cores
+    it may run on when the client starts: this gives single-threaded code (the
+    counterpart of ``torch.set_num_threads(1)``) that the OS may still move
+    between cores.
+    """
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    import jax
+    jax.devices()
+    os.sched_setaffinity(0, cores)
 
 
 def _jax_tasks():

@@ -9,9 +9,11 @@ Measured in one run, as ratios within the run (a shared machine is noisy):
   included), B=32, T=128, vocabulary 65, embedding 64, Adam, global-norm clip
   1.0: tanh RNN 1x512, LSTM 2x512, LSTM 1x128 — charrnn's training step
   (``train.make_train_step``; also with ``model.fast_vjp=False``, plain
-  autodiff) vs PyTorch eager (nn.RNN/nn.LSTM, clip_grad_norm_, Adam; with its
-  default threads and with one thread, the faster is the reference) vs a
-  hand-written NumPy tanh RNN (experiments/numpy_rnn.py, first config);
+  autodiff) vs PyTorch eager (nn.RNN/nn.LSTM, clip_grad_norm_, Adam) vs a
+  hand-written NumPy tanh RNN (experiments/numpy_rnn.py, first config). Each
+  runs with its library's default threads and on one thread (``_1thread``;
+  on a shared machine one thread can be much faster): a comparison takes
+  each side at its faster setting and names it;
 - an 8-threshold sweep of LSTM 1x128 as one program (``charrnn.sweep``)
   against 8 runs one after another (whose throughput is one run's);
 - sampling chars/s, 1000 characters, LSTM 1x128 and 2x512, batch 1 and 64:
@@ -74,8 +76,10 @@ class Workers:
     def __init__(self, frameworks):
         import subprocess
         script = os.path.join(HERE, "bench_workers.py")
+        one = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         self.procs = {fw: subprocess.Popen([sys.executable, script, fw], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, text=True)
+                                           stdout=subprocess.PIPE, text=True,
+                                           env=one if fw.endswith("_1thread") else None)
                       for fw in frameworks}
 
     def ask(self, framework, message):
@@ -142,7 +146,8 @@ def train_flops_per_char(cell, hidden, layers, embed=64, vocab=65):
 
 def run_benchmark(smoke, repeats, window, log):
     size = sizes(smoke)
-    frameworks = ["jax", "numpy"] + (["torch"] if _has_torch() else [])
+    frameworks = ["jax", "jax_1thread", "numpy", "numpy_1thread"] + (
+        ["torch"] if _has_torch() else [])
     workers = Workers(frameworks)
     out = {"machine": machine_info(), "settings": {
         "smoke": smoke, "repeats": repeats, "window_s": window, "batch": size["batch"],
@@ -151,7 +156,8 @@ def run_benchmark(smoke, repeats, window, log):
     try:
         log("GEMM peak")
         gemm = {"numpy": ("numpy", {"kind": "gemm", "n": size["gemm"]}),
-                "jax": ("jax", {"kind": "gemm", "n": size["gemm"]})}
+                "jax": ("jax", {"kind": "gemm", "n": size["gemm"]}),
+                "jax_1thread": ("jax_1thread", {"kind": "gemm", "n": size["gemm"]})}
         out["gemm"] = measure_group(workers, gemm, repeats, min(window, 1.0), log)
         peak = max(r.get("per_sec_max", 0.0) for r in out["gemm"].values())
         out["gemm"]["peak_flops"] = peak
@@ -161,15 +167,17 @@ def run_benchmark(smoke, repeats, window, log):
             log(f"training {name}")
             spec = {"kind": "train", "cell": cell, "hidden": size["hidden"](hidden),
                     "layers": layers, "batch": size["batch"], "seq_len": size["seq_len"]}
-            group = {"charrnn": ("jax", spec),
+            group = {"charrnn": ("jax", spec), "charrnn_1thread": ("jax_1thread", spec),
                      "charrnn_autodiff": ("jax", {**spec, "fast_vjp": False}),
                      "pytorch": ("torch", spec),
                      "pytorch_1thread": ("torch", {**spec, "threads": 1})}
             if cell == "rnn":
                 group["numpy"] = ("numpy", spec)
+                group["numpy_1thread"] = ("numpy_1thread", spec)
             if name == "lstm_1x128":
-                group[f"charrnn_sweep{SWEEP_RUNS}"] = ("jax", {**spec, "kind": "sweep",
-                                                             "runs": SWEEP_RUNS})
+                sweep = {**spec, "kind": "sweep", "runs": SWEEP_RUNS}
+                group[f"charrnn_sweep{SWEEP_RUNS}"] = ("jax", sweep)
+                group[f"charrnn_sweep{SWEEP_RUNS}_1thread"] = ("jax_1thread", sweep)
             res = measure_group(workers, group, repeats, window, log)
             flops = train_flops_per_char(cell, spec["hidden"], layers)
             for r in res.values():

@@ -69,11 +69,14 @@ def plot_val_vs_threshold(path, rows):
                           if math.isfinite(r["final_val_bpc"])]
                 means.append(np.mean(finite) if finite else ceiling)
             ax.plot(plot_x, means, color=f"C{i}", label=opt)
-        ax.axvline(none_x / 1.7, color="gray", linewidth=0.5)
         ax.set_xscale("log")
+        ticks = sorted(set(finite_x)) + [none_x]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + ["none"], fontsize=7)
+        ax.minorticks_off()
         ax.set_ylim(top=ceiling + 0.2)
-        ax.set_title(f"{cell}: final val bpc (x = diverged)")
-        ax.set_xlabel(("τ / reference norm" if _relative(rows) else "τ") + "   (right edge: none)")
+        ax.set_title(f"{cell}: final val bpc (x: diverged, drawn at most {ceiling:.1f})",
+                     fontsize=9)
+        ax.set_xlabel("τ / reference norm" if _relative(rows) else "τ")
         ax.set_ylabel("bits/char")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -103,19 +103,18 @@ def load_runs(outdir: str) -> list:
 
 def _threshold_key(label: str) -> float:
     from charrnn import sweep
-    kind, value = sweep.parse_threshold(label)
-    return value
+    return sweep.parse_threshold(label)[1]
 
 
 def grouped(rows: list) -> list:
-    """Mean over seeds per (cell, optimizer, threshold), thresholds in increasing τ."""
+    """Mean over seeds per (cell, optimizer, threshold): 'none' first, then increasing τ."""
     import numpy as np
     out = {}
     for r in rows:
         out.setdefault((r["cell"], r["optimizer"], r["threshold"]), []).append(r)
     table = []
-    for (cell, opt, label), rs in sorted(out.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], _threshold_key(kv[0][2]))):
+    for (cell, opt, label), rs in sorted(out.items(), key=lambda kv: (  # 'none' first
+            kv[0][0], kv[0][1], -1.0 if kv[0][2] == "none" else _threshold_key(kv[0][2]))):
         mean = lambda k: float(np.mean([r[k] for r in rs]))
         table.append({"cell": cell, "optimizer": opt, "threshold": label, "seeds": len(rs),
                       "tau": mean("tau"), "final_val_bpc": mean("final_val_bpc"),
@@ -192,8 +191,14 @@ def main(argv):
     from charrnn.errors import UserError
 
     config = _CONFIG.value
-    if _SMOKE.value:
+    if _SMOKE.value:  # the variant first, then the command line's --config.* overrides again
         _config_module().apply_variant(config, "smoke")
+        for path, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
+            *parents, name = path.split(".")
+            node = config
+            for p in parents:
+                node = node[p]
+            node[name] = value
     try:
         runs = sweep.make_grid(config.sweep)
         if _LIST.value:

@@ -1,0 +1,286 @@
+"""Regenerate REPORT.md: the seed's three questions answered with charrnn's own measurements.
+
+    python experiments/report.py                       # full: REPORT.md + report/*.png (~15 min CPU)
+    python experiments/report.py --smoke --outdir=/tmp/r --report=/tmp/r/REPORT.md   # ~1 minute
+
+Runs, each as its own process (the experiment scripts are the source of every number):
+
+1. experiments/exploding_gradients.py: ||∂h_T/∂h_{T-k}|| for W_hh = ρQ;
+2. launch.py: trains a small LSTM language model (its metrics.jsonl and
+   TensorBoard files are the telemetry shown), then, in this process, measures
+   the clipping cosine on one of its real gradients, the BPTT Jacobian of its
+   trained layer, and draws a sample with charrnn.sampling;
+3. experiments/clip_ablation.py: the threshold × optimizer × cell grid;
+4. experiments/bench_sweep.py: one-program sweep against sequential runs.
+
+Code shown in the report is read from the source files when the report is
+generated, with its line numbers. Nothing in REPORT.md is typed by hand.
+Figures and small tables go to --outdir; checkpoints and per-run histories
+go to --workdir (a temporary directory unless given).
+"""
+
+import glob
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags, logging
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(_HERE)
+
+_OUTDIR = flags.DEFINE_string("outdir", os.path.join(REPO, "report"),
+                              "Figures and tables referenced by the report.")
+_REPORT = flags.DEFINE_string("report", os.path.join(REPO, "REPORT.md"), "The Markdown file.")
+_WORKDIR = flags.DEFINE_string("workdir", "", "Checkpoints and run histories (default: a "
+                               "temporary directory, removed at the end).")
+_REUSE = flags.DEFINE_bool("reuse", False, "Reuse finished steps found in --workdir.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Every step tiny: the whole pipeline in about a minute.")
+_DATA_PATH = flags.DEFINE_string("data_path", "", "A text file instead of the built-in corpus.")
+
+# The language model whose telemetry and sample the report shows.
+LM_FLAGS = ["--config.model.cell=lstm", "--config.model.hidden_size=256",
+            "--config.model.num_layers=1", "--config.train.num_steps=2000",
+            "--config.train.eval_every=500", "--config.train.checkpoint_every=1000",
+            "--config.train.log_every=50", "--config.optim.clip_norm=1.0"]
+SAMPLE = {"prompt": "ROMEO:", "length": 400, "temperature": 0.8, "seed": 0}
+
+
+class ReportError(Exception):
+    """A step of the pipeline failed; the message names it."""
+
+
+def run_script(args: list, what: str) -> str:
+    """Run ``python ARGS`` in the repository; return stdout, raise with stderr's tail.
+
+    The wall time is added to ``<workdir>/timings.json`` (kept when steps are reused).
+    """
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable] + args, cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = "\n".join(out.stderr.strip().splitlines()[-15:])
+        raise ReportError(f"{what} failed (exit {out.returncode}):\n{tail}")
+    elapsed = time.perf_counter() - start
+    print(f"{what}: {elapsed:.0f} s", flush=True)
+    _TIMINGS[what] = elapsed
+    return out.stdout
+
+
+_TIMINGS = {}  # step -> seconds, of this invocation and (with --reuse) earlier ones
+
+
+def _load_timings(work: str) -> None:
+    path = os.path.join(work, "timings.json")
+    if _REUSE.value and os.path.exists(path):
+        with open(path) as f:
+            _TIMINGS.update(json.load(f))
+
+
+def _save_timings(work: str) -> None:
+    with open(os.path.join(work, "timings.json"), "w") as f:
+        json.dump(_TIMINGS, f, indent=1)
+
+
+def _data_flags() -> list:
+    if not _DATA_PATH.value:
+        return []
+    return [f"--config.data.path={os.path.abspath(_DATA_PATH.value)}"]
+
+
+def exploding(work: str, smoke: bool) -> dict:
+    out = os.path.join(work, "exploding")
+    if not (_REUSE.value and os.path.exists(os.path.join(out, "exploding_gradients.json"))):
+        run_script(["experiments/exploding_gradients.py", f"--outdir={out}"]
+                   + (["--smoke"] if smoke else []), "exploding_gradients")
+    with open(os.path.join(out, "exploding_gradients.json")) as f:
+        return json.load(f)
+
+
+def ablation(work: str, smoke: bool) -> dict:
+    out = os.path.join(work, "ablation")
+    if not (_REUSE.value and os.path.exists(os.path.join(out, "clip_ablation.json"))):
+        if os.path.isdir(os.path.join(out, "runs")):
+            shutil.rmtree(os.path.join(out, "runs"))  # a stale grid must not mix in
+        run_script(["experiments/clip_ablation.py", f"--outdir={out}"]
+                   + (["--smoke"] if smoke else []) + _data_flags(), "clip_ablation")
+    with open(os.path.join(out, "clip_ablation.json")) as f:
+        result = json.load(f)
+    result["config"] = _ablation_config(smoke)
+    return result
+
+
+def _ablation_config(smoke: bool) -> dict:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "clip_ablation_config", os.path.join(_HERE, "configs", "clip_ablation.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("smoke" if smoke else None).to_dict()
+
+
+def bench(work: str, smoke: bool) -> dict:
+    out = os.path.join(work, "bench")
+    if not (_REUSE.value and os.path.exists(os.path.join(out, "bench_sweep.json"))):
+        run_script(["experiments/bench_sweep.py", f"--outdir={out}"]
+                   + (["--smoke"] if smoke else []), "bench_sweep")
+    with open(os.path.join(out, "bench_sweep.json")) as f:
+        return json.load(f)
+
+
+def train_lm(work: str, smoke: bool) -> str:
+    """Train the report's language model with launch.py; returns its workdir."""
+    lm = os.path.join(work, "lm")
+    if _REUSE.value and os.path.exists(os.path.join(lm, "metrics.jsonl")):
+        return lm
+    if os.path.isdir(lm):
+        shutil.rmtree(lm)
+    config = "experiments/configs/default.py" + (":smoke" if smoke else "")
+    flags_ = [] if smoke else LM_FLAGS
+    run_script(["launch.py", f"--workdir={lm}", f"--config={config}"] + flags_
+               + _data_flags(), "train the language model (launch.py)")
+    return lm
+
+
+def tensorboard_tags(logdir: str) -> list:
+    """Scalar tags in the TensorBoard event files under ``logdir`` (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+    tags = set()
+    for path in glob.glob(os.path.join(logdir, "**", "events.out.tfevents*"), recursive=True):
+        with open(path, "rb") as f:
+            blob = f.read()
+        pos = 0
+        while pos + 12 <= len(blob):
+            (length,) = struct.unpack("<Q", blob[pos:pos + 8])
+            pos += 12  # length, then its CRC
+            event = event_pb2.Event.FromString(blob[pos:pos + length])
+            pos += length + 4  # the record, then its CRC
+            tags.update(v.tag for v in event.summary.value)
+    return sorted(tags)
+
+
+def measure_lm(lm: str, outdir: str, smoke: bool) -> dict:
+    """Telemetry, clipping cosine, trained Jacobian and a sample of the trained model."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+    from charrnn import data, diagnostics, metrics, optim, train
+
+    config, vocab, model, params, step = train.load_checkpoint(lm)
+    records = metrics.read_metrics(lm)
+    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
+    _, val_ids, _ = data.split(vocab.encode(text), config.data.val_fraction,
+                               config.data.test_fraction)
+    B, T = 2, min(config.train.seq_len, 64)
+    x = jnp.asarray(val_ids[:B * (T + 1)].reshape(B, T + 1))
+    loss = lambda p: train.loss_fn(p, model, model.initial_carry(B), x[:, :-1], x[:, 1:])[0]
+    grads = jax.grad(loss)(params)
+    g = float(optim.global_norm(grads))
+    flat = np.concatenate([np.abs(np.ravel(a)) for a in jax.tree.leaves(grads)])
+    rules = [("global_norm", 0.5 * g, "τ = 0.5·‖g‖"),
+             ("value", float(np.median(flat)), "bound = median |g_i|"),
+             ("agc", 0.01, "λ = 0.01")]
+    cosines = []
+    for mode, bound, label in rules:
+        clip = optim.make_clip(ml_collections.ConfigDict({"clip_mode": mode, "clip_norm": bound}))
+        clipped, _ = clip.update(grads, clip.init(params), params)
+        cosines.append({"mode": mode, "setting": label, "bound": bound,
+                        "cosine": float(diagnostics.tree_cosine(grads, clipped)),
+                        "norm_before": g, "norm_after": float(optim.global_norm(clipped))})
+    K = T if not smoke else min(T, 16)
+    jac = np.asarray(diagnostics.model_jacobian_norms(model, params, x[:, :-1], 0, K), np.float64)
+    ln_curve = np.log(jac).mean(axis=0)
+    _plot_trained_jacobian(os.path.join(outdir, "trained_jacobian.png"), ln_curve, config)
+    sample = draw_sample(lm, vocab, smoke)
+    return {"config": config.to_dict(), "step": step, "records": records,
+            "tb_tags": tensorboard_tags(lm), "cosines": cosines,
+            "whh": diagnostics.whh_summary(params),
+            "jacobian_ln": ln_curve.tolist(), "jacobian_slope": diagnostics.log_slope(np.exp(ln_curve)),
+            "sample": sample}
+
+
+def draw_sample(lm: str, vocab, smoke: bool) -> dict:
+    """A sample from the trained model with charrnn.sampling (if that module is installed)."""
+    try:
+        from charrnn import sampling
+    except ImportError:
+        return {"available": False}
+    settings = dict(SAMPLE, length=80 if smoke else SAMPLE["length"])
+    if any(ch not in vocab.chars for ch in settings["prompt"]):
+        settings["prompt"] = ""
+    texts = sampling.sample(lm, **settings)
+    return {"available": True, "text": texts[0], **settings}
+
+
+def _plot_trained_jacobian(path, ln_curve, config):
+    import math
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    k = np.arange(1, len(ln_curve) + 1)
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    ax.plot(k, np.asarray(ln_curve) / math.log(10))
+    ax.set_xlabel("k (steps back)")
+    ax.set_ylabel("log10 ||∂s_T/∂s_{T-k}||₂")
+    ax.set_title(f"trained {config.model.cell} 1×{config.model.hidden_size}, val text")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def collect_figures(work: str, outdir: str) -> None:
+    """Copy the experiments' figures and small tables next to the report."""
+    wanted = [("exploding", "jacobian_norms.png"), ("exploding", "jacobian_slopes.csv"),
+              ("ablation", "val_bpc_vs_threshold.png"), ("ablation", "loss_curves.png"),
+              ("ablation", "grad_norm_traces.png"), ("ablation", "clip_ablation.csv"),
+              ("bench", "bench_sweep.json")]
+    for sub, name in wanted:
+        src = os.path.join(work, sub, name)
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(outdir, name))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    import report_sections
+    smoke, outdir = _SMOKE.value, os.path.abspath(_OUTDIR.value)
+    os.makedirs(outdir, exist_ok=True)
+    work = os.path.abspath(_WORKDIR.value) if _WORKDIR.value else tempfile.mkdtemp("-report")
+    _load_timings(work)
+    try:
+        results = {"smoke": smoke, "exploding": exploding(work, smoke)}
+        lm = train_lm(work, smoke)
+        start = time.perf_counter()
+        results["lm"] = measure_lm(lm, outdir, smoke)
+        _TIMINGS["measurements in report.py"] = time.perf_counter() - start
+        results["ablation"] = ablation(work, smoke)
+        results["bench"] = bench(work, smoke)
+        collect_figures(work, outdir)
+        _save_timings(work)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if not _WORKDIR.value:
+            shutil.rmtree(work, ignore_errors=True)
+    results["seconds"] = sum(_TIMINGS.values())
+    results["timings"] = dict(_TIMINGS)
+    report_dir = os.path.dirname(os.path.abspath(_REPORT.value))
+    markdown = report_sections.render(results, os.path.relpath(outdir, report_dir))
+    with open(_REPORT.value, "w") as f:
+        f.write(markdown)
+    print(f"wrote {_REPORT.value} and the figures in {outdir} "
+          f"({results['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    app.run(main)

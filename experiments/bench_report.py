@@ -44,7 +44,7 @@ def compare(out, sweep_runs):
     for name, entry in out["train"].items():
         c = entry["contenders"]
         torch_label, torch_rate = _fastest(c, ["pytorch", "pytorch_1thread"])
-        ours_label, ours_rate = _fastest(c, ["charrnn", "charrnn_1thread"])
+        ours_label, ours_rate = _fastest(c, ["charrnn", "charrnn_1thread", "charrnn_2dev"])
         row = _comparison(f"train {name}", ours_label, ours_rate, torch_label,
                           torch_rate, TRAIN_TARGET, TRAIN_STRETCH)
         rows.append(row)

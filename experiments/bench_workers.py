@@ -32,11 +32,12 @@ def serve(framework: str, commands, replies):
 
     framework: ``jax``, ``torch`` or ``numpy``; ``jax_1thread``/``numpy_1thread``
     run the same tasks on one thread (see :func:`_one_thread_jax`; NumPy's BLAS
-    reads OPENBLAS_NUM_THREADS=1, which the parent sets).
+    reads OPENBLAS_NUM_THREADS=1, which the parent sets); ``jax_2dev`` sees two
+    CPU devices (XLA_FLAGS, set by the parent), one per core.
     """
     sys.path[:0] = [HERE, os.path.join(HERE, "configs")]
     tasks = {}
-    base = framework.removesuffix("_1thread")
+    base = framework.split("_")[0]
     if framework == "jax_1thread":
         _one_thread_jax()
     factories = {"jax": _jax_tasks, "torch": _torch_tasks, "numpy": _numpy_tasks}[base]()
@@ -121,17 +122,25 @@ def _random_tokens(shape, seed=0):
 
 
 class JaxTrain(Task):
-    """charrnn's real training step: ``train.make_train_step`` (jitted, state donated)."""
+    """charrnn's real training step: ``train.make_train_step`` (jitted, state donated).
+
+    With several devices (the ``jax_2dev`` worker: two CPU devices), the step
+    runs as ``train_and_evaluate`` runs it there: ``parallel.DataParallel``,
+    batch rows sharded over a data mesh, gradients all-reduced by XLA.
+    """
 
     def __init__(self, spec):
+        import functools
         import jax
         import numpy as np
-        from charrnn import models, optim, train
+        from charrnn import models, optim, parallel, train
         config = charrnn_config(spec)
         self.model = models.CharRNN.from_config(config.model, VOCAB)
-        self.state = train.init_state(self.model, optim.make_optimizer(config),
-                                      spec["batch"], config.seed)
-        self.step = train.make_train_step(self.model, config)
+        dp = parallel.DataParallel.create(spec["batch"])
+        self.state = dp.create_state(functools.partial(
+            train.init_state, self.model, optim.make_optimizer(config), spec["batch"],
+            config.seed))
+        self.step = dp.wrap_step(train.make_train_step(self.model, config))
         shape = (spec["batch"], spec["seq_len"])
         self.batch = {"x": _random_tokens(shape, 1), "y": _random_tokens(shape, 2),
                       "reset": np.bool_(False)}

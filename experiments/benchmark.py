@@ -12,8 +12,9 @@ Measured in one run, as ratios within the run (a shared machine is noisy):
   autodiff) vs PyTorch eager (nn.RNN/nn.LSTM, clip_grad_norm_, Adam) vs a
   hand-written NumPy tanh RNN (experiments/numpy_rnn.py, first config). Each
   runs with its library's default threads and on one thread (``_1thread``;
-  on a shared machine one thread can be much faster): a comparison takes
-  each side at its faster setting and names it;
+  on a shared machine one thread can be much faster), charrnn also on two
+  CPU devices (``_2dev``: its data-parallel path, one device per core): a
+  comparison takes each side at its fastest setting and names it;
 - an 8-threshold sweep of LSTM 1x128 as one program (``charrnn.sweep``)
   against 8 runs one after another (whose throughput is one run's);
 - sampling chars/s, 1000 characters, LSTM 1x128 and 2x512, batch 1 and 64:
@@ -76,11 +77,15 @@ class Workers:
     def __init__(self, frameworks):
         import subprocess
         script = os.path.join(HERE, "bench_workers.py")
-        one = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-        self.procs = {fw: subprocess.Popen([sys.executable, script, fw], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, text=True,
-                                           env=one if fw.endswith("_1thread") else None)
-                      for fw in frameworks}
+        env = {"_1thread": {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+               "_2dev": {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
+                                       " --xla_force_host_platform_device_count=2").strip()}}
+        self.procs = {}
+        for fw in frameworks:
+            extra = next((v for k, v in env.items() if fw.endswith(k)), {})
+            self.procs[fw] = subprocess.Popen(
+                [sys.executable, script, fw], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True, env={**os.environ, **extra})
 
     def ask(self, framework, message):
         proc = self.procs[framework]
@@ -146,7 +151,7 @@ def train_flops_per_char(cell, hidden, layers, embed=64, vocab=65):
 
 def run_benchmark(smoke, repeats, window, log):
     size = sizes(smoke)
-    frameworks = ["jax", "jax_1thread", "numpy", "numpy_1thread"] + (
+    frameworks = ["jax", "jax_1thread", "jax_2dev", "numpy", "numpy_1thread"] + (
         ["torch"] if _has_torch() else [])
     workers = Workers(frameworks)
     out = {"machine": machine_info(), "settings": {
@@ -168,6 +173,7 @@ def run_benchmark(smoke, repeats, window, log):
             spec = {"kind": "train", "cell": cell, "hidden": size["hidden"](hidden),
                     "layers": layers, "batch": size["batch"], "seq_len": size["seq_len"]}
             group = {"charrnn": ("jax", spec), "charrnn_1thread": ("jax_1thread", spec),
+                     "charrnn_2dev": ("jax_2dev", spec),
                      "charrnn_autodiff": ("jax", {**spec, "fast_vjp": False}),
                      "pytorch": ("torch", spec),
                      "pytorch_1thread": ("torch", {**spec, "threads": 1})}

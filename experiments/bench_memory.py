@@ -6,11 +6,12 @@ Used by experiments/benchmark.py; also runnable alone:
     python experiments/bench_memory.py --measure='{"cell": "lstm", "hidden": 512, "layers": 2,
         "batch": 32, "seq_len": 1024, "remat": true}'                 # JSON line
 
-:func:`measure` (called in a fresh process per variant) trains two steps and
-reports how far the resident set grows during the second one above where it
-stood before it (Linux: the high-water mark ``VmHWM`` is reset by writing 5 to
-/proc/self/clear_refs), i.e. the step's working memory, activations included;
-for charrnn also XLA's own count of the step's temporary buffers.
+:func:`measure` (called in a fresh process per variant) builds the model and
+state (charrnn: compiles the step), then trains two steps and reports how far
+the resident set grows above where it stood before them (Linux: the
+high-water mark ``VmHWM`` is reset by writing 5 to /proc/self/clear_refs),
+i.e. the steps' working memory, activations included; for charrnn also XLA's
+own count of the step's temporary buffers.
 """
 
 from __future__ import annotations
@@ -45,10 +46,7 @@ def measure(spec: dict) -> dict:
     if spec.get("torch"):
         from bench_workers import TorchTrain
         task = TorchTrain({**spec, "kind": "train"})
-        task.run_units(1)  # Adam's state is created lazily by the first step
-        run = lambda: task.run_units(1)
     else:
-        import jax
         from bench_workers import JaxTrain
         task = JaxTrain({**spec, "kind": "train"})
         compiled = task.step.lower(task.state, task.batch, task.key).compile()
@@ -56,12 +54,14 @@ def measure(spec: dict) -> dict:
         if stats is not None:
             result["xla_temp_mb"] = stats.temp_size_in_bytes / 2 ** 20
         task.step = compiled
-        task.run_units(1)
-        run = lambda: task.run_units(1)
+    # From here on only training steps run: the peak above this point is their
+    # working memory (plus, for PyTorch, Adam's state, created by the first step;
+    # charrnn's exists already). Freed memory may stay in the process (glibc,
+    # PyTorch's allocator): the high-water mark still counts each byte once.
     before = _status_kb("VmRSS")
     if not _reset_peak():
         return {**result, "error": "cannot reset the peak RSS (/proc/self/clear_refs)"}
-    run()
+    task.run_units(2)
     result["step_peak_mb"] = (_status_kb("VmHWM") - before) / 1024
     result["rss_mb"] = _status_kb("VmHWM") / 1024
     return result

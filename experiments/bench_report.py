@@ -85,7 +85,8 @@ def compare(out, sweep_runs):
         if "step_peak_mb" in a and "step_peak_mb" in b:
             row = {"comparison": f"memory T={out['memory']['spec']['seq_len']}",
                    "a": f"{base}_remat", "a_mb": a["step_peak_mb"], "b": base,
-                   "b_mb": b["step_peak_mb"], "ratio": a["step_peak_mb"] / max(b["step_peak_mb"], 1e-9)}
+                   "b_mb": b["step_peak_mb"],
+                   "ratio": a["step_peak_mb"] / max(b["step_peak_mb"], 1e-9)}
             row["target"], row["met"] = "< 1 (bounded)", row["ratio"] < 1.0
             rows.append(row)
             if base == "charrnn":
@@ -140,8 +141,10 @@ def tables(out):
             rows.append([name, label, _cell(r), _fmt(r.get("per_cpu_sec")),
                          _fmt(r.get("first_step_s"), 2),
                          f"{100 * frac:.0f}%" if frac is not None else "—"])
+    smoke = " SMOKE RUN: every hidden size is 32, names are the full run's;" \
+        if out["settings"].get("smoke") else ""
     result.append((f"training chars/s (B={out['settings']['batch']}, "
-                   f"T={out['settings']['seq_len']}, Adam, clip 1.0; peak "
+                   f"T={out['settings']['seq_len']}, Adam, clip 1.0;{smoke} peak "
                    f"{peak / 1e9:,.0f} GFLOP/s)",
                    ["config", "contender", "chars/s", "chars/CPU-s", "first step s",
                     "of peak"], rows))

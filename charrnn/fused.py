@@ -182,8 +182,20 @@ def _layer_bwd(cell, unroll, residuals, cotangents):
     dlast, dhs = cotangents
     backward = _CELLS[cell][1]
     w_hh_t = rec[0].T  # [G*H, H]: transposed once, so each step's product is a plain one
-    step = lambda dcarry, inputs: backward(w_hh_t, dcarry, *inputs)
-    dcarry0, emitted = jax.lax.scan(step, dlast, (saved, dhs), reverse=True, unroll=unroll)
+    dtable = None
+    if table is not None and cell != "gru":
+        # d table: step t adds its dz_t to the rows of its token ids (the lookup's
+        # transpose), inside the loop: cheaper than a scatter of all T*B rows after it.
+        def step(state, inputs):
+            dcarry, dtable = state
+            *inputs, ids = inputs
+            dcarry, emitted = backward(w_hh_t, dcarry, *inputs)
+            return (dcarry, dtable.at[ids].add(emitted[0])), emitted
+        (dcarry0, dtable), emitted = jax.lax.scan(
+            step, (dlast, jnp.zeros_like(table)), (saved, dhs, xs), reverse=True, unroll=unroll)
+    else:
+        step = lambda dcarry, inputs: backward(w_hh_t, dcarry, *inputs)
+        dcarry0, emitted = jax.lax.scan(step, dlast, (saved, dhs), reverse=True, unroll=unroll)
     dz = emitted[0]  # [T, B, G*H], gradient wrt h_{t-1} W_hh (+ b_hn)
     h_prev = _shift(h0, hs)
     hidden = hs.shape[-1]
@@ -193,9 +205,9 @@ def _layer_bwd(cell, unroll, residuals, cotangents):
     else:
         dzx, extra = dz, ()
     if table is not None:
-        # d table: the rows of dzx summed per token id (the transpose of the lookup)
-        drec = (_flat(h_prev).T @ _flat(dz),) + extra
-        return drec, None, jnp.zeros_like(table).at[xs].add(dzx), None, dcarry0
+        if dtable is None:  # GRU: the rows of dzx summed per token id, after the loop
+            dtable = jnp.zeros_like(table).at[xs].add(dzx)
+        return (_flat(h_prev).T @ _flat(dz),) + extra, None, dtable, None, dcarry0
     w_xh, _ = proj
     if dzx is dz:  # dW_xh and dW_hh as one GEMM: [x_t, h_{t-1}]ᵀ dz_t summed over t
         dw = _flat(jnp.concatenate([xs, h_prev], axis=-1)).T @ _flat(dz)

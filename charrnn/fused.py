@@ -20,6 +20,8 @@ is a ``jax.custom_vjp`` written for speed on CPU:
   the backward step is a few multiplies: no transcendental functions and no
   slicing of a gate vector (both slow inside an XLA CPU loop). The LSTM
   applies one ``tanh`` to its whole 4H gate vector, since σ(x) = ½(1 + tanh(x/2)).
+* With a table, each backward step adds its dz_t to the table rows of its
+  token ids: no T*B-row scatter (and its layout copy) after the loop.
 
 Each cell is a forward step ``(weights, carry, zx_t) -> (carry, h_t, saved)``
 and a backward step; :func:`_layer` turns the pair into one custom-VJP

@@ -79,7 +79,7 @@ def parse_threshold(label: str) -> tuple[str, float]:
 
 
 def make_grid(sweep_config) -> list[Run]:
-    """All runs, in a fixed order (cell, optimizer, seed, threshold): ``--run_index`` counts in it."""
+    """All runs in a fixed order (cell, optimizer, seed, threshold); ``--run_index`` indexes it."""
     for cell in sweep_config.cells:
         if cell not in models.CELLS:
             raise SweepError(f"unknown cell {cell!r}; choose from {models.CELLS}")
@@ -195,7 +195,7 @@ def reference_norm(config, run: Run, corpus: Corpus) -> float:
 
 @functools.lru_cache(maxsize=8)
 def _frozen_step(model: models.CharRNN):
-    """train_step with clipping off and an optimizer whose update is zero (compiled once per model)."""
+    """train_step with clipping off and a zero update (compiled once per model)."""
     return jax.jit(functools.partial(train.train_step, model=model, clip=optax.identity(),
                                      optimizer=optax.set_to_zero(),
                                      schedule=optax.constant_schedule(0.0)))

@@ -13,6 +13,7 @@ best window, so a machine shared with other jobs biases no variant.
 Prints JSON (also written to DIR/bench_sweep.json): chars/s of every variant
 and ``ratio`` = sweep chars/s / sequential chars/s per C; ratio ≥ 1 means the
 one-program sweep is at least as fast as running the runs one by one.
+``window_spread``: slowest / fastest window of each variant (timing noise).
 """
 
 import json
@@ -89,15 +90,16 @@ def measure(config, num_runs: int, chunks: list, steps: int, repeats: int) -> di
             return state
         variants[f"sweep_chunk{chunk}"] = (sweep.init_group(model, seeds), swept)
 
-    states, best = {}, {}
+    states, times = {}, {}
     for name, (state, fn) in variants.items():
         states[name] = fn(state)  # compile and warm up
-        best[name] = float("inf")
+        times[name] = []
     for _ in range(repeats):
         for name, (_, fn) in variants.items():
             start = time.perf_counter()
             states[name] = fn(states[name])
-            best[name] = min(best[name], time.perf_counter() - start)
+            times[name].append(time.perf_counter() - start)
+    best = {name: min(t) for name, t in times.items()}
     chars = num_runs * steps * B * T
     result = {"backend": jax.default_backend(), "cell": config.model.cell,
               "hidden_size": config.model.hidden_size, "num_layers": config.model.num_layers,
@@ -107,6 +109,8 @@ def measure(config, num_runs: int, chunks: list, steps: int, repeats: int) -> di
     seq = result["chars_per_sec"]["sequential"]
     result["ratio"] = {str(c): result["chars_per_sec"][f"sweep_chunk{c}"] / seq for c in chunks}
     result["best_ratio"] = max(result["ratio"].values())
+    # How much one variant's windows differ (slowest / fastest): the timing noise of the machine.
+    result["window_spread"] = {name: max(t) / min(t) for name, t in times.items()}
     return result
 
 

@@ -28,7 +28,8 @@ from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "clip_ablation.py"), "Ablation config (base run + grid).")
+    "config", os.path.join(_HERE, "configs", "clip_ablation.py"),
+    "Ablation config (base run + grid).")
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for runs/, tables and figures.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "The config's smoke variant on top: tiny and fast.")
 _RUN_INDEX = flags.DEFINE_integer("run_index", -1, "Run only this grid index (see --list_runs); "

@@ -1,6 +1,6 @@
 """Regenerate REPORT.md: the seed's three questions answered with charrnn's own measurements.
 
-    python experiments/report.py                       # full: REPORT.md + report/*.png (~15 min CPU)
+    python experiments/report.py          # full: REPORT.md + report/*.png (~15 min CPU)
     python experiments/report.py --smoke --outdir=/tmp/r --report=/tmp/r/REPORT.md   # ~1 minute
 
 Runs, each as its own process (the experiment scripts are the source of every number):
@@ -200,7 +200,8 @@ def measure_lm(lm: str, outdir: str, smoke: bool) -> dict:
     return {"config": config.to_dict(), "step": step, "records": records,
             "tb_tags": tensorboard_tags(lm), "cosines": cosines,
             "whh": diagnostics.whh_summary(params),
-            "jacobian_ln": ln_curve.tolist(), "jacobian_slope": diagnostics.log_slope(np.exp(ln_curve)),
+            "jacobian_ln": ln_curve.tolist(),
+            "jacobian_slope": diagnostics.log_slope(np.exp(ln_curve)),
             "sample": sample}
 
 

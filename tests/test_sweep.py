@@ -23,8 +23,9 @@ def ablation_config(text_file):
     return config
 
 
-@pytest.mark.parametrize("label,expected", [("none", ("none", math.inf)), ("0.5x", ("relative", 0.5)),
-                                            ("10X", ("relative", 10.0)), ("2.5", ("absolute", 2.5))])
+@pytest.mark.parametrize("label,expected", [
+    ("none", ("none", math.inf)), ("0.5x", ("relative", 0.5)), ("10X", ("relative", 10.0)),
+    ("2.5", ("absolute", 2.5))])
 def test_threshold_labels(label, expected):
     assert sweep.parse_threshold(label) == expected
 

@@ -1,6 +1,6 @@
 """The clipping-threshold ablation: a base run config plus the grid, as data.
 
-    python experiments/clip_ablation.py --outdir=DIR [--config=experiments/configs/clip_ablation.py[:smoke]]
+    python experiments/clip_ablation.py --outdir=DIR [--smoke]
     python experiments/clip_ablation.py --outdir=DIR --config.sweep.seeds=0,1,2
 
 Fields outside ``sweep`` are those of default.py (model.cell and optim.name

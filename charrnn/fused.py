@@ -20,8 +20,6 @@ is a ``jax.custom_vjp`` written for speed on CPU:
   the backward step is a few multiplies: no transcendental functions and no
   slicing of a gate vector (both slow inside an XLA CPU loop). The LSTM
   applies one ``tanh`` to its whole 4H gate vector, since σ(x) = ½(1 + tanh(x/2)).
-* With a table, each backward step adds its dz_t to the table rows of its
-  token ids: no T*B-row scatter (and its layout copy) after the loop.
 
 Each cell is a forward step ``(weights, carry, zx_t) -> (carry, h_t, saved)``
 and a backward step; :func:`_layer` turns the pair into one custom-VJP
@@ -184,20 +182,8 @@ def _layer_bwd(cell, unroll, residuals, cotangents):
     dlast, dhs = cotangents
     backward = _CELLS[cell][1]
     w_hh_t = rec[0].T  # [G*H, H]: transposed once, so each step's product is a plain one
-    dtable = None
-    if table is not None and cell != "gru":
-        # d table: step t adds its dz_t to the rows of its token ids (the lookup's
-        # transpose), inside the loop: cheaper than a scatter of all T*B rows after it.
-        def step(state, inputs):
-            dcarry, dtable = state
-            *inputs, ids = inputs
-            dcarry, emitted = backward(w_hh_t, dcarry, *inputs)
-            return (dcarry, dtable.at[ids].add(emitted[0])), emitted
-        (dcarry0, dtable), emitted = jax.lax.scan(
-            step, (dlast, jnp.zeros_like(table)), (saved, dhs, xs), reverse=True, unroll=unroll)
-    else:
-        step = lambda dcarry, inputs: backward(w_hh_t, dcarry, *inputs)
-        dcarry0, emitted = jax.lax.scan(step, dlast, (saved, dhs), reverse=True, unroll=unroll)
+    step = lambda dcarry, inputs: backward(w_hh_t, dcarry, *inputs)
+    dcarry0, emitted = jax.lax.scan(step, dlast, (saved, dhs), reverse=True, unroll=unroll)
     dz = emitted[0]  # [T, B, G*H], gradient wrt h_{t-1} W_hh (+ b_hn)
     h_prev = _shift(h0, hs)
     hidden = hs.shape[-1]
@@ -207,8 +193,11 @@ def _layer_bwd(cell, unroll, residuals, cotangents):
     else:
         dzx, extra = dz, ()
     if table is not None:
-        if dtable is None:  # GRU: the rows of dzx summed per token id, after the loop
-            dtable = jnp.zeros_like(table).at[xs].add(dzx)
+        # d table: the rows of dzx summed per token id (the transpose of the lookup),
+        # after the loop. (Adding each step's rows inside the loop was 2-6% faster on
+        # one device but, with the batch sharded over devices, made every step
+        # reduce the replicated table across them: 230k -> 130k chars/s, LSTM 1x128.)
+        dtable = jnp.zeros_like(table).at[xs].add(dzx)
         return (_flat(h_prev).T @ _flat(dz),) + extra, None, dtable, None, dcarry0
     w_xh, _ = proj
     if dzx is dz:  # dW_xh and dW_hh as one GEMM: [x_t, h_{t-1}]ᵀ dz_t summed over t

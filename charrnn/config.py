@@ -23,6 +23,7 @@ OPTIMIZERS = ("adam", "sgd")  # optim.OPTIMIZERS
 SCHEDULES = ("constant", "cosine")  # optim.SCHEDULES
 CLIP_MODES = ("global_norm", "value", "agc", "none")  # optim.CLIP_MODES
 CORPORA = ("shakespeare", "tinyshakespeare")  # data.BUILTIN_CORPORA
+MATMUL_DTYPES = ("float32", "bfloat16")
 
 _POSITIVE_INTS = (
     "model.hidden_size", "model.num_layers", "model.embed_dim",
@@ -68,6 +69,9 @@ def validate(config) -> None:
         if not (_is_number(value) and low <= value and (value <= high if closed else value < high)):
             problems.append(f"{field} must be in [{low:g}, {high:g}{']' if closed else ')'}, "
                             f"got {value!r}")
+    dtype = (config.get("model") or {}).get("matmul_dtype", "float32")  # optional field
+    if dtype not in MATMUL_DTYPES:
+        problems.append(f"unknown model.matmul_dtype {dtype!r}; choose from {', '.join(MATMUL_DTYPES)}")
     seed = _get(config, "seed", problems)
     if seed is not _MISSING and not _is_int(seed):
         problems.append(f"seed must be an integer, got {seed!r}")

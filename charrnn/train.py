@@ -328,6 +328,7 @@ class _Loop:
         chars_per_step = cfg.batch_size * cfg.seq_len
         pending, result = list(pending or []), {}
         tick, timed_steps = time.perf_counter(), 0  # throughput excludes compilation, eval, saves
+        self.started = tick  # eval records carry wall_s: seconds since this process began training
         if start >= cfg.num_steps:
             print(f"already trained for {start} steps (train.num_steps={cfg.num_steps})", flush=True)
         for step in range(start, cfg.num_steps):
@@ -388,6 +389,7 @@ class _Loop:
             if len(ids) < 2:
                 continue
             record = evaluate(self.eval_fn, self.model, params, ids, cfg.eval_batch_size, cfg.seq_len)
+            record["wall_s"] = time.perf_counter() - self.started
             if split == "val":
                 record.update(diagnostics.whh_summary(params))
             self.writer.write({"step": step, "split": split, **record})

@@ -51,6 +51,12 @@ def compare(out, sweep_runs):
         targets.append(row)
         rows.append(_comparison(f"train {name}", "charrnn", _rate(c, "charrnn"),
                                 "charrnn_autodiff", _rate(c, "charrnn_autodiff")))
+        if _rate(c, "charrnn_bf16"):  # bfloat16 matmuls on both sides, and against float32
+            rows.append(_comparison(f"train {name} bfloat16", "charrnn_bf16",
+                                    _rate(c, "charrnn_bf16"), "pytorch_bf16",
+                                    _rate(c, "pytorch_bf16")))
+            rows.append(_comparison(f"train {name}", "charrnn_bf16", _rate(c, "charrnn_bf16"),
+                                    ours_label, ours_rate))
         rows.append(_comparison(f"train {name}", "charrnn_autodiff", _rate(c, "charrnn_autodiff"),
                                 torch_label, torch_rate))
         if "numpy" in c:

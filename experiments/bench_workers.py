@@ -111,6 +111,7 @@ def charrnn_config(spec):
     config.model.num_layers, config.model.embed_dim = spec["layers"], EMBED
     config.model.fast_vjp = spec.get("fast_vjp", True)
     config.model.remat = spec.get("remat", False)
+    config.model.matmul_dtype = spec.get("matmul_dtype", "float32")
     config.train.batch_size, config.train.seq_len = spec["batch"], spec["seq_len"]
     config.optim.name, config.optim.clip_mode, config.optim.clip_norm = "adam", "global_norm", 1.0
     return config
@@ -277,7 +278,12 @@ def _torch_model(cell, hidden, layers):
 
 
 class TorchTrain(Task):
-    """PyTorch eager: nn.LSTM/nn.RNN, cross-entropy, clip_grad_norm_(1.0), Adam; TBPTT."""
+    """PyTorch eager: nn.LSTM/nn.RNN, cross-entropy, clip_grad_norm_(1.0), Adam; TBPTT.
+
+    With ``matmul_dtype: bfloat16`` the forward pass runs under CPU autocast
+    (bfloat16 matmuls and recurrent kernels, float32 parameters): PyTorch's
+    counterpart of charrnn's ``model.matmul_dtype=bfloat16``.
+    """
 
     def __init__(self, spec):
         import torch
@@ -291,6 +297,7 @@ class TorchTrain(Task):
         self.state = (zeros, zeros.clone()) if spec["cell"] == "lstm" else zeros
         self.unit_size = shape[0] * shape[1]
         self.threads = spec.get("threads")  # None: PyTorch's default (one per core)
+        self.bf16 = spec.get("matmul_dtype") == "bfloat16"  # autocast: bfloat16 matmuls
 
     def run_units(self, n):
         torch = self.torch
@@ -306,8 +313,10 @@ class TorchTrain(Task):
         for _ in range(n):
             state = tuple(s.detach() for s in self.state) if isinstance(self.state, tuple) \
                 else self.state.detach()  # truncated BPTT: carry the state, not its graph
-            logits, self.state = self.model(self.x, state)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), self.y.reshape(-1))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                logits, self.state = self.model(self.x, state)
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(),
+                                                         self.y.reshape(-1))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

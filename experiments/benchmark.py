@@ -14,7 +14,9 @@ Measured in one run, as ratios within the run (a shared machine is noisy):
   runs with its library's default threads and on one thread (``_1thread``;
   on a shared machine one thread can be much faster), charrnn also on two
   CPU devices (``_2dev``: its data-parallel path, one device per core): a
-  comparison takes each side at its fastest setting and names it;
+  comparison takes each side at its fastest setting and names it. Both also
+  run with bfloat16 matmuls (``_bf16``: charrnn's ``model.matmul_dtype``,
+  PyTorch's CPU autocast), compared with each other, not with float32;
 - an 8-threshold sweep of LSTM 1x128 as one program (``charrnn.sweep``)
   against 8 runs one after another (whose throughput is one run's);
 - sampling chars/s, 1000 characters, LSTM 1x128 and 2x512, batch 1 and 64:
@@ -176,7 +178,9 @@ def run_benchmark(smoke, repeats, window, log):
                      "charrnn_2dev": ("jax_2dev", spec),
                      "charrnn_autodiff": ("jax", {**spec, "fast_vjp": False}),
                      "pytorch": ("torch", spec),
-                     "pytorch_1thread": ("torch", {**spec, "threads": 1})}
+                     "pytorch_1thread": ("torch", {**spec, "threads": 1}),
+                     "charrnn_bf16": ("jax", {**spec, "matmul_dtype": "bfloat16"}),
+                     "pytorch_bf16": ("torch", {**spec, "matmul_dtype": "bfloat16"})}
             if cell == "rnn":
                 group["numpy"] = ("numpy", spec)
                 group["numpy_1thread"] = ("numpy_1thread", spec)
@@ -186,8 +190,8 @@ def run_benchmark(smoke, repeats, window, log):
                 group[f"charrnn_sweep{SWEEP_RUNS}_1thread"] = ("jax_1thread", sweep)
             res = measure_group(workers, group, repeats, window, log)
             flops = train_flops_per_char(cell, spec["hidden"], layers)
-            for r in res.values():
-                if "per_sec" in r:
+            for label, r in res.items():
+                if "per_sec" in r and "bf16" not in label:  # peak is float32's
                     r["fraction_of_peak"] = r["per_sec"] * flops / peak
             out["train"][name] = {"flops_per_char": flops, "contenders": res}
 

@@ -91,6 +91,8 @@ def _catalogue(d, corpus, trained):
         ("unknown schedule", work + ["--config.optim.schedule=linear"],
          "unknown optim.schedule 'linear'; choose from constant, cosine"),
         ("dropout 1", work + ["--config.model.dropout=1.0"], "model.dropout must be in [0, 1)"),
+        ("unknown matmul dtype", work + ["--config.model.matmul_dtype=float16"],
+         "unknown model.matmul_dtype 'float16'; choose from float32, bfloat16"),
         ("no training text", work + ["--config.data.val_fraction=0.5",
                                      "--config.data.test_fraction=0.5"],
          "data.val_fraction + data.test_fraction = 1 leave no training text"),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn import models
+from charrnn import fused, models
 
 V, B, T = 11, 3, 6
 
@@ -87,3 +87,41 @@ def test_chunk_length_divides_t_near_its_square_root():
     assert models._chunk_length(128) in (8, 16)
     assert models._chunk_length(6) in (2, 3)
     assert models._chunk_length(7) == 1
+
+
+def test_bfloat16_matmul_rounds_the_operands_and_accumulates_in_float32():
+    a, b = jax.random.normal(jax.random.key(0), (5, 7)), jax.random.normal(jax.random.key(1), (7, 3))
+    rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+    out = fused.matmul(a, b, jnp.bfloat16)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, rounded(a) @ rounded(b), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(out, a @ b, rtol=1e-6, atol=1e-6)  # the rounding did happen
+    np.testing.assert_array_equal(fused.matmul(a, b), a @ b)  # float32: the plain product
+
+
+@pytest.mark.parametrize("rows", [12, 13])  # 13: prime, no 3-D view
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_transposed_copy_is_the_transpose(rows, dtype):
+    x = jax.random.normal(jax.random.key(2), (rows, 5))
+    out = jax.jit(lambda x: fused._transposed(x, dtype))(x)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, x.T.astype(dtype))
+
+
+def _cosine(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("fast_vjp", [True, False])
+@pytest.mark.parametrize("cell", models.CELLS)
+def test_bfloat16_matmuls_stay_close_to_float32(cell, fast_vjp):
+    """Only the products' operands are rounded (8 significant bits): loss and every
+    gradient stay close to float32's, on both the fused and the autodiff path."""
+    loss32, grads32 = _grads(_model(cell, fast_vjp=fast_vjp))
+    loss16, grads16 = _grads(_model(cell, fast_vjp=fast_vjp, matmul_dtype="bfloat16"))
+    assert float(loss16) == pytest.approx(float(loss32), rel=1e-2)
+    assert float(loss16) != float(loss32)
+    for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)):
+        assert g16.dtype == jnp.float32
+        assert _cosine(g16, g32) > 0.999

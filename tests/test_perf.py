@@ -54,7 +54,8 @@ def test_comparisons_take_each_side_at_its_fastest_setting():
     train = {"contenders": {"charrnn": _result(100.0), "charrnn_1thread": _result(150.0),
                             "charrnn_2dev": {"error": "x"}, "pytorch": _result(50.0),
                             "pytorch_1thread": _result(120.0),
-                            "charrnn_sweep8": _result(900.0)}}
+                            "charrnn_sweep8": _result(900.0),
+                            "charrnn_bf16": _result(300.0), "pytorch_bf16": _result(400.0)}}
     out = {"train": {"lstm_1x128": train},
            "sample": {"lstm_1x128/batch1": {"charrnn_scan": _result(1000.0),
                                             "charrnn_loop": _result(50.0),
@@ -64,7 +65,12 @@ def test_comparisons_take_each_side_at_its_fastest_setting():
                       "results": {"charrnn": {"step_peak_mb": 100.0},
                                   "charrnn_remat": {"step_peak_mb": 20.0}}},
            "first_step_default": {"config": "default.py", "first_step_s": 6.0}}
-    _, targets = bench_report.compare(out, 8)
+    rows, targets = bench_report.compare(out, 8)
+    bf16 = {(r["comparison"], r["b"]): r["ratio"] for r in rows if r["a"] == "charrnn_bf16"}
+    # bfloat16 against bfloat16, and against our fastest float32 setting; never a target
+    assert bf16 == {("train lstm_1x128 bfloat16", "pytorch_bf16"): pytest.approx(0.75),
+                    ("train lstm_1x128", "charrnn_1thread"): pytest.approx(2.0)}
+    assert all(t["a"] != "charrnn_bf16" for t in targets)
     by_name = {t["comparison"] + "|" + t["b"] if "b" in t else t["comparison"]: t
                for t in targets}
     train_row = by_name["train lstm_1x128|pytorch_1thread"]

@@ -49,8 +49,8 @@ def _command(workdir, corpus, fields=None):
 
 
 def _records(workdir, splits=("train", "val", "test")):
-    """metrics.jsonl without the one field that measures time."""
-    return [{k: v for k, v in r.items() if k != "chars_per_sec"}
+    """metrics.jsonl without the fields that measure time."""
+    return [{k: v for k, v in r.items() if k not in ("chars_per_sec", "wall_s")}
             for r in metrics.read_metrics(workdir) if r["split"] in splits]
 
 

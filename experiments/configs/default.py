@@ -4,7 +4,8 @@
     python launch.py --workdir=W --config=experiments/configs/default.py:gru
     python launch.py --workdir=W --config.model.hidden_size=512    # any field
 
-Variants: smoke (tiny and fast, for tests), rnn, gru, lstm, tinyshakespeare.
+Variants: smoke (tiny and fast, for tests), rnn, gru, lstm, tinyshakespeare,
+tinyshakespeare_fast (10-minute budget), tinyshakespeare_long.
 """
 
 import ml_collections
@@ -29,6 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dropout = 0.0  # on every layer's output, training only
     config.model.fast_vjp = True  # hand-written backward pass (charrnn.fused); False: autodiff
     config.model.remat = False  # recompute activations in the backward pass: memory ~√T, not T
+    # operand type of the matmuls (float32 accumulation, float32 parameters):
+    # bfloat16 is 2-3x faster on GPUs, TPUs and CPUs with AMX/AVX512-BF16
+    config.model.matmul_dtype = "float32"
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32  # B parallel streams
@@ -96,5 +100,30 @@ def _tinyshakespeare(c):
     c.optim.schedule = "cosine"
 
 
+def _tinyshakespeare_fast(c):
+    # Lowest val loss within 10 minutes on a 2-core Xeon with AMX: bfloat16 products
+    # (1.7x the float32 step there), B=64 (a 64-row step product keeps the cores busier
+    # than 32 rows: 16k vs 13.7k chars/s), the cosine schedule ending with the budget
+    # (~1000 steps of 8192 characters), dropout as in the PyTorch reference (0.25).
+    _tinyshakespeare(c)
+    c.model.matmul_dtype = "bfloat16"
+    c.model.dropout = 0.25
+    c.train.batch_size = 64
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_steps = 50
+    c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 1000, 100, 500
+
+
+def _tinyshakespeare_long(c):
+    # About an hour on the same machine: more capacity per step (3 layers) and more
+    # dropout, since the 2x512 runs were overfitting (train 1.17-1.29 at val 1.44).
+    _tinyshakespeare_fast(c)
+    c.model.num_layers = 3
+    c.model.dropout = 0.4
+    c.optim.learning_rate = 2e-3
+    c.train.num_steps, c.train.eval_every = 4000, 250
+
+
 _VARIANTS = {"smoke": _smoke, "rnn": _rnn, "gru": _gru, "lstm": _lstm,
-             "tinyshakespeare": _tinyshakespeare}
+             "tinyshakespeare": _tinyshakespeare, "tinyshakespeare_fast": _tinyshakespeare_fast,
+             "tinyshakespeare_long": _tinyshakespeare_long}

@@ -76,7 +76,11 @@ class Checkpointer:
     def restore_meta(self, step: int | None = None) -> tuple[int, dict]:
         """(step, meta) of ``step`` (default: the latest complete checkpoint)."""
         step = self._require_step(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # a damaged file: orbax, tensorstore and json raise many kinds
+            raise self._unreadable(step, e) from None
         return step, restored["meta"]
 
     def restore_state(self, step: int, like):
@@ -89,11 +93,16 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract)))
-        except ValueError as e:  # shape or tree-structure mismatch
-            raise CheckpointError(
-                f"checkpoint {step} in {self.directory} does not fit this config: "
-                f"{str(e).splitlines()[0]}") from None
+        except Exception as e:  # shape or tree-structure mismatch, or a damaged file
+            raise self._unreadable(step, e) from None
         return restored["state"]
+
+    def _unreadable(self, step, error) -> CheckpointError:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return CheckpointError(
+            f"cannot restore checkpoint {step} in {self.directory} ({first_line}); it is "
+            f"damaged or does not fit this config: move {os.path.join(self.directory, str(step))} "
+            "aside to resume from the checkpoint before it, or start over with --fresh")
 
     def _require_step(self, step):
         if step is None:

@@ -276,6 +276,14 @@ def split(ids: np.ndarray, val_fraction: float,
     return ids[:n_train], ids[n_train:n_train + n_val], ids[n_train + n_val:]
 
 
+def check_fits_one_window(num_train: int, batch_size: int, seq_len: int) -> None:
+    """Raise a DataError unless ``num_train`` characters fill one [B, T] window (+1 target)."""
+    if num_train < batch_size * seq_len + 1:
+        raise DataError(f"the text has {num_train} characters but batch_size*seq_len+1 = "
+                        f"{batch_size * seq_len + 1} are needed; use a smaller batch_size or "
+                        "seq_len")
+
+
 def _as_ids(ids) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
@@ -305,9 +313,7 @@ class Batcher:
         self.ids = _as_ids(ids)
         self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
         n, b, t = len(self.ids), self.batch_size, self.seq_len
-        if n < b * t + 1:
-            raise DataError(f"the text has {n} characters but batch_size*seq_len+1 = {b * t + 1} "
-                            "are needed; use a smaller batch_size or seq_len")
+        check_fits_one_window(n, b, t)
         # Leave T characters of slack for the offset: L = (N - T) // B, rounded
         # down to whole windows. For texts under (B+1)*T that is less than one
         # window, so fall back to one window and fewer possible offsets.

@@ -225,6 +225,9 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict:
     config_lib.validate(config)
     # Read before the workdir is touched: a bad data file leaves no trace there.
     text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
+    num_train = len(data.split(np.arange(len(text)), config.data.val_fraction,
+                               config.data.test_fraction)[0])
+    data.check_fits_one_window(num_train, config.train.batch_size, config.train.seq_len)
     main = jax.process_index() == 0  # process 0 alone writes the (shared) workdir
     with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
         if fresh and main:
@@ -256,13 +259,14 @@ def _train_and_evaluate(config, workdir: str, text: str) -> dict:
     dp = parallel.DataParallel.create(config.train.batch_size)
     state = dp.create_state(functools.partial(
         init_state, model, optim.make_optimizer(config), config.train.batch_size, config.seed))
-    writer = MetricWriter(workdir, enabled=dp.is_main)  # only process 0 writes metrics
     pending = []  # per-step metrics since the last train record
     if latest is not None:
         state = ckpt.restore_state(latest, state)
         batcher.load_state_dict(meta["batcher"])
         pending = decode_step_metrics(meta.get("step_metrics"))
         print(f"resuming from step {latest} ({ckpt.directory})", flush=True)
+    # After the restore: a checkpoint that cannot be restored leaves the workdir as it was.
+    writer = MetricWriter(workdir, enabled=dp.is_main)  # only process 0 writes metrics
     # Records past the checkpoint (or all, with none: a run killed before its first
     # save) are rewritten identically by the steps that follow.
     writer.truncate_after(latest or 0)

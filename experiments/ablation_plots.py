@@ -85,20 +85,30 @@ def plot_val_vs_threshold(path, rows):
     plt.close(fig)
 
 
-def _panels(records):
+def _panels(records, order):
+    """(figure, [(axis, cell, optimizer, seed, that panel's records sorted by ``order``)]):
+    one panel per (cell, optimizer), each showing the first seed's runs."""
+    plt = _plt()
     groups = sorted({(r["row"]["cell"], r["row"]["optimizer"]) for r in records})
-    seed0 = min(r["row"]["seed"] for r in records)
-    return groups, seed0
+    seed = min(r["row"]["seed"] for r in records)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    panels = []
+    for ax, (cell, opt) in zip(axes[0], groups):
+        rs = sorted((r for r in records if r["row"]["cell"] == cell
+                     and r["row"]["optimizer"] == opt and r["row"]["seed"] == seed), key=order)
+        panels.append((ax, cell, opt, seed, rs))
+    return fig, panels
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    _plt().close(fig)
 
 
 def plot_loss_curves(path, records):
-    plt = _plt()
-    groups, seed = _panels(records)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
-    for ax, (cell, opt) in zip(axes[0], groups):
-        rs = sorted((r for r in records if r["row"]["cell"] == cell
-                     and r["row"]["optimizer"] == opt and r["row"]["seed"] == seed),
-                    key=lambda r: _x_of(r["row"]))
+    fig, panels = _panels(records, order=lambda r: _x_of(r["row"]))
+    for ax, cell, opt, seed, rs in panels:
         top = 0.0
         for i, r in enumerate(rs):
             loss = np.asarray(r["history"]["loss"], float) / LN2
@@ -113,19 +123,13 @@ def plot_loss_curves(path, records):
         ax.set_ylabel("bits/char")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title="threshold", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_grad_norms(path, records):
-    plt = _plt()
-    groups, seed = _panels(records)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
-    for ax, (cell, opt) in zip(axes[0], groups):
-        rs = sorted((r for r in records if r["row"]["cell"] == cell
-                     and r["row"]["optimizer"] == opt and r["row"]["seed"] == seed),
-                    key=lambda r: -_x_of(r["row"]))  # unclipped first, drawn underneath
+    # unclipped first, drawn underneath
+    fig, panels = _panels(records, order=lambda r: -_x_of(r["row"]))
+    for ax, cell, opt, _, rs in panels:
         for i, r in enumerate(rs):
             g = np.asarray(r["history"]["grad_norm"], float)
             color = "black" if r["row"]["threshold"] == "none" else f"C{i}"
@@ -138,9 +142,7 @@ def plot_grad_norms(path, records):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title="threshold", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_all(outdir, records, table):

@@ -20,7 +20,9 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+import cli  # experiments/cli.py, beside this script
 
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for bench_sweep.json.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
@@ -122,11 +124,7 @@ def _with_seed(config, seed: int):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _OUTDIR.value:
-        raise app.UsageError("--outdir is required")
-    logging.set_verbosity(logging.WARNING)
+    cli.start(argv, _OUTDIR.value)
     try:
         chunks = [int(c) for c in _CHUNKS.value]
     except ValueError:

@@ -23,8 +23,10 @@ import math
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+import cli  # experiments/cli.py, beside this script
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -183,11 +185,7 @@ def aggregate(outdir: str) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _OUTDIR.value:
-        raise app.UsageError("--outdir is required")
-    logging.set_verbosity(logging.WARNING)
+    cli.start(argv, _OUTDIR.value)
     from charrnn import sweep
     from charrnn.errors import UserError
 

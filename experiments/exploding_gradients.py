@@ -24,7 +24,9 @@ import json
 import math
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
+
+import cli  # experiments/cli.py, beside this script
 
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for the tables and the figure.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
@@ -146,11 +148,7 @@ def plot(path: str, rhos: list, curves: dict, seq_len: int) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _OUTDIR.value:
-        raise app.UsageError("--outdir is required")
-    logging.set_verbosity(logging.WARNING)
+    cli.start(argv, _OUTDIR.value)
     try:
         rhos = [float(r) for r in _RHOS.value]
     except ValueError:

@@ -49,6 +49,15 @@ def test_a_bad_config_fails_before_the_workdir_is_touched(smoke_config, tmp_path
     assert not os.path.exists(workdir)
 
 
+def test_too_short_a_text_fails_before_the_workdir_is_touched(smoke_config, tmp_path):
+    workdir, corpus = str(tmp_path / "run"), tmp_path / "short.txt"
+    corpus.write_text("To be, or not to be: that is the question.\n")  # 43 chars < 4*16+1
+    smoke_config.data.path = str(corpus)
+    with pytest.raises(data.DataError, match="the text has 35 characters"):  # 43 - 4 - 4
+        train.train_and_evaluate(smoke_config, workdir)
+    assert not os.path.exists(workdir)
+
+
 def _catalogue(d, corpus, trained):
     """(case id, launch.py arguments, a piece of the expected error line)."""
     smoke = [f"--config={SMOKE}", f"--config.data.path={corpus}"]

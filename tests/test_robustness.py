@@ -270,6 +270,40 @@ def test_divergence_is_skipped_counted_and_stops_with_good_checkpoints(reference
 
 
 # ---------------------------------------------------------------------------
+# A damaged checkpoint
+
+
+def _files(path):
+    return sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files)
+
+
+def _snapshot(path):
+    return {f: open(f, "rb").read() for f in _files(path)}
+
+
+@pytest.mark.parametrize("part", ["meta", "state"])
+def test_a_damaged_checkpoint_is_one_error_and_an_earlier_one_resumes(reference, corpus,
+                                                                       tmp_path, part):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    damaged = os.path.join(workdir, "checkpoints", "20")
+    for path in _files(os.path.join(damaged, part)):  # every file of the item overwritten
+        with open(path, "r+b") as f:
+            size = max(os.path.getsize(path), 16)
+            f.write(b"\x00garbage\xff" * (size // 11 + 1))
+    before = _snapshot(workdir)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"cannot restore checkpoint 20 in {workdir}/checkpoints .*move "
+                             f"{damaged} aside to resume from the checkpoint before it"):
+        train.train_and_evaluate(_config(corpus, {"train.num_steps": 30}), workdir)
+    assert _snapshot(workdir) == before  # nothing written, nothing lost
+    # Doing what the message says resumes from step 10, bit-exactly.
+    shutil.move(damaged, str(tmp_path / "damaged-20"))
+    train.train_and_evaluate(_config(corpus), workdir)
+    _assert_equal_trees(_params(workdir), _params(reference))
+
+
+# ---------------------------------------------------------------------------
 # No pickle
 
 

@@ -31,7 +31,7 @@ def devices_config(corpus: str):
     config.data.path = corpus
     config.train.batch_size = 8  # two streams per device on 4 devices
     config.optim.learning_rate = 0.05  # big steps: the gradient norm moves across τ
-    config.optim.clip_norm = 0.5
+    config.optim.clip_norm = 0.35  # between the norms of the steps: some clipped, some not
     return config
 
 

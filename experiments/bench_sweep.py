@@ -124,7 +124,7 @@ def _with_seed(config, seed: int):
 
 
 def main(argv):
-    cli.start(argv, _OUTDIR.value)
+    cli.start(argv, outdir=_OUTDIR.value)
     try:
         chunks = [int(c) for c in _CHUNKS.value]
     except ValueError:

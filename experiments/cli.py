@@ -3,10 +3,12 @@
 from absl import app, logging
 
 
-def start(argv, outdir: str) -> None:
-    """No positional arguments, ``--outdir`` given; absl logging down to warnings."""
+def start(argv, **required) -> None:
+    """No positional arguments and every flag in ``required`` (name=value) given;
+    absl logging down to warnings."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not outdir:
-        raise app.UsageError("--outdir is required")
+    for name, value in required.items():
+        if not value:
+            raise app.UsageError(f"--{name} is required")
     logging.set_verbosity(logging.WARNING)

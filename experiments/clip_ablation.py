@@ -185,7 +185,7 @@ def aggregate(outdir: str) -> dict:
 
 
 def main(argv):
-    cli.start(argv, _OUTDIR.value)
+    cli.start(argv, outdir=_OUTDIR.value)
     from charrnn import sweep
     from charrnn.errors import UserError
 

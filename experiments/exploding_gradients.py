@@ -148,7 +148,7 @@ def plot(path: str, rhos: list, curves: dict, seq_len: int) -> None:
 
 
 def main(argv):
-    cli.start(argv, _OUTDIR.value)
+    cli.start(argv, outdir=_OUTDIR.value)
     try:
         rhos = [float(r) for r in _RHOS.value]
     except ValueError:

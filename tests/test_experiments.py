@@ -44,6 +44,18 @@ def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp
     assert "`train/clip_cosine`" in report and "`val/whh_spectral_radius/0`" in report
     assert "```text\n" in report  # the sample
 
+    # The quality page of the smoke training run, from its workdir alone.
+    lm = work / "lm"
+    val = [json.loads(l) for l in (lm / "metrics.jsonl").read_text().splitlines()
+           if json.loads(l)["split"] == "val"]
+    r = _run(["experiments/quality.py", f"--workdirs={lm}", "--threshold=100",
+              f"--markdown={out}/QUALITY.md", "--hardware=the test machine"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    quality = (out / "QUALITY.md").read_text()
+    assert f"{val[0]['loss']:.4f} at step {val[0]['step']}" in quality  # first val <= 100
+    assert f"| {val[-1]['step']} | {val[-1]['loss']:.4f} |" in quality  # the curve
+    assert "Hardware: the test machine." in quality
+
 
 def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
     base = ["experiments/clip_ablation.py", f"--outdir={tmp_path}", "--smoke",
@@ -60,3 +72,24 @@ def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
     assert len(rows) == 2 and rows[1].startswith("rnn,sgd,0,1x,")
     bad = _run(base + ["--run_index=5"])
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_quality_page_finds_the_first_crossing_and_the_best(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    import quality
+    config = {"data": {"name": "tinyshakespeare", "path": "", "val_fraction": 0.1},
+              "model": {"cell": "lstm", "num_layers": 2, "hidden_size": 512, "embed_dim": 64,
+                        "dropout": 0.25},  # no matmul_dtype: a run from before the field
+              "train": {"batch_size": 32, "seq_len": 128, "num_steps": 4},
+              "optim": {"name": "adam", "learning_rate": 2e-3, "schedule": "cosine",
+                        "clip_mode": "global_norm", "clip_norm": 1.0}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    records = [{"step": s, "split": "val", "loss": loss, "bpc": loss / 0.693, "wall_s": 60.0 * s}
+               for s, loss in [(1, 1.7), (2, 1.49), (3, 1.45), (4, 1.46)]]
+    records.insert(2, {"step": 2, "split": "train", "loss": 1.3, "bpc": 1.9})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = quality.summarize(str(tmp_path), threshold=1.5)
+    assert run["reached"]["step"] == 2 and run["best"]["step"] == 3
+    page = quality.page([run], 1.5, "here", "cmd")
+    assert "| 1.4900 at step 2, 2.0 min | 1.4500 at step 3, 3.0 min | 1.3000 (step 2) |" in page
+    assert "float32 products" in page

@@ -267,8 +267,32 @@ class CharRNN:
         if key is None or self.dropout == 0.0:
             return x
         keep = 1.0 - self.dropout
-        mask = jax.random.bernoulli(jax.random.fold_in(key, layer), keep, x.shape)
+        mask = keep_mask(jax.random.fold_in(key, layer), keep, x.shape)
         return jnp.where(mask, x / keep, 0.0)
+
+
+def keep_mask(key, keep: float, shape) -> jax.Array:
+    """Bernoulli(keep) booleans of ``shape``: a dropout mask.
+
+    Each element is an integer hash of its index, seeded by two words drawn
+    from ``key``: two rounds of Chris Wellons' "lowbias32" mixer (constants
+    0x7feb352d, 0x846ca68b), a bijection of 32-bit integers whose output bits
+    pass avalanche tests. A few integer operations per element instead of
+    threefry's rounds: a [128, 32, 512] mask takes 0.7 ms instead of 36 ms on
+    this project's 2-core Xeon, where one dropout mask per layer per step had
+    cost more than a tenth of an LSTM 3x512 step.
+    """
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    x = jax.lax.iota(jnp.uint32, math.prod(shape))
+    x = _lowbias32(_lowbias32(x ^ seed[0]) ^ seed[1])
+    threshold = min(int(keep * 2.0 ** 32), 2 ** 32 - 1)  # P(x < threshold) = keep (to 2^-32)
+    return (x < jnp.uint32(threshold)).reshape(shape)
+
+
+def _lowbias32(x):
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
 
 
 def _remat_chunks(run, params, carry, xs):

@@ -70,3 +70,18 @@ def test_dropout_only_with_a_key():
     _, c = model(params, model.initial_carry(2), tokens, dropout_key=jax.random.key(3))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+@pytest.mark.parametrize("keep", [0.6, 0.75, 0.9])
+def test_keep_mask_is_bernoulli_keep_and_independent(keep):
+    n = 1 << 20
+    a = np.asarray(models.keep_mask(jax.random.key(0), keep, (n,)))
+    b = np.asarray(models.keep_mask(jax.random.key(1), keep, (n,)))
+    sigma = np.sqrt(keep * (1 - keep) / n)
+    assert abs(a.mean() - keep) < 5 * sigma
+    # Independent across keys and between neighbouring elements: P(both kept) = keep².
+    assert abs(np.mean(a & b) - keep ** 2) < 5 * sigma
+    assert abs(np.mean(a[1:] & a[:-1]) - keep ** 2) < 5 * sigma
+    # Same key, same mask; a shape is the flat mask reshaped.
+    np.testing.assert_array_equal(models.keep_mask(jax.random.key(0), keep, (n // 4, 4)),
+                                  a.reshape(-1, 4))

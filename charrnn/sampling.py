@@ -125,12 +125,28 @@ def filter_logits(logits, temperature: float, top_k: int = 0, top_p: float = 1.0
     return logits
 
 
-def draw(key, logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
-    """One character id per row of logits [B, V] -> int32 [B]."""
+def draw(key, logits, temperature: float, top_k: int = 0, top_p: float = 1.0, noise=None):
+    """One character id per row of logits [B, V] -> int32 [B].
+
+    The Gumbel-max trick: argmax(logits/temperature + g) with g_i standard
+    Gumbel is distributed as softmax(logits/temperature). ``noise``: g drawn
+    beforehand (``gumbel_noise(key, logits.shape)``: the same draw).
+    """
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits, temperature, top_k, top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    if noise is None:
+        noise = gumbel_noise(key, logits.shape)
+    return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)
+
+
+def gumbel_noise(key, shape):
+    return jax.random.gumbel(key, shape, jnp.float32)
+
+
+# Noise for all steps is drawn before the loop up to this many numbers (64 MB):
+# one vectorised draw instead of one per step (LSTM 1x128, batch 1: 148k -> ~200k chars/s).
+_NOISE_AHEAD_MAX = 1 << 24
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -141,18 +157,22 @@ def generate(params, carry, logits, key, *, model: models.CharRNN, length: int,
 
     carry: the primed hidden state (batch B); logits [B, V]: for the first
     character. One scan over length - 1 steps; the last drawn character is
-    never fed back (its state would be unused).
+    never fed back (its state would be unused). Key t of ``split(key, length)``
+    draws character t, whether its noise is drawn before the loop or in it.
     """
     keys = jax.random.split(key, length)  # key t draws character t
     first = draw(keys[0], logits, temperature, top_k, top_p)
+    ahead = temperature != 0 and (length - 1) * logits.size <= _NOISE_AHEAD_MAX
+    xs = (jax.vmap(lambda k: gumbel_noise(k, logits.shape))(keys[1:]) if ahead else keys[1:])
 
-    def step(state, key_t):
+    def step(state, x_t):
         carry, last = state
         carry, logits = model.step(params, carry, last)
-        nxt = draw(key_t, logits, temperature, top_k, top_p)
+        nxt = (draw(None, logits, temperature, top_k, top_p, noise=x_t) if ahead
+               else draw(x_t, logits, temperature, top_k, top_p))
         return (carry, nxt), nxt
 
-    _, rest = jax.lax.scan(step, (carry, first), keys[1:], unroll=unroll)
+    _, rest = jax.lax.scan(step, (carry, first), xs, unroll=unroll)
     return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 

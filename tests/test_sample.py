@@ -109,6 +109,22 @@ def test_same_seed_same_text_other_seeds_and_rows_differ():
     assert short == [t[:21] for t in first]
 
 
+def test_noise_drawn_before_the_loop_or_in_it_gives_the_same_text(monkeypatch):
+    model, params = _lstm()
+    carry, logits = sampling.prime(params, jnp.asarray(VOCAB.encode("bad")), model=model)
+    carry, logits = jax.tree.map(lambda a: jnp.repeat(a, 3, axis=0), (carry, logits))
+    kw = dict(model=model, length=50, temperature=0.8, top_k=6)
+    args = (params, carry, logits, jax.random.key(3))
+    ahead = sampling.generate(*args, **kw)
+    monkeypatch.setattr(sampling, "_NOISE_AHEAD_MAX", 0)
+    jax.clear_caches()  # so that generate is traced again, now drawing in the loop
+    in_loop = sampling.generate(*args, **kw)
+    monkeypatch.undo()
+    jax.clear_caches()
+    np.testing.assert_array_equal(ahead, in_loop)
+    assert len(set(map(tuple, np.asarray(ahead)))) == 3  # rows differ: real draws
+
+
 # ---------------------------------------------------------------------------
 # Drawn frequencies against the filtered softmax (chi-square, fixed seed)
 

@@ -75,8 +75,6 @@ def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
 
 
 def test_quality_page_finds_the_first_crossing_and_the_best(tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "experiments"))
-    import quality
     config = {"data": {"name": "tinyshakespeare", "path": "", "val_fraction": 0.1},
               "model": {"cell": "lstm", "num_layers": 2, "hidden_size": 512, "embed_dim": 64,
                         "dropout": 0.25},  # no matmul_dtype: a run from before the field
@@ -88,8 +86,12 @@ def test_quality_page_finds_the_first_crossing_and_the_best(tmp_path):
                for s, loss in [(1, 1.7), (2, 1.49), (3, 1.45), (4, 1.46)]]
     records.insert(2, {"step": 2, "split": "train", "loss": 1.3, "bpc": 1.9})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    run = quality.summarize(str(tmp_path), threshold=1.5)
-    assert run["reached"]["step"] == 2 and run["best"]["step"] == 3
-    page = quality.page([run], 1.5, "here", "cmd")
-    assert "| 1.4900 at step 2, 2.0 min | 1.4500 at step 3, 3.0 min | 1.3000 (step 2) |" in page
-    assert "float32 products" in page
+    r = _run(["experiments/quality.py", f"--workdirs={tmp_path}", "--threshold=1.5",
+              "--hardware=here"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    # first val <= 1.5 at step 2 (not the best, at step 3); the last train record
+    assert "| 1.4900 at step 2, 2.0 min | 1.4500 at step 3, 3.0 min | 1.3000 (step 2) |" \
+        in r.stdout
+    assert "float32 products" in r.stdout
+    bad = _run(["experiments/quality.py", f"--workdirs={tmp_path / 'nope'}"])
+    assert bad.returncode == 1 and "is not a training workdir" in bad.stderr

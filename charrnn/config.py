@@ -69,6 +69,9 @@ def validate(config) -> None:
         if not (_is_number(value) and low <= value and (value <= high if closed else value < high)):
             problems.append(f"{field} must be in [{low:g}, {high:g}{']' if closed else ')'}, "
                             f"got {value!r}")
+    std = (config.get("model") or {}).get("embed_init_std", 1.0)  # optional field
+    if not (_is_number(std) and std > 0 and math.isfinite(std)):
+        problems.append(f"model.embed_init_std must be a positive number, got {std!r}")
     dtype = (config.get("model") or {}).get("matmul_dtype", "float32")  # optional field
     if dtype not in MATMUL_DTYPES:
         problems.append(f"unknown model.matmul_dtype {dtype!r}; choose from {', '.join(MATMUL_DTYPES)}")

@@ -100,6 +100,8 @@ def _catalogue(d, corpus, trained):
         ("unknown schedule", work + ["--config.optim.schedule=linear"],
          "unknown optim.schedule 'linear'; choose from constant, cosine"),
         ("dropout 1", work + ["--config.model.dropout=1.0"], "model.dropout must be in [0, 1)"),
+        ("embedding std 0", work + ["--config.model.embed_init_std=0.0"],
+         "model.embed_init_std must be a positive number, got 0.0"),
         ("unknown matmul dtype", work + ["--config.model.matmul_dtype=float16"],
          "unknown model.matmul_dtype 'float16'; choose from float32, bfloat16"),
         ("no training text", work + ["--config.data.val_fraction=0.5",

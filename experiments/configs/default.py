@@ -27,6 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.hidden_size = 256
     config.model.num_layers = 2
     config.model.embed_dim = 64
+    # N(0, std²) initial embeddings. 1 (PyTorch's nn.Embedding default): with 0.1, layer 0's
+    # pre-activations start ~10x smaller and an LSTM 2x512 on tiny shakespeare sat on the
+    # unigram plateau ~150 steps longer (val 2.23 vs 1.85 after 300 steps).
+    config.model.embed_init_std = 1.0
     config.model.dropout = 0.0  # on every layer's output, training only
     config.model.fast_vjp = True  # hand-written backward pass (charrnn.fused); False: autodiff
     config.model.remat = False  # recompute activations in the backward pass: memory ~√T, not T

@@ -16,7 +16,8 @@ Measured in one run, as ratios within the run (a shared machine is noisy):
   CPU devices (``_2dev``: its data-parallel path, one device per core): a
   comparison takes each side at its fastest setting and names it. Both also
   run with bfloat16 matmuls (``_bf16``: charrnn's ``model.matmul_dtype``,
-  PyTorch's CPU autocast), compared with each other, not with float32;
+  PyTorch's CPU autocast), compared with each other and charrnn's with its
+  own float32 step; the targets compare float32 with float32;
 - an 8-threshold sweep of LSTM 1x128 as one program (``charrnn.sweep``)
   against 8 runs one after another (whose throughput is one run's);
 - sampling chars/s, 1000 characters, LSTM 1x128 and 2x512, batch 1 and 64:

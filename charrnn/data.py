@@ -265,15 +265,20 @@ def _download(url: str, target: str, sha256: str) -> None:
 def split(ids: np.ndarray, val_fraction: float,
           test_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Contiguous (train, val, test) views of ids [N], in that order."""
+    n_train, n_val, _ = split_sizes(len(ids), val_fraction, test_fraction)
+    return ids[:n_train], ids[n_train:n_train + n_val], ids[n_train + n_val:]
+
+
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, val, test) lengths of :func:`split` of n characters."""
     for field, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= frac < 1.0:
             raise DataError(f"{field} must be in [0, 1), got {frac}")
-    n = len(ids)
     n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
     n_train = n - n_val - n_test
     if n_train <= 0:
         raise DataError("val_fraction + test_fraction leave no training text")
-    return ids[:n_train], ids[n_train:n_train + n_val], ids[n_train + n_val:]
+    return n_train, n_val, n_test
 
 
 def check_fits_one_window(num_train: int, batch_size: int, seq_len: int) -> None:

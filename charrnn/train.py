@@ -225,8 +225,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict:
     config_lib.validate(config)
     # Read before the workdir is touched: a bad data file leaves no trace there.
     text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
-    num_train = len(data.split(np.arange(len(text)), config.data.val_fraction,
-                               config.data.test_fraction)[0])
+    num_train, _, _ = data.split_sizes(len(text), config.data.val_fraction,
+                                       config.data.test_fraction)
     data.check_fits_one_window(num_train, config.train.batch_size, config.train.seq_len)
     main = jax.process_index() == 0  # process 0 alone writes the (shared) workdir
     with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():

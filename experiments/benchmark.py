@@ -59,6 +59,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE]
 
 import bench_report  # noqa: E402  (needs HERE on sys.path)
+import cli  # noqa: E402
 
 TRAIN_CONFIGS = {"rnn_1x512": ("rnn", 512, 1), "lstm_2x512": ("lstm", 512, 2),
                  "lstm_1x128": ("lstm", 128, 1)}
@@ -256,12 +257,8 @@ def _fresh_process(flag):
 
 def machine_info():
     info = {"python": platform.python_version(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
+            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "cpu": cli.cpu_name()}
     from importlib import metadata
     for pkg in ("jax", "jaxlib", "numpy", "torch"):
         try:

@@ -42,16 +42,6 @@ _CHUNK = flags.DEFINE_integer("runs_per_chunk", -1, "Runs vmapped together in th
                               "sweep (0 = all; -1 = 1 on CPU, all on GPU/TPU).")
 
 
-def _config_module():
-    """experiments/configs/clip_ablation.py, loaded by path (this script has the same name)."""
-    import importlib.util
-    path = os.path.join(_HERE, "configs", "clip_ablation.py")
-    spec = importlib.util.spec_from_file_location("clip_ablation_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None) -> None:
     """Train the grid (or one run of it) and write DIR/runs/<name>.json per run."""
     from charrnn import sweep
@@ -191,7 +181,7 @@ def main(argv):
 
     config = _CONFIG.value
     if _SMOKE.value:  # the variant first, then the command line's --config.* overrides again
-        _config_module().apply_variant(config, "smoke")
+        cli.config_module("clip_ablation").apply_variant(config, "smoke")
         for path, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
             *parents, name = path.split(".")
             node = config

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -23,14 +22,12 @@ import time
 from absl import app, flags
 
 import cli  # experiments/cli.py, beside this script
+from charrnn import metrics
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Training workdirs, comma-separated.")
 _THRESHOLD = flags.DEFINE_float("threshold", 1.5, "Val loss (nats/char) to report the time to.")
 _HARDWARE = flags.DEFINE_string("hardware", None, "Where the runs ran (default: this machine).")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Write the page here (default: stdout).")
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from charrnn import metrics  # noqa: E402  (the repository root on sys.path first)
 
 
 def summarize(workdir: str, threshold: float) -> dict:
@@ -86,13 +83,7 @@ def page(runs: list[dict], threshold: float, hardware: str, command: str) -> str
 
 
 def _this_machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs (the machine this page was generated on, " \
+    return f"{cli.cpu_name()}, {os.cpu_count()} CPUs (the machine this page was generated on, " \
            f"{time.strftime('%Y-%m-%d')})"
 
 

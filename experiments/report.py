@@ -29,7 +29,9 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+import cli  # experiments/cli.py, beside this script
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(_HERE)
@@ -92,44 +94,36 @@ def _data_flags() -> list:
     return [f"--config.data.path={os.path.abspath(_DATA_PATH.value)}"]
 
 
-def exploding(work: str, smoke: bool) -> dict:
-    out = os.path.join(work, "exploding")
-    if not (_REUSE.value and os.path.exists(os.path.join(out, "exploding_gradients.json"))):
-        run_script(["experiments/exploding_gradients.py", f"--outdir={out}"]
-                   + (["--smoke"] if smoke else []), "exploding_gradients")
-    with open(os.path.join(out, "exploding_gradients.json")) as f:
+def _script_result(work: str, sub: str, script: str, smoke: bool,
+                   extra=(), stale: str | None = None) -> dict:
+    """Run experiments/<script>.py into work/sub (unless --reuse finds its JSON result
+    there) and return that result; ``stale``: a subdirectory to clear before running."""
+    out = os.path.join(work, sub)
+    path = os.path.join(out, f"{script}.json")
+    if not (_REUSE.value and os.path.exists(path)):
+        if stale and os.path.isdir(os.path.join(out, stale)):
+            shutil.rmtree(os.path.join(out, stale))
+        run_script([f"experiments/{script}.py", f"--outdir={out}"]
+                   + (["--smoke"] if smoke else []) + list(extra), script)
+    with open(path) as f:
         return json.load(f)
+
+
+def exploding(work: str, smoke: bool) -> dict:
+    return _script_result(work, "exploding", "exploding_gradients", smoke)
 
 
 def ablation(work: str, smoke: bool) -> dict:
-    out = os.path.join(work, "ablation")
-    if not (_REUSE.value and os.path.exists(os.path.join(out, "clip_ablation.json"))):
-        if os.path.isdir(os.path.join(out, "runs")):
-            shutil.rmtree(os.path.join(out, "runs"))  # a stale grid must not mix in
-        run_script(["experiments/clip_ablation.py", f"--outdir={out}"]
-                   + (["--smoke"] if smoke else []) + _data_flags(), "clip_ablation")
-    with open(os.path.join(out, "clip_ablation.json")) as f:
-        result = json.load(f)
-    result["config"] = _ablation_config(smoke)
+    # runs/ cleared first: a stale grid must not mix in
+    result = _script_result(work, "ablation", "clip_ablation", smoke, extra=_data_flags(),
+                            stale="runs")
+    result["config"] = cli.config_module("clip_ablation").get_config(
+        "smoke" if smoke else None).to_dict()
     return result
 
 
-def _ablation_config(smoke: bool) -> dict:
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "clip_ablation_config", os.path.join(_HERE, "configs", "clip_ablation.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("smoke" if smoke else None).to_dict()
-
-
 def bench(work: str, smoke: bool) -> dict:
-    out = os.path.join(work, "bench")
-    if not (_REUSE.value and os.path.exists(os.path.join(out, "bench_sweep.json"))):
-        run_script(["experiments/bench_sweep.py", f"--outdir={out}"]
-                   + (["--smoke"] if smoke else []), "bench_sweep")
-    with open(os.path.join(out, "bench_sweep.json")) as f:
-        return json.load(f)
+    return _script_result(work, "bench", "bench_sweep", smoke)
 
 
 def train_lm(work: str, smoke: bool) -> str:
@@ -249,9 +243,7 @@ def collect_figures(work: str, outdir: str) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     import report_sections
     smoke, outdir = _SMOKE.value, os.path.abspath(_OUTDIR.value)
     os.makedirs(outdir, exist_ok=True)

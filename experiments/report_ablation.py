@@ -4,8 +4,6 @@ Written from the JSON of experiments/clip_ablation.py and experiments/bench_swee
 every number comes from ``results``. Used by report_sections.render.
 """
 
-import math
-
 from report_sections import _by, _cell_name, _f, _mult
 
 

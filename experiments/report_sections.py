@@ -64,7 +64,7 @@ def section_explosion(results, fig) -> str:
     max_ratio = max(r["tanh_max_over_bound"] for r in rows)
     below = all(r["tanh_slope"] <= r["ln_rho"] + 1e-6 for r in rows)
     lm = results["lm"]
-    cell, H = _cell_name(lm["config"]["model"]["cell"]), lm["config"]["model"]["hidden_size"]
+    cell = _cell_name(lm["config"]["model"]["cell"])
     return f"""
 ## 1. Exploding gradients and gradient clipping
 

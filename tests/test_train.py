@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn import data, metrics, models, optim, train
+from charrnn import metrics, models, optim, train
 from conftest import REPO
 
 

@@ -94,7 +94,7 @@ def _tinyshakespeare(c):
     c.data.val_fraction, c.data.test_fraction = 0.1, 0.0
     c.model.cell, c.model.hidden_size, c.model.num_layers = "lstm", 512, 2
     # A 30-minute budget on 2 CPU cores is ~4000 steps of B*T = 4096 characters
-    # (LSTM 2x512 trains at ~9k chars/s there, BENCHMARKS.md), ~15 passes over the
+    # (LSTM 2x512 trains at 8-9k chars/s there in float32, BENCHMARKS.md), ~15 passes over the
     # 1 MB of training text. A PyTorch LSTM 2x512 with dropout 0.25 overfit within
     # that budget (val 1.445 at best, train 1.17): more dropout, and the cosine
     # schedule ends with the budget. Val every 250 steps to catch the best point.
@@ -117,8 +117,8 @@ def _tinyshakespeare_fast(c):
 
 
 def _tinyshakespeare_long(c):
-    # About 50 minutes on the same machine: more capacity per step (3 layers, ~9k
-    # chars/s) and more dropout, since the 2x512 runs overfit (train 1.17-1.29 at
+    # About 50 minutes on the same machine: more capacity per step (3 layers, 8k chars/s
+    # measured) and more dropout, since the 2x512 runs overfit (train 1.17-1.29 at
     # val 1.44); 6000 steps = 24.6M characters, ~27 passes over the training text.
     _tinyshakespeare_fast(c)
     c.model.num_layers = 3

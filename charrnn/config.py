@@ -19,7 +19,7 @@ import math
 from charrnn.errors import UserError
 
 CELLS = ("rnn", "gru", "lstm")  # models.CELLS
-OPTIMIZERS = ("adam", "sgd")  # optim.OPTIMIZERS
+OPTIMIZERS = ("adam", "adamw", "sgd")  # optim.OPTIMIZERS
 SCHEDULES = ("constant", "cosine")  # optim.SCHEDULES
 CLIP_MODES = ("global_norm", "value", "agc", "none")  # optim.CLIP_MODES
 CORPORA = ("shakespeare", "tinyshakespeare")  # data.BUILTIN_CORPORA
@@ -72,6 +72,9 @@ def validate(config) -> None:
     std = (config.get("model") or {}).get("embed_init_std", 1.0)  # optional field
     if not (_is_number(std) and std > 0 and math.isfinite(std)):
         problems.append(f"model.embed_init_std must be a positive number, got {std!r}")
+    drop = (config.get("model") or {}).get("weight_drop", 0.0)  # optional field
+    if not (_is_number(drop) and 0 <= drop < 1):
+        problems.append(f"model.weight_drop must be in [0, 1), got {drop!r}")
     dtype = (config.get("model") or {}).get("matmul_dtype", "float32")  # optional field
     if dtype not in MATMUL_DTYPES:
         problems.append(f"unknown model.matmul_dtype {dtype!r}; choose from {', '.join(MATMUL_DTYPES)}")
@@ -89,6 +92,10 @@ def _cross_field_problems(config) -> list[str]:
     lr = config.optim.learning_rate
     if not (_is_number(lr) and lr > 0 and math.isfinite(lr)):
         problems.append(f"optim.learning_rate must be a positive number, got {lr!r}")
+    decay = config.optim.get("weight_decay", 0.0)  # optional field; adamw only
+    if config.optim.name == "adamw" and not (
+            _is_number(decay) and decay >= 0 and math.isfinite(decay)):
+        problems.append(f"optim.weight_decay must be a number >= 0, got {decay!r}")
     tau = config.optim.clip_norm
     if config.optim.clip_mode != "none" and not (
             _is_number(tau) and tau > 0 and math.isfinite(tau)):
@@ -125,7 +132,7 @@ def _applies(config, field: str) -> bool:
     """Whether a range-checked field is used by this config (adam's b1 means nothing to sgd)."""
     optim = config.get("optim") or {}
     if field in ("optim.b1", "optim.b2"):
-        return optim.get("name") == "adam"
+        return optim.get("name") in ("adam", "adamw")
     if field == "optim.momentum":
         return optim.get("name") == "sgd"
     if field == "optim.final_lr_fraction":

@@ -150,6 +150,10 @@ class CharRNN:
     chunks of about √T steps) so that activation memory stays small at long T
     (config ``model.remat``; it changes memory and time, not results).
     ``embed_init_std``: the embeddings start as N(0, std²) draws.
+    ``weight_drop``: DropConnect on the recurrent matrices while training (Wan et
+    al. 2013, as in Merity et al. 2018's AWD-LSTM): each W_hh element is zeroed
+    with this probability, one mask per layer for the whole window and batch, so
+    the recurrence itself is regularised, which dropout between layers leaves alone.
     ``matmul_dtype``: ``float32`` or ``bfloat16``, the operand type of every
     product of an activation with a weight matrix (float32 accumulation;
     parameters and all other arithmetic stay float32).
@@ -164,6 +168,7 @@ class CharRNN:
     remat: bool = False
     matmul_dtype: str = "float32"
     embed_init_std: float = 1.0
+    weight_drop: float = 0.0
 
     @classmethod
     def from_config(cls, model_config, vocab_size: int) -> "CharRNN":
@@ -174,7 +179,8 @@ class CharRNN:
                               fast_vjp=model_config.get("fast_vjp", True),
                               remat=model_config.get("remat", False),
                               matmul_dtype=model_config.get("matmul_dtype", "float32"),
-                              embed_init_std=model_config.get("embed_init_std", 1.0))
+                              embed_init_std=model_config.get("embed_init_std", 1.0),
+                              weight_drop=model_config.get("weight_drop", 0.0))
 
     @property
     def cells(self):
@@ -212,6 +218,7 @@ class CharRNN:
         another, each a full scan over time; dropout only when ``dropout_key`` is given.
         """
         tokens = jnp.swapaxes(tokens, 0, 1)  # [T, B], time-major for scan
+        params = self._drop_recurrent_weights(params, dropout_key)
         new_carry = []
         for layer in range(self.num_layers):
             if layer == 0:
@@ -263,6 +270,19 @@ class CharRNN:
         """Logits [..., V] from the top layer's output h [..., H]."""
         return fused.matmul(h, params["head"]["kernel"], jnp.dtype(self.matmul_dtype)) \
             + params["head"]["bias"]
+
+    def _drop_recurrent_weights(self, params, key):
+        if key is None or self.weight_drop == 0.0:
+            return params
+        keep = 1.0 - self.weight_drop
+        params = dict(params)
+        for layer in range(self.num_layers):
+            p = dict(params[f"layer_{layer}"])
+            layer_key = jax.random.fold_in(jax.random.fold_in(key, self.num_layers), layer)
+            mask = keep_mask(layer_key, keep, p["W_hh"].shape)
+            p["W_hh"] = jnp.where(mask, p["W_hh"] / keep, 0.0)
+            params[f"layer_{layer}"] = p
+        return params
 
     def _dropout(self, x, key, layer):
         if key is None or self.dropout == 0.0:

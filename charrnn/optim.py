@@ -1,4 +1,4 @@
-"""The optimizer: a clipping transform followed by Adam or SGD.
+"""The optimizer: a clipping transform followed by Adam, AdamW or SGD.
 
     tx = optax.chain(clip(τ), adam(schedule))
 
@@ -15,11 +15,12 @@ Scaling every component by the same factor keeps the gradient's direction.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
 CLIP_MODES = ("global_norm", "value", "agc", "none")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -55,9 +56,19 @@ def make_base_optimizer(optim_config, num_steps: int) -> optax.GradientTransform
     schedule = make_schedule(optim_config, num_steps)
     if optim_config.name == "adam":
         return optax.adam(schedule, b1=optim_config.b1, b2=optim_config.b2)
+    if optim_config.name == "adamw":
+        # Decoupled weight decay (Loshchilov & Hutter 2019): θ ← θ − lr·(adam step + λ·θ),
+        # on the matrices only (embedding, kernels); biases are not decayed.
+        return optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
+                           weight_decay=optim_config.weight_decay, mask=decay_mask)
     if optim_config.name == "sgd":
         return optax.sgd(schedule, momentum=optim_config.momentum or None)
     raise ValueError(f"unknown optim.name {optim_config.name!r}; choose from {OPTIMIZERS}")
+
+
+def decay_mask(params):
+    """True for the leaves weight decay shrinks: every parameter with two or more axes."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

@@ -85,3 +85,35 @@ def test_keep_mask_is_bernoulli_keep_and_independent(keep):
     # Same key, same mask; a shape is the flat mask reshaped.
     np.testing.assert_array_equal(models.keep_mask(jax.random.key(0), keep, (n // 4, 4)),
                                   a.reshape(-1, 4))
+
+
+@pytest.mark.parametrize("cell", models.CELLS)
+@pytest.mark.parametrize("fast_vjp", [True, False])
+def test_weight_drop_is_dropconnect_on_the_recurrent_matrices(cell, fast_vjp):
+    keep = 0.7
+    model = _model(cell, hidden_size=32, weight_drop=1 - keep, fast_vjp=fast_vjp)
+    params = model.init(jax.random.key(0))
+    key = jax.random.key(5)
+    dropped = model._drop_recurrent_weights(params, key)
+    for layer in range(2):
+        w, d = params[f"layer_{layer}"]["W_hh"], dropped[f"layer_{layer}"]["W_hh"]
+        kept = np.asarray(d != 0)
+        np.testing.assert_allclose(np.asarray(d)[kept], np.asarray(w)[kept] / keep, rtol=1e-6)
+        assert abs(kept.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / kept.size)
+        for name in ("W_xh", "b"):  # only W_hh is dropped
+            np.testing.assert_array_equal(dropped[f"layer_{layer}"][name], params[f"layer_{layer}"][name])
+    assert not np.array_equal(dropped["layer_0"]["W_hh"] != 0, dropped["layer_1"]["W_hh"] != 0)
+    tokens = jax.random.randint(jax.random.key(1), (3, 6), 0, 11)
+    carry = model.initial_carry(3)
+
+    def loss(p, k):
+        return jnp.sum(model(p, carry, tokens, dropout_key=k)[1] ** 2)
+
+    # The forward pass with a key is the plain model on the dropped matrices ...
+    np.testing.assert_allclose(loss(params, key), loss(dropped, None), rtol=1e-5)
+    # ... and the gradient reaches W_hh only through the kept elements, scaled by 1/keep.
+    g, g_dropped = jax.grad(loss)(params, key), jax.grad(loss)(dropped, None)
+    for layer in range(2):
+        d = np.asarray(dropped[f"layer_{layer}"]["W_hh"])
+        expected = np.where(d != 0, np.asarray(g_dropped[f"layer_{layer}"]["W_hh"]) / keep, 0.0)
+        np.testing.assert_allclose(g[f"layer_{layer}"]["W_hh"], expected, rtol=1e-4, atol=1e-6)

@@ -73,3 +73,16 @@ def test_cosine_schedule_warms_up_then_decays():
     assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1e-2)
     assert lrs[10] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+
+
+def test_adamw_decays_the_matrices_and_not_the_biases():
+    # With a zero gradient Adam's step is 0, so AdamW's update is exactly -lr·λ·θ on
+    # every parameter of two or more axes, and 0 on the vectors.
+    config = ml_collections.ConfigDict({"optim": _optim_config(name="adamw", weight_decay=0.5),
+                                        "train": {"num_steps": 10}})
+    tx = optim.make_optimizer(config)
+    params = {"kernel": jnp.array([[1.0, -2.0], [3.0, 4.0]]), "bias": jnp.array([5.0, 6.0])}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -1e-2 * 0.5 * params["kernel"], rtol=1e-6)
+    np.testing.assert_array_equal(updates["bias"], [0.0, 0.0])

@@ -52,10 +52,12 @@ def _minutes(record) -> str:
 def _model(config) -> str:
     d, m, t, o = config["data"], config["model"], config["train"], config["optim"]
     corpus = d["path"] or d["name"]
+    weight_drop = f", weight drop {m['weight_drop']}" if m.get("weight_drop") else ""
+    decay = f" weight decay {o['weight_decay']:g}," if o["name"] == "adamw" else ""
     return (f"{corpus} (val {d['val_fraction']:.0%}); {m['cell'].upper()} {m['num_layers']}×{m['hidden_size']}, embed {m['embed_dim']}, "
-            f"dropout {m['dropout']}, {m.get('matmul_dtype', 'float32')} products; "
+            f"dropout {m['dropout']}{weight_drop}, {m.get('matmul_dtype', 'float32')} products; "
             f"B={t['batch_size']}, T={t['seq_len']}, {t['num_steps']} steps; {o['name']} "
-            f"lr {o['learning_rate']:g} {o['schedule']}, clip {o['clip_mode']} {o['clip_norm']:g}")
+            f"lr {o['learning_rate']:g} {o['schedule']},{decay} clip {o['clip_mode']} {o['clip_norm']:g}")
 
 
 def page(runs: list[dict], threshold: float, hardware: str, command: str) -> str:

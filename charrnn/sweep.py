@@ -86,6 +86,8 @@ def make_grid(sweep_config) -> list[Run]:
     for name in sweep_config.optimizers:
         if name not in optim.OPTIMIZERS:
             raise SweepError(f"unknown optimizer {name!r}; choose from {optim.OPTIMIZERS}")
+        if name not in sweep_config.learning_rate:
+            raise SweepError(f"sweep.learning_rate has no entry for optimizer {name!r}")
     for label in sweep_config.thresholds:
         parse_threshold(label)
     runs = [Run(c, o, int(s), str(t)) for c in sweep_config.cells for o in sweep_config.optimizers

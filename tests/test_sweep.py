@@ -45,6 +45,9 @@ def test_the_grid_is_a_fixed_order_product(ablation_config):
     s.cells = ("rnn", "transformer")
     with pytest.raises(sweep.SweepError, match="unknown cell"):
         sweep.make_grid(s)
+    s.cells, s.optimizers = ("rnn",), ("adam", "adamw")  # adamw has no learning rate there
+    with pytest.raises(sweep.SweepError, match="no entry for optimizer 'adamw'"):
+        sweep.make_grid(s)
 
 
 def test_reference_norm_is_the_mean_norm_at_the_initial_parameters(ablation_config):

@@ -72,7 +72,7 @@ def decay_mask(params):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    """``optax.chain(clip, adam|sgd)`` for a full run config."""
+    """``optax.chain(clip, adam|adamw|sgd)`` for a full run config."""
     return optax.chain(make_clip(config.optim), make_base_optimizer(config.optim, config.train.num_steps))
 
 

@@ -31,17 +31,23 @@ _POSITIVE_INTS = (
     "train.eval_every", "train.checkpoint_every", "train.eval_batch_size",
     "train.max_consecutive_nonfinite", "train.keep_checkpoints")
 _CHOICES = {"model.cell": CELLS, "optim.name": OPTIMIZERS, "optim.schedule": SCHEDULES,
-            "optim.clip_mode": CLIP_MODES}
+            "optim.clip_mode": CLIP_MODES, "model.matmul_dtype": MATMUL_DTYPES}
 # field: (low, high, high included); checked only where the field matters (see _applies).
 _RANGES = {
     "data.val_fraction": (0.0, 1.0, False),
     "data.test_fraction": (0.0, 1.0, False),
     "model.dropout": (0.0, 1.0, False),
+    "model.weight_drop": (0.0, 1.0, False),
     "optim.b1": (0.0, 1.0, False),
     "optim.b2": (0.0, 1.0, False),
     "optim.momentum": (0.0, 1.0, False),
     "optim.final_lr_fraction": (0.0, 1.0, True),
+    "optim.weight_decay": (0.0, math.inf, False),
 }
+# Fields added after the first release, with the value a config without them means
+# (configs saved in older checkpoints lack them).
+_OPTIONAL = {"model.embed_init_std": 1.0, "model.weight_drop": 0.0,
+             "model.matmul_dtype": "float32", "optim.weight_decay": 0.0}
 
 
 class ConfigError(UserError, ValueError):
@@ -69,15 +75,9 @@ def validate(config) -> None:
         if not (_is_number(value) and low <= value and (value <= high if closed else value < high)):
             problems.append(f"{field} must be in [{low:g}, {high:g}{']' if closed else ')'}, "
                             f"got {value!r}")
-    std = (config.get("model") or {}).get("embed_init_std", 1.0)  # optional field
-    if not (_is_number(std) and std > 0 and math.isfinite(std)):
+    std = _get(config, "model.embed_init_std", problems)
+    if std is not _MISSING and not (_is_number(std) and std > 0 and math.isfinite(std)):
         problems.append(f"model.embed_init_std must be a positive number, got {std!r}")
-    drop = (config.get("model") or {}).get("weight_drop", 0.0)  # optional field
-    if not (_is_number(drop) and 0 <= drop < 1):
-        problems.append(f"model.weight_drop must be in [0, 1), got {drop!r}")
-    dtype = (config.get("model") or {}).get("matmul_dtype", "float32")  # optional field
-    if dtype not in MATMUL_DTYPES:
-        problems.append(f"unknown model.matmul_dtype {dtype!r}; choose from {', '.join(MATMUL_DTYPES)}")
     seed = _get(config, "seed", problems)
     if seed is not _MISSING and not _is_int(seed):
         problems.append(f"seed must be an integer, got {seed!r}")
@@ -92,10 +92,6 @@ def _cross_field_problems(config) -> list[str]:
     lr = config.optim.learning_rate
     if not (_is_number(lr) and lr > 0 and math.isfinite(lr)):
         problems.append(f"optim.learning_rate must be a positive number, got {lr!r}")
-    decay = config.optim.get("weight_decay", 0.0)  # optional field; adamw only
-    if config.optim.name == "adamw" and not (
-            _is_number(decay) and decay >= 0 and math.isfinite(decay)):
-        problems.append(f"optim.weight_decay must be a number >= 0, got {decay!r}")
     tau = config.optim.clip_norm
     if config.optim.clip_mode != "none" and not (
             _is_number(tau) and tau > 0 and math.isfinite(tau)):
@@ -135,6 +131,8 @@ def _applies(config, field: str) -> bool:
         return optim.get("name") in ("adam", "adamw")
     if field == "optim.momentum":
         return optim.get("name") == "sgd"
+    if field == "optim.weight_decay":
+        return optim.get("name") == "adamw"
     if field == "optim.final_lr_fraction":
         return optim.get("schedule") == "cosine"
     return True
@@ -149,6 +147,8 @@ def _get(config, field: str, problems: list):
         try:
             value = value[name]
         except (KeyError, TypeError):
+            if field in _OPTIONAL:
+                return _OPTIONAL[field]
             problems.append(f"the config has no field {field}")
             return _MISSING
     return value

@@ -49,6 +49,19 @@ def test_a_bad_config_fails_before_the_workdir_is_touched(smoke_config, tmp_path
     assert not os.path.exists(workdir)
 
 
+def test_fields_added_later_may_be_missing_but_not_wrong(smoke_config):
+    # A config saved before these fields existed still validates (their defaults apply) ...
+    for group, name in [("model", "embed_init_std"), ("model", "weight_drop"),
+                        ("model", "matmul_dtype"), ("optim", "weight_decay")]:
+        del smoke_config[group][name]
+    smoke_config.optim.name = "adamw"
+    config_lib.validate(smoke_config)
+    # ... and a present one is still checked.
+    smoke_config.model.weight_drop = -0.5
+    with pytest.raises(config_lib.ConfigError, match=r"model.weight_drop must be in \[0, 1\)"):
+        config_lib.validate(smoke_config)
+
+
 def test_too_short_a_text_fails_before_the_workdir_is_touched(smoke_config, tmp_path):
     workdir, corpus = str(tmp_path / "run"), tmp_path / "short.txt"
     corpus.write_text("To be, or not to be: that is the question.\n")  # 43 chars < 4*16+1
@@ -97,7 +110,7 @@ def _catalogue(d, corpus, trained):
          "unknown optim.name 'lion'; choose from adam, adamw, sgd"),
         ("negative weight decay", work + ["--config.optim.name=adamw",
                                           "--config.optim.weight_decay=-0.1"],
-         "optim.weight_decay must be a number >= 0, got -0.1"),
+         "optim.weight_decay must be in [0, inf), got -0.1"),
         ("unknown clip mode", work + ["--config.optim.clip_mode=norm"],
          "unknown optim.clip_mode 'norm'; choose from global_norm, value, agc, none"),
         ("unknown schedule", work + ["--config.optim.schedule=linear"],

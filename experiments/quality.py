@@ -7,8 +7,11 @@ Per workdir (read only: config.json and metrics.jsonl): the model, batch,
 schedule and matmul dtype; the first val record at or below --threshold
 (nats/char) with its wall time; the best val record; the last train loss; then
 every val record. Wall times are the ``wall_s`` of the eval records (seconds
-since the run's process began its training loop, compilation included; a
-resumed run counts from its resumption). Numbers come from the files only.
+since the run's process began its training loop, compilation included), summed
+over launches: a resumed or extended run's clock restarts at 0, so its records
+get the wall time of the last eval record before the restart added (the time
+between that record and the checkpoint, if any, is not counted). Numbers come
+from the files only.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def summarize(workdir: str, threshold: float) -> dict:
     """What the page shows of one run."""
     with open(os.path.join(workdir, "config.json")) as f:
         config = json.load(f)
-    records = metrics.read_metrics(workdir)
+    records, launches = _summed_wall(metrics.read_metrics(workdir))
     val = [r for r in records if r["split"] == "val"]
     train = [r for r in records if r["split"] == "train"]
     if not val:
@@ -42,7 +45,21 @@ def summarize(workdir: str, threshold: float) -> dict:
     reached = next((r for r in val if r["loss"] <= threshold), None)
     return {"workdir": workdir, "config": config, "val": val,
             "reached": reached, "best": min(val, key=lambda r: r["loss"]),
-            "last_train": train[-1] if train else None}
+            "last_train": train[-1] if train else None, "launches": launches}
+
+
+def _summed_wall(records: list[dict]) -> tuple[list[dict], int]:
+    """Copies of ``records`` with ``wall_s`` summed over launches, and the number of launches."""
+    out, offset, previous, launches = [], 0.0, 0.0, 1
+    for r in records:
+        if "wall_s" in r:
+            if r["wall_s"] < previous:  # a new process: its clock started again
+                offset += previous
+                launches += 1
+            previous = r["wall_s"]
+            r = dict(r, wall_s=r["wall_s"] + offset)
+        out.append(r)
+    return out, launches
 
 
 def _minutes(record) -> str:
@@ -74,8 +91,9 @@ def page(runs: list[dict], threshold: float, hardware: str, command: str) -> str
         best = f"{r['best']['loss']:.4f} at step {r['best']['step']}, {_minutes(r['best'])}"
         last = r["last_train"]
         train = f"{last['loss']:.4f} (step {last['step']})" if last else "—"
+        launches = f" ({r['launches']} launches, wall times summed)" if r["launches"] > 1 else ""
         lines.append(f"| `{os.path.basename(os.path.normpath(r['workdir']))}` | "
-                     f"{_model(r['config'])} | {reached} | {best} | {train} |")
+                     f"{_model(r['config'])}{launches} | {reached} | {best} | {train} |")
     for r in runs:
         lines += ["", f"## `{os.path.basename(os.path.normpath(r['workdir']))}`: val curve", "",
                   "| step | val loss | val bpc | wall |", "|---|---|---|---|"]

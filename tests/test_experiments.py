@@ -95,3 +95,24 @@ def test_quality_page_finds_the_first_crossing_and_the_best(tmp_path):
     assert "float32 products" in r.stdout
     bad = _run(["experiments/quality.py", f"--workdirs={tmp_path / 'nope'}"])
     assert bad.returncode == 1 and "is not a training workdir" in bad.stderr
+
+
+def test_quality_page_sums_wall_time_over_launches(tmp_path):
+    # A run extended after it finished: the second process's clock starts again at 0.
+    config = {"data": {"name": "x", "path": "", "val_fraction": 0.1},
+              "model": {"cell": "lstm", "num_layers": 1, "hidden_size": 8, "embed_dim": 4,
+                        "dropout": 0.0},
+              "train": {"batch_size": 2, "seq_len": 4, "num_steps": 4},
+              "optim": {"name": "adam", "learning_rate": 1e-3, "schedule": "constant",
+                        "clip_mode": "global_norm", "clip_norm": 1.0}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    records = [{"step": s, "split": "val", "loss": loss, "bpc": 1.0, "wall_s": wall}
+               for s, loss, wall in [(1, 1.7, 60.0), (2, 1.6, 120.0), (3, 1.4, 30.0),
+                                     (4, 1.3, 90.0)]]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = _run(["experiments/quality.py", f"--workdirs={tmp_path}", "--threshold=1.5"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(2 launches, wall times summed)" in r.stdout
+    # 120 s before the restart + 30 s and 90 s after it
+    assert "| 1.4000 at step 3, 2.5 min | 1.3000 at step 4, 3.5 min |" in r.stdout
+    assert "| 2 | 1.6000 | 1.000 | 2.0 min |" in r.stdout

@@ -14,7 +14,8 @@ Two ways to run a grid, with the same numbers:
 - :func:`run_group`: every run of one (cell, optimizer) — they share
   parameter shapes — in one program. The state, the batch and τ get a leading
   run axis [R, ...] and the step is :func:`train.train_step` under
-  ``jax.vmap`` (in chunks, see :func:`make_group_step`). τ is a runtime
+  ``jax.vmap`` (in chunks, see :func:`make_group_step`), its runs split
+  over the devices of a mesh if given (:func:`group_mesh`). τ is a runtime
   array, so one compiled step serves every threshold; ``inf`` never clips.
 
 Both record, per run and step, the loss (nats/char), the global gradient norm
@@ -222,7 +223,7 @@ def thresholds(config, runs: list[Run], corpus: Corpus) -> tuple[list[float], di
 # Many runs: one program
 
 
-def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0):
+def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh=None):
     """The jitted step of R runs: (states[R], batches[R], taus[R]) -> (states, metrics[R]).
 
     Each run's step is :func:`train.train_step` with ``clip_by_global_norm(τ_r)``
@@ -232,6 +233,10 @@ def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0):
     all runs at once, the layout for a GPU or TPU that one small model leaves
     idle; 1 runs them one by one, which measured fastest on a 2-core CPU, where
     batched matmuls are slower than plain ones (experiments/bench_sweep.py).
+    With a ``mesh`` (:func:`parallel.make_mesh`) of N devices the runs are split
+    over them (``jax.shard_map``: each device steps its R/N runs, laid out as
+    above, with no communication); inputs come placed by
+    :func:`parallel.shard_runs`.
     ``config`` is any run config of the group (optimizer and learning rate are
     shared). The dropout key of run r at step s is ``fold_in(key(rng_r), s)``,
     as in :func:`run_single`.
@@ -255,7 +260,17 @@ def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0):
         return jax.lax.map(lambda args: one_run(*args), (states, batches, taus),
                            batch_size=runs_per_chunk)
 
+    if mesh is not None:
+        runs = parallel.run_axis_sharding(mesh).spec
+        group = jax.shard_map(group, mesh=mesh, in_specs=runs, out_specs=runs)
     return jax.jit(group, donate_argnums=0)
+
+
+def group_mesh(num_runs: int, max_devices: int | None = None):
+    """A mesh for :func:`run_group` of ``num_runs`` runs: one device per run, at most
+    ``max_devices`` (None or 0: every device); None where that is one device."""
+    n = min(num_runs, jax.device_count(), max_devices or jax.device_count())
+    return parallel.make_mesh(n) if n > 1 else None
 
 
 def default_runs_per_chunk() -> int:
@@ -297,17 +312,21 @@ def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: 
     :func:`make_group_step` (None: :func:`default_runs_per_chunk`). Returns
     what :func:`run_single` returns, for each run, in order. ``mesh``
     (:func:`parallel.make_mesh`): the run axis split over its N devices, each
-    training R/N runs vmapped together (R a multiple of N; runs_per_chunk
-    defaults to 0 there).
+    training ⌈R/N⌉ runs laid out by ``runs_per_chunk``. Where N does not divide R
+    the last run is repeated to fill the devices and its copies' results dropped.
     """
+    num_runs = len(configs)
+    if mesh is not None:
+        fill = -num_runs % mesh.devices.size
+        configs, taus = list(configs) + [configs[-1]] * fill, list(taus) + [taus[-1]] * fill
     first = configs[0]
     num_steps = first.train.num_steps if num_steps is None else num_steps
     R, B, T = len(configs), first.train.batch_size, first.train.seq_len
     model = models.CharRNN.from_config(first.model, corpus.vocab_size)
     state = init_group(model, configs)
     if runs_per_chunk is None:
-        runs_per_chunk = 0 if mesh is not None else default_runs_per_chunk()
-    step_fn = make_group_step(model, first, runs_per_chunk)
+        runs_per_chunk = default_runs_per_chunk()
+    step_fn = make_group_step(model, first, runs_per_chunk, mesh)
     eval_fn = make_group_eval(model)
     batchers = [data.Batcher(corpus.train_ids, B, T, c.seed) for c in configs]
     tau = jnp.asarray(taus, jnp.float32)
@@ -324,7 +343,7 @@ def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: 
         history.add_step({k: metrics[k] for k in STEP_METRICS})
         if _eval_due(step + 1, num_steps, first.sweep.eval_every):
             history.add_val(step + 1, evaluate(state.params))
-    return history.finish()
+    return history.finish()[:num_runs]
 
 
 def stack_batches(windows: list) -> dict:

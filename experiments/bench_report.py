@@ -63,7 +63,8 @@ def compare(out, sweep_runs):
             rows.append(_comparison(f"train {name}", ours_label, ours_rate,
                                     *_fastest(c, ["numpy", "numpy_1thread"])))
         sweep_label, sweep_rate = _fastest(c, [f"charrnn_sweep{sweep_runs}",
-                                               f"charrnn_sweep{sweep_runs}_1thread"])
+                                               f"charrnn_sweep{sweep_runs}_1thread",
+                                               f"charrnn_sweep{sweep_runs}_2dev"])
         if sweep_rate:
             label = f"{sweep_runs}-run sweep {name}"
             rows.append(_comparison(label, sweep_label, sweep_rate,

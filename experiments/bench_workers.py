@@ -162,12 +162,17 @@ class JaxTrain(Task):
 
 
 class JaxSweep(Task):
-    """R runs (one clipping threshold each) stepped by one program: ``sweep.make_group_step``."""
+    """R runs (one clipping threshold each) stepped by one program: ``sweep.make_group_step``.
+
+    With several devices (the ``jax_2dev`` worker) the runs are split over
+    them, as ``sweep.run_group`` does with a mesh.
+    """
 
     def __init__(self, spec):
+        import jax
         import jax.numpy as jnp
         import numpy as np
-        from charrnn import models, sweep
+        from charrnn import models, parallel, sweep
         config = charrnn_config(spec)
         runs = spec["runs"]
         configs = []
@@ -176,12 +181,17 @@ class JaxSweep(Task):
             c.seed = seed
             configs.append(c)
         model = models.CharRNN.from_config(config.model, VOCAB)
-        self.state = sweep.init_group(model, configs)
-        self.step = sweep.make_group_step(model, config, sweep.default_runs_per_chunk())
+        mesh = parallel.make_mesh() if jax.device_count() > 1 else None
+        self.step = sweep.make_group_step(model, config, sweep.default_runs_per_chunk(), mesh)
         shape = (runs, spec["batch"], spec["seq_len"])
-        self.batch = {"x": _random_tokens(shape, 1), "y": _random_tokens(shape, 2),
-                      "reset": np.zeros((runs,), bool)}
-        self.taus = jnp.asarray(np.geomspace(0.1, 10.0, runs), jnp.float32)
+        self.state, self.batch, self.taus = (
+            sweep.init_group(model, configs),
+            {"x": _random_tokens(shape, 1), "y": _random_tokens(shape, 2),
+             "reset": np.zeros((runs,), bool)},
+            jnp.asarray(np.geomspace(0.1, 10.0, runs), jnp.float32))
+        if mesh is not None:
+            self.state, self.batch, self.taus = parallel.shard_runs(
+                (self.state, self.batch, self.taus), mesh)
         self.unit_size = runs * spec["batch"] * spec["seq_len"]
 
     def run_units(self, n):

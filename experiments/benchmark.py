@@ -18,7 +18,8 @@ Measured in one run, as ratios within the run (a shared machine is noisy):
   run with bfloat16 matmuls (``_bf16``: charrnn's ``model.matmul_dtype``,
   PyTorch's CPU autocast), compared with each other and charrnn's with its
   own float32 step; the targets compare float32 with float32;
-- an 8-threshold sweep of LSTM 1x128 as one program (``charrnn.sweep``)
+- an 8-threshold sweep of LSTM 1x128 as one program (``charrnn.sweep``; on
+  one device, one thread, and two CPU devices with the runs split over them)
   against 8 runs one after another (whose throughput is one run's);
 - sampling chars/s, 1000 characters, LSTM 1x128 and 2x512, batch 1 and 64:
   charrnn's scan sampler vs a per-character jitted loop vs a PyTorch loop
@@ -190,6 +191,7 @@ def run_benchmark(smoke, repeats, window, log):
                 sweep = {**spec, "kind": "sweep", "runs": SWEEP_RUNS}
                 group[f"charrnn_sweep{SWEEP_RUNS}"] = ("jax", sweep)
                 group[f"charrnn_sweep{SWEEP_RUNS}_1thread"] = ("jax_1thread", sweep)
+                group[f"charrnn_sweep{SWEEP_RUNS}_2dev"] = ("jax_2dev", sweep)
             res = measure_group(workers, group, repeats, window, log)
             flops = train_flops_per_char(cell, spec["hidden"], layers)
             for label, r in res.items():

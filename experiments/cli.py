@@ -18,6 +18,22 @@ def start(argv, **required) -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def split_host_into_devices(n: int) -> None:
+    """Have XLA present this host's CPU as ``n`` devices (one per core, for n = cores).
+
+    Call it before jax first touches a device. A device count the user's
+    XLA_FLAGS already sets wins.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def config_module(name: str):
     """experiments/configs/<name>.py as a module, loaded by path (a script of the same
     name, e.g. clip_ablation.py, would shadow it on sys.path)."""

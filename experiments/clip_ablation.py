@@ -38,12 +38,19 @@ _RUN_INDEX = flags.DEFINE_integer("run_index", -1, "Run only this grid index (se
                                   "-1 runs the whole grid, one program per (cell, optimizer).")
 _LIST = flags.DEFINE_bool("list_runs", False, "Print the grid with run indices and exit.")
 _AGGREGATE = flags.DEFINE_bool("aggregate", False, "Only collect DIR/runs/*.json into tables.")
-_CHUNK = flags.DEFINE_integer("runs_per_chunk", -1, "Runs vmapped together in the one-program "
-                              "sweep (0 = all; -1 = 1 on CPU, all on GPU/TPU).")
+_CHUNK = flags.DEFINE_integer("runs_per_chunk", -1, "Runs vmapped together on each device in "
+                              "the one-program sweep (0 = all; -1 = 1 on CPU, all on GPU/TPU).")
+_DEVICES = flags.DEFINE_integer(
+    "devices", 0, "Devices each one-program group's runs are split over, at most one per run "
+    "(0 = every device; on a CPU the host is first split into one device per core); "
+    "1 = one device.")
 
 
-def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None) -> None:
-    """Train the grid (or one run of it) and write DIR/runs/<name>.json per run."""
+def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None,
+             devices: int = 1) -> None:
+    """Train the grid (or one run of it) and write DIR/runs/<name>.json per run.
+
+    ``devices``: see --devices (0 = every device)."""
     from charrnn import sweep
 
     runs = sweep.make_grid(config.sweep)
@@ -61,7 +68,9 @@ def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None) ->
         if run_index >= 0:
             histories = [sweep.run_single(configs[0], corpus)]
         else:
-            histories = sweep.run_group(configs, [t for _, t in members], corpus, runs_per_chunk)
+            mesh = sweep.group_mesh(len(configs), devices)
+            histories = sweep.run_group(configs, [t for _, t in members], corpus, runs_per_chunk,
+                                        mesh=mesh)
         for (run, tau), history in zip(members, histories):
             ref = refs.get((run.cell, run.optimizer, run.seed))
             row = sweep.summarize(run, tau, history, ref)
@@ -176,6 +185,14 @@ def aggregate(outdir: str) -> dict:
 
 def main(argv):
     cli.start(argv, outdir=_OUTDIR.value)
+    if _DEVICES.value < 0:
+        print(f"error: --devices must be >= 0, got {_DEVICES.value}", file=sys.stderr)
+        sys.exit(1)
+    if _DEVICES.value != 1 and _RUN_INDEX.value < 0 and not (_LIST.value or _AGGREGATE.value):
+        # One device per core: each steps its share of a group's runs on one core, with no
+        # communication (LSTM 1x128, 8 runs, 2 cores: 295k chars/s vs 192k on one device,
+        # BENCHMARKS.md).
+        cli.split_host_into_devices(_DEVICES.value or cli.usable_cores())
     from charrnn import sweep
     from charrnn.errors import UserError
 
@@ -196,7 +213,7 @@ def main(argv):
             return
         if not _AGGREGATE.value:
             chunk = None if _CHUNK.value < 0 else _CHUNK.value
-            run_grid(config, _OUTDIR.value, _RUN_INDEX.value, chunk)
+            run_grid(config, _OUTDIR.value, _RUN_INDEX.value, chunk, _DEVICES.value)
         if _AGGREGATE.value or _RUN_INDEX.value < 0:
             summary = aggregate(_OUTDIR.value)
             print(summary["markdown"], end="")

@@ -99,7 +99,7 @@ def sweep_layout(configs, taus, vocab_size: int, mesh) -> dict:
              "y": np.zeros((len(configs), c.batch_size, c.seq_len), np.int32),
              "reset": np.zeros(len(configs), bool)}
     args = parallel.shard_runs((state, batch, jnp.asarray(taus, jnp.float32)), mesh)
-    compiled = sweep.make_group_step(model, configs[0], 0).lower(*args).compile()
+    compiled = sweep.make_group_step(model, configs[0], 1, mesh).lower(*args).compile()
     new_state = compiled.output_shardings[0]
     hlo = compiled.as_text()
     return {"param_specs": sorted({str(s.spec) for s in jax.tree.leaves(new_state.params)}),
@@ -113,12 +113,21 @@ def check_sweep(corpus: str) -> dict:
     data_ = sweep.Corpus.from_config(configs[0])
     mesh = parallel.make_mesh()
     result = {"device_count": jax.device_count()}
-    for name, m in (("one", None), ("four", mesh)):
-        histories = sweep.run_group(configs, taus, data_, runs_per_chunk=0, num_steps=NUM_STEPS,
-                                    mesh=m)
+    # one device, all runs vmapped; four devices, each vmapping its runs / stepping them one by one
+    for name, m, chunk in (("one", None, 0), ("four", mesh, 0), ("four_one_by_one", mesh, 1)):
+        histories = sweep.run_group(configs, taus, data_, runs_per_chunk=chunk,
+                                    num_steps=NUM_STEPS, mesh=m)
         result[name] = {k: [np.asarray(h[k]).tolist() for h in histories]
                         for k in ("loss", "grad_norm", "clipped", "val_loss")}
     result["layout"] = sweep_layout(configs, taus, data_.vocab_size, mesh)
+    sizes = lambda m: None if m is None else m.devices.size
+    result["group_mesh"] = [sizes(sweep.group_mesh(*args)) for args in
+                            ((3,), (6,), (1,), (8, 2), (8, 1), (12, 0))]
+    # 3 runs on 2 devices: the last run repeated to fill them, its copy dropped
+    histories = sweep.run_group(configs[:3], taus[:3], data_, runs_per_chunk=1,
+                                num_steps=NUM_STEPS, mesh=parallel.make_mesh(2))
+    result["three_on_two"] = {k: [np.asarray(h[k]).tolist() for h in histories]
+                              for k in ("loss", "grad_norm", "clipped", "val_loss")}
     try:
         parallel.shard_runs(np.zeros((6, 2)), mesh)
         result["error"] = None

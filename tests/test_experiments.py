@@ -72,6 +72,8 @@ def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
     assert len(rows) == 2 and rows[1].startswith("rnn,sgd,0,1x,")
     bad = _run(base + ["--run_index=5"])
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+    bad = _run(base + ["--devices=-1"])
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --devices must be >= 0, got -1"
 
 
 def test_quality_page_finds_the_first_crossing_and_the_best(tmp_path):

@@ -63,12 +63,20 @@ def test_a_sweep_with_its_runs_over_four_devices_equals_the_sweep_on_one(text_fi
     clipped = np.array(one["clipped"])
     assert not clipped[0].any() and clipped[1].all()
     assert all(row.any() and not row.all() for row in clipped[2:])
+    assert r["four_one_by_one"]["clipped"] == one["clipped"]
     for key in ("loss", "grad_norm", "val_loss"):
         np.testing.assert_allclose(four[key], one[key], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(r["four_one_by_one"][key], one[key], rtol=1e-5, err_msg=key)
     # Each device trains its own runs: the state stays split over the mesh and
     # the compiled step has no cross-device communication.
     assert r["layout"] == {"param_specs": ["P('data',)"], "collectives": []}
     assert "number of runs = 6 does not split over 4 devices" in r["error"]
+    # clip_ablation's layout: one device per run, at most the limit (0: no limit) and the device count
+    assert r["group_mesh"] == [3, 4, None, 2, None, 4]
+    three = r["three_on_two"]
+    assert three["clipped"] == one["clipped"][:3]
+    for key in ("loss", "grad_norm", "val_loss"):
+        np.testing.assert_allclose(three[key], one[key][:3], rtol=1e-5, err_msg=key)
 
 
 def _free_port() -> int:

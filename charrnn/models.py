@@ -210,12 +210,16 @@ class CharRNN:
         p = {"params": params[f"layer_{layer}"]}
         return lambda carry, x: cell.apply(p, carry, x)
 
-    def __call__(self, params, carry, tokens, dropout_key=None, unroll_steps: int = 1):
+    def __call__(self, params, carry, tokens, dropout_key=None, unroll_steps: int = 1,
+                 batch_rows=None):
         """Teacher-forced forward pass.
 
         tokens: int [B, T]; carry: from :meth:`initial_carry` or a previous call.
         Returns (carry after the last step, logits [B, T, V]). Layers run one after
         another, each a full scan over time; dropout only when ``dropout_key`` is given.
+        ``batch_rows`` (start, total): these B rows are rows start..start+B-1 of a
+        batch of ``total`` (one device's share under data parallelism); dropout then
+        applies to them the whole batch's mask rows, as on one device.
         """
         tokens = jnp.swapaxes(tokens, 0, 1)  # [T, B], time-major for scan
         params = self._drop_recurrent_weights(params, dropout_key)
@@ -229,7 +233,7 @@ class CharRNN:
             else:
                 c, xs = run(params, carry[layer], xs)
             new_carry.append(c)
-            xs = self._dropout(xs, dropout_key, layer)
+            xs = self._dropout(xs, dropout_key, layer, batch_rows)
         return tuple(new_carry), jnp.swapaxes(self._head(params, xs), 0, 1)
 
     def _first_layer_inputs(self, params, tokens):
@@ -284,11 +288,18 @@ class CharRNN:
             params[f"layer_{layer}"] = p
         return params
 
-    def _dropout(self, x, key, layer):
+    def _dropout(self, x, key, layer, batch_rows=None):
+        """x [T, B, H] with inverted dropout; ``batch_rows``: see :meth:`__call__`."""
         if key is None or self.dropout == 0.0:
             return x
         keep = 1.0 - self.dropout
-        mask = keep_mask(jax.random.fold_in(key, layer), keep, x.shape)
+        key = jax.random.fold_in(key, layer)
+        if batch_rows is None:
+            mask = keep_mask(key, keep, x.shape)
+        else:
+            start, total = batch_rows
+            mask = keep_mask(key, keep, (x.shape[0], total, *x.shape[2:]))
+            mask = jax.lax.dynamic_slice_in_dim(mask, start, x.shape[1], axis=1)
         return jnp.where(mask, x / keep, 0.0)
 
 

@@ -62,18 +62,18 @@ def init_state(model: models.CharRNN, tx: optax.GradientTransformation, batch_si
                       rng=jax.random.key_data(dropout_key), nonfinite_run=zero(), nonfinite_total=zero())
 
 
-def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None):
+def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_rows=None):
     """Mean cross-entropy in nats/char of targets y [B, T] given inputs x [B, T].
 
-    Returns (loss, carry after the window).
+    Returns (loss, carry after the window). ``batch_rows``: see ``CharRNN.__call__``.
     """
-    carry, logits = model(params, carry, x, dropout_key)
+    carry, logits = model(params, carry, x, dropout_key, batch_rows=batch_rows)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), carry
 
 
 def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
                clip: optax.GradientTransformation, optimizer: optax.GradientTransformation,
-               schedule) -> tuple[TrainState, dict]:
+               schedule, axis_name: str | None = None) -> tuple[TrainState, dict]:
     """One update: forward, loss, gradient, clip, optimizer step.
 
     batch: ``x``, ``y`` int [B, T] and ``reset`` bool [] (start of an epoch:
@@ -82,10 +82,22 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
     parameters nor the optimizer state; it is counted instead. (An update whose
     norm overflows float32, e.g. Adam with a learning rate of 1e20, counts too:
     applying it would leave finite but meaningless weights, and the next loss inf.)
+
+    ``axis_name``: run per device under ``jax.shard_map`` over the batch rows
+    (:func:`make_train_step` with a mesh): the loss and the gradient are averaged
+    over that axis right after the backward pass (equal shares, so this is the
+    whole batch's mean and its gradient), and everything after, clipping
+    included, sees exactly what one device would.
     """
     carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), state.carry)
+    rows = None
+    if axis_name is not None:
+        local = batch["x"].shape[0]
+        rows = (jax.lax.axis_index(axis_name) * local, local * jax.lax.axis_size(axis_name))
     (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, model, carry, batch["x"], batch["y"], key)
+        state.params, model, carry, batch["x"], batch["y"], key, rows)
+    if axis_name is not None:
+        loss, grads = jax.lax.pmean((loss, grads), axis_name)
 
     grad_norm = optim.global_norm(grads)  # g = ||∇θ L||_2, before clipping
     clip_state, opt_state = state.opt_state
@@ -122,13 +134,30 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
     return new_state, metrics
 
 
-def make_train_step(model, config):
-    """``train_step`` bound to this run's model and optimizer, jitted once, state donated."""
+def make_train_step(model, config, mesh=None):
+    """``train_step`` bound to this run's model and optimizer, jitted once, state donated.
+
+    With a data ``mesh`` (:class:`parallel.DataParallel`'s) each device steps its
+    rows of the batch and carry under ``jax.shard_map``, with one all-reduce of
+    the gradient (``train_step``'s ``axis_name``); the parameters, optimizer
+    state and metrics are the same on every device. Feed it batches placed by
+    ``DataParallel.wrap_step``.
+    """
     hostmem.keep_freed_memory()  # on CPU, stops every step page-faulting its buffers in again
+    axis = None if mesh is None else mesh.axis_names[0]
     step = functools.partial(
         train_step, model=model, clip=optim.make_clip(config.optim),
         optimizer=optim.make_base_optimizer(config.optim, config.train.num_steps),
-        schedule=optim.make_schedule(config.optim, config.train.num_steps))
+        schedule=optim.make_schedule(config.optim, config.train.num_steps), axis_name=axis)
+    if mesh is not None:
+        rows, whole = parallel.P(axis), parallel.P()
+        state = TrainState(step=whole, params=whole, opt_state=whole, carry=rows, rng=whole,
+                           nonfinite_run=whole, nonfinite_total=whole)
+        batch = {"x": rows, "y": rows, "reset": whole}
+        # check_vma=False: the hand-written VJPs (charrnn.fused) do not type their
+        # cotangents by device variance; train_step averages the gradient itself.
+        step = jax.shard_map(step, mesh=mesh, in_specs=(state, batch, whole),
+                             out_specs=(state, whole), check_vma=False)
     return jax.jit(step, donate_argnums=0)
 
 
@@ -320,7 +349,7 @@ class _Loop:
         self.batcher, self.ckpt, self.writer = batcher, ckpt, writer
         self.val_ids, self.test_ids = eval_splits
         self.dp = dp or parallel.DataParallel(mesh=None)
-        self.step_fn = self.dp.wrap_step(make_train_step(model, config))
+        self.step_fn = self.dp.wrap_step(make_train_step(model, config, self.dp.mesh))
         self.eval_fn = self.dp.wrap_eval(make_eval_step(model))
 
     def run(self, state: TrainState, stop: _StopOnSignal, pending: list | None = None) -> dict:

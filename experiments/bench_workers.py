@@ -141,7 +141,7 @@ class JaxTrain(Task):
         self.state = dp.create_state(functools.partial(
             train.init_state, self.model, optim.make_optimizer(config), spec["batch"],
             config.seed))
-        self.step = dp.wrap_step(train.make_train_step(self.model, config))
+        self.step = dp.wrap_step(train.make_train_step(self.model, config, dp.mesh))
         shape = (spec["batch"], spec["seq_len"])
         self.batch = {"x": _random_tokens(shape, 1), "y": _random_tokens(shape, 2),
                       "reset": np.bool_(False)}

@@ -32,6 +32,8 @@ def devices_config(corpus: str):
     config.train.batch_size = 8  # two streams per device on 4 devices
     config.optim.learning_rate = 0.05  # big steps: the gradient norm moves across τ
     config.optim.clip_norm = 0.35  # between the norms of the steps: some clipped, some not
+    # Each device draws its rows of the whole batch's dropout mask and the same W_hh mask.
+    config.model.dropout, config.model.weight_drop = 0.3, 0.2
     return config
 
 
@@ -44,7 +46,7 @@ def train_steps(config, dp: parallel.DataParallel) -> dict:
     model = models.CharRNN.from_config(config.model, vocab.size)
     state = dp.place_state(train.init_state(model, optim.make_optimizer(config),
                                             config.train.batch_size, config.seed))
-    step_fn = dp.wrap_step(train.make_train_step(model, config))
+    step_fn = dp.wrap_step(train.make_train_step(model, config, dp.mesh))
     out = {"loss": [], "grad_norm": [], "clipped": []}
     for step in range(NUM_STEPS):
         x, y, reset = batcher.next()

@@ -72,6 +72,17 @@ def test_dropout_only_with_a_key():
     assert not np.allclose(a, c)
 
 
+def test_dropout_on_some_rows_uses_those_rows_of_the_whole_batch_mask():
+    # What one device of a data mesh does with its rows 2..3 of a batch of 6.
+    model = _model("lstm", dropout=0.5)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 6, 8)), jnp.float32)  # [T, B, H]
+    key = jax.random.key(4)
+    whole = model._dropout(x, key, layer=1)
+    part = model._dropout(x[:, 2:4], key, 1, batch_rows=(2, 6))
+    np.testing.assert_array_equal(part, whole[:, 2:4])
+    assert (np.asarray(part) == 0).any() and (np.asarray(part) != 0).any()
+
+
 @pytest.mark.parametrize("keep", [0.6, 0.75, 0.9])
 def test_keep_mask_is_bernoulli_keep_and_independent(keep):
     n = 1 << 20

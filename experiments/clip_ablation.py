@@ -3,7 +3,8 @@
 The grid and the base run are the config (experiments/configs/clip_ablation.py).
 Three ways to run it, with the same numbers:
 
-    # the whole grid, one jitted program per (cell, optimizer):
+    # the whole grid, one jitted program per (cell, optimizer), its runs split
+    # over the devices (on a CPU: one device per core; --devices=1 for one):
     python experiments/clip_ablation.py --outdir=DIR
     # one run per process (a cluster array job), then collect:
     python experiments/clip_ablation.py --outdir=DIR --list_runs

@@ -81,6 +81,9 @@ def test_dropout_on_some_rows_uses_those_rows_of_the_whole_batch_mask():
     part = model._dropout(x[:, 2:4], key, 1, batch_rows=(2, 6))
     np.testing.assert_array_equal(part, whole[:, 2:4])
     assert (np.asarray(part) == 0).any() and (np.asarray(part) != 0).any()
+    # ... with the offset traced, as under shard_map (only those rows are hashed)
+    traced = jax.jit(lambda start: model._dropout(x[:, 2:4], key, 1, batch_rows=(start, 6)))
+    np.testing.assert_array_equal(traced(jnp.int32(2)), whole[:, 2:4])
 
 
 @pytest.mark.parametrize("keep", [0.6, 0.75, 0.9])

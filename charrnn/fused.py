@@ -74,6 +74,16 @@ def recurrence(cell: str, params: dict, carry, xs, table=None, unroll: int = 1,
     return _layer(cell, unroll, jnp.dtype(matmul_dtype), rec, proj, table, xs, carry)
 
 
+def cell_step(cell: str, rec: tuple, carry, zx_t):
+    """One step of :func:`recurrence`'s forward loop, for inference: (carry, h_t [B, H]).
+
+    zx_t: the input pre-activation x_t W_xh + b [B, G*H]; rec: (W_hh,) (GRU:
+    (W_hh, b_hn)) with W_hh already in the products' operand type.
+    """
+    carry, h, _ = _CELLS[cell][0](rec, carry, zx_t, False)
+    return carry, h
+
+
 def _shift(first, xs):
     """[first, xs_0, ..., xs_{T-2}]: the value before each step ([T, ...])."""
     return jnp.concatenate([first[None], xs[:-1]], axis=0)

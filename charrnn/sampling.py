@@ -9,7 +9,8 @@ Inference has no target and no loss. Two stages:
 2. **Generation** is one jitted function: the first character is drawn from
    the priming logits, then a ``jax.lax.scan`` over the remaining steps whose
    carry is (hidden state, last character) feeds the last character through
-   :meth:`models.CharRNN.step` and draws the next one with that step's key.
+   :meth:`models.CharRNN.step` (its weights prepared once before the scan,
+   :meth:`models.CharRNN.step_weights`) and draws the next one with that step's key.
    The ``num_samples`` samples are the rows of one batch.
 
 **Empty prompt.** The model always needs an input before it can predict.
@@ -164,10 +165,11 @@ def generate(params, carry, logits, key, *, model: models.CharRNN, length: int,
     first = draw(keys[0], logits, temperature, top_k, top_p)
     ahead = temperature != 0 and (length - 1) * logits.size <= _NOISE_AHEAD_MAX
     xs = (jax.vmap(lambda k: gumbel_noise(k, logits.shape))(keys[1:]) if ahead else keys[1:])
+    weights = model.step_weights(params)
 
     def step(state, x_t):
         carry, last = state
-        carry, logits = model.step(params, carry, last)
+        carry, logits = model.step(weights, carry, last)
         nxt = (draw(None, logits, temperature, top_k, top_p, noise=x_t) if ahead
                else draw(x_t, logits, temperature, top_k, top_p))
         return (carry, nxt), nxt

@@ -62,28 +62,33 @@ def make_loop(model, temperature, sync: bool):
     import numpy as np
     from charrnn import sampling
 
+    step_weights = jax.jit(model.step_weights)
+
     @jax.jit
-    def step(params, carry, token, key):
-        carry, logits = model.step(params, carry, token)
+    def step(weights, carry, token, key):
+        carry, logits = model.step(weights, carry, token)
         key, sub = jax.random.split(key)
         return carry, sampling.draw(sub, logits, temperature), key
 
     def run(params, carry, logits, key, length):
+        weights = step_weights(params)  # once, as the scan sampler does
         key, sub = jax.random.split(key)
         token = sampling.draw(sub, logits, temperature)
         tokens = [token]
         for _ in range(length - 1):
-            carry, token, key = step(params, carry, token, key)
+            carry, token, key = step(weights, carry, token, key)
             tokens.append(np.asarray(token) if sync else token)
         return jax.numpy.stack(tokens, axis=1)
     return run
 
 
-def weight_bytes_per_char(params) -> int:
-    """Bytes read per generated character at batch 1: every weight once, one embedding row."""
+def weight_bytes_per_char(model, params) -> int:
+    """Bytes read per generated character at batch 1: each array of the step weights
+    (``CharRNN.step_weights``) once, but one row of layer 0's input table."""
     import jax
-    total = sum(x.nbytes for k, v in params.items() if k != "embed" for x in jax.tree.leaves(v))
-    return total + params["embed"][0].nbytes
+    weights = model.step_weights(params)
+    (_, (table,)), *_ = weights["layers"]
+    return sum(x.nbytes for x in jax.tree.leaves(weights)) - table.nbytes + table[0].nbytes
 
 
 def make_copy(nbytes: int):
@@ -105,7 +110,7 @@ def make_copy(nbytes: int):
 def bench_model(name, hidden, layers, length, repeats, unroll):
     """Median seconds of every method and batch, repetitions interleaved.
 
-    Returns (params, results, copy_bandwidth in bytes/s or None); the copy
+    Returns (weight bytes read per character, results, copy bandwidth in bytes/s or None); the copy
     probe runs only for 2x512, interleaved with the same repetitions.
     """
     import jax
@@ -122,7 +127,7 @@ def bench_model(name, hidden, layers, length, repeats, unroll):
     methods = {"scan": lambda c, lg, k: scan(params, c, lg, k),
                "loop": lambda c, lg, k: loop(params, c, lg, k, length),
                "loop_sync": lambda c, lg, k: loop_sync(params, c, lg, k, length)}
-    probe = make_copy(weight_bytes_per_char(params)) if name == "lstm_2x512" else None
+    probe = make_copy(weight_bytes_per_char(model, params)) if name == "lstm_2x512" else None
     times = {(m, b): [] for m in methods for b in BATCHES}
     copy_times = []
     for rep in range(repeats + 1):  # the first round compiles and is not timed
@@ -149,7 +154,7 @@ def bench_model(name, hidden, layers, length, repeats, unroll):
                         "chars_per_sec": batch * length / median,
                         "steps_per_sec": length / median, "repeats": len(ts)})
     bandwidth = probe[1] / statistics.median(copy_times[1:]) if probe else None
-    return params, results, bandwidth
+    return weight_bytes_per_char(model, params), results, bandwidth
 
 
 def main(argv):
@@ -162,7 +167,7 @@ def main(argv):
                "length": length, "repeats": repeats, "smoke": _SMOKE.value, "speedups": {}}
     all_results = []
     for name, (hidden, layers) in MODELS.items():
-        params, results, bw_weights = bench_model(name, hidden, layers, length, repeats,
+        nbytes, results, bw_weights = bench_model(name, hidden, layers, length, repeats,
                                                   _UNROLL.value)
         for r in results:
             print(json.dumps(r), flush=True)
@@ -173,7 +178,6 @@ def main(argv):
                 summary["speedups"][f"{name}/batch{batch}/scan_vs_{baseline}"] = (
                     rate["scan", batch] / rate[baseline, batch])
         if name == "lstm_2x512":
-            nbytes = weight_bytes_per_char(params)
             copy_large, moved = make_copy(256 << 20)
             large = []
             for _ in range(3 if _SMOKE.value else 5):

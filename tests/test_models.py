@@ -1,5 +1,7 @@
 """The cells and the scan tied to their equations on small exact cases."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,15 +52,32 @@ def test_carrying_the_state_over_two_windows_equals_one_long_window(cell):
 
 
 @pytest.mark.parametrize("cell", models.CELLS)
-def test_step_by_step_equals_the_scan(cell):
-    model = _model(cell)
+@pytest.mark.parametrize("fast_vjp", [True, False])  # False: the scan steps the Flax cells
+def test_step_by_step_equals_the_scan(cell, fast_vjp):
+    model = _model(cell, fast_vjp=fast_vjp)
     params = model.init(jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 11)
     _, logits = model(params, model.initial_carry(2), tokens)
-    carry = model.initial_carry(2)
+    carry, weights = model.initial_carry(2), model.step_weights(params)
     for t in range(6):
-        carry, step_logits = model.step(params, carry, tokens[:, t])
+        carry, step_logits = model.step(weights, carry, tokens[:, t])
         np.testing.assert_allclose(step_logits, logits[:, t], atol=1e-5)
+
+
+def test_step_with_bfloat16_products_equals_the_scan():
+    # step_weights casts the weights once; the step's products read the same bfloat16 operands
+    model = _model("lstm", matmul_dtype="bfloat16")
+    params = model.init(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 11)
+    _, logits = model(params, model.initial_carry(2), tokens)
+    _, logits_f32 = dataclasses.replace(model, matmul_dtype="float32")(
+        params, model.initial_carry(2), tokens)
+    carry, weights = model.initial_carry(2), model.step_weights(params)
+    assert weights["layers"][1][0][0].dtype == jnp.bfloat16
+    for t in range(6):
+        carry, step_logits = model.step(weights, carry, tokens[:, t])
+        np.testing.assert_allclose(step_logits, logits[:, t], atol=1e-5)
+    assert not np.allclose(logits, logits_f32, atol=1e-5)  # bfloat16 products do differ
 
 
 def test_dropout_only_with_a_key():

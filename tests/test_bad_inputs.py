@@ -49,6 +49,14 @@ def test_a_bad_config_fails_before_the_workdir_is_touched(smoke_config, tmp_path
     assert not os.path.exists(workdir)
 
 
+def test_every_config_variant_validates():
+    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
+    import default
+    assert "tinyshakespeare_xl" in default._VARIANTS
+    for name in [None, *default._VARIANTS]:
+        config_lib.validate(default.get_config(name))
+
+
 def test_fields_added_later_may_be_missing_but_not_wrong(smoke_config):
     # A config saved before these fields existed still validates (their defaults apply) ...
     for group, name in [("model", "embed_init_std"), ("model", "weight_drop"),

@@ -110,8 +110,9 @@ def make_copy(nbytes: int):
 def bench_model(name, hidden, layers, length, repeats, unroll):
     """Median seconds of every method and batch, repetitions interleaved.
 
-    Returns (weight bytes read per character, results, copy bandwidth in bytes/s or None); the copy
-    probe runs only for 2x512, interleaved with the same repetitions.
+    Returns (weight bytes read per character, results, copy bandwidth in bytes/s
+    or None); the copy probe runs only for 2x512, interleaved with the same
+    repetitions.
     """
     import jax
     import numpy as np
@@ -127,7 +128,8 @@ def bench_model(name, hidden, layers, length, repeats, unroll):
     methods = {"scan": lambda c, lg, k: scan(params, c, lg, k),
                "loop": lambda c, lg, k: loop(params, c, lg, k, length),
                "loop_sync": lambda c, lg, k: loop_sync(params, c, lg, k, length)}
-    probe = make_copy(weight_bytes_per_char(model, params)) if name == "lstm_2x512" else None
+    nbytes = weight_bytes_per_char(model, params)
+    probe = make_copy(nbytes) if name == "lstm_2x512" else None
     times = {(m, b): [] for m in methods for b in BATCHES}
     copy_times = []
     for rep in range(repeats + 1):  # the first round compiles and is not timed
@@ -154,7 +156,7 @@ def bench_model(name, hidden, layers, length, repeats, unroll):
                         "chars_per_sec": batch * length / median,
                         "steps_per_sec": length / median, "repeats": len(ts)})
     bandwidth = probe[1] / statistics.median(copy_times[1:]) if probe else None
-    return weight_bytes_per_char(model, params), results, bandwidth
+    return nbytes, results, bandwidth
 
 
 def main(argv):

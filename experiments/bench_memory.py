@@ -73,13 +73,14 @@ def first_step(config_arg: str) -> dict:
     import default
     import jax
     import numpy as np
-    from charrnn import models, optim, train
+    from charrnn import models, optim
+    from charrnn import step as step_lib
     imported = time.perf_counter()
     config = default.get_config(config_arg or None)
     model = models.CharRNN.from_config(config.model, 65)
-    state = train.init_state(model, optim.make_optimizer(config), config.train.batch_size,
+    state = step_lib.init_state(model, optim.make_optimizer(config), config.train.batch_size,
                              config.seed)
-    step = train.make_train_step(model, config)
+    step = step_lib.make_train_step(model, config)
     rng = np.random.default_rng(0)
     shape = (config.train.batch_size, config.train.seq_len)
     batch = {"x": rng.integers(0, 65, shape, dtype=np.int32),

@@ -123,7 +123,7 @@ def _random_tokens(shape, seed=0):
 
 
 class JaxTrain(Task):
-    """charrnn's real training step: ``train.make_train_step`` (jitted, state donated).
+    """charrnn's real training step: ``step.make_train_step`` (jitted, state donated).
 
     With several devices (the ``jax_2dev`` worker: two CPU devices), the step
     runs as ``train_and_evaluate`` runs it there: ``parallel.DataParallel``,
@@ -134,14 +134,15 @@ class JaxTrain(Task):
         import functools
         import jax
         import numpy as np
-        from charrnn import models, optim, parallel, train
+        from charrnn import models, optim, parallel
+        from charrnn import step as step_lib
         config = charrnn_config(spec)
         self.model = models.CharRNN.from_config(config.model, VOCAB)
         dp = parallel.DataParallel.create(spec["batch"])
         self.state = dp.create_state(functools.partial(
-            train.init_state, self.model, optim.make_optimizer(config), spec["batch"],
+            step_lib.init_state, self.model, optim.make_optimizer(config), spec["batch"],
             config.seed))
-        self.step = dp.wrap_step(train.make_train_step(self.model, config, dp.mesh))
+        self.step = dp.wrap_step(step_lib.make_train_step(self.model, config, dp.mesh))
         shape = (spec["batch"], spec["seq_len"])
         self.batch = {"x": _random_tokens(shape, 1), "y": _random_tokens(shape, 2),
                       "reset": np.bool_(False)}

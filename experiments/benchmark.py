@@ -8,7 +8,7 @@ Measured in one run, as ratios within the run (a shared machine is noisy):
 - training chars/s and time to the first finished step (compilation
   included), B=32, T=128, vocabulary 65, embedding 64, Adam, global-norm clip
   1.0: tanh RNN 1x512, LSTM 2x512, LSTM 1x128 — charrnn's training step
-  (``train.make_train_step``; also with ``model.fast_vjp=False``, plain
+  (``step.make_train_step``; also with ``model.fast_vjp=False``, plain
   autodiff) vs PyTorch eager (nn.RNN/nn.LSTM, clip_grad_norm_, Adam) vs a
   hand-written NumPy tanh RNN (experiments/numpy_rnn.py, first config). Each
   runs with its library's default threads and on one thread (``_1thread``;

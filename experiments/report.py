@@ -163,16 +163,18 @@ def measure_lm(lm: str, outdir: str, smoke: bool) -> dict:
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
-    from charrnn import data, diagnostics, metrics, optim, train
+    from charrnn import data, diagnostics, metrics, optim
+    from charrnn import restore
+    from charrnn import step as step_lib
 
-    config, vocab, model, params, step = train.load_checkpoint(lm)
+    config, vocab, model, params, step = restore.load_checkpoint(lm)
     records = metrics.read_metrics(lm)
     text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
     _, val_ids, _ = data.split(vocab.encode(text), config.data.val_fraction,
                                config.data.test_fraction)
     B, T = 2, min(config.train.seq_len, 64)
     x = jnp.asarray(val_ids[:B * (T + 1)].reshape(B, T + 1))
-    loss = lambda p: train.loss_fn(p, model, model.initial_carry(B), x[:, :-1], x[:, 1:])[0]
+    loss = lambda p: step_lib.loss_fn(p, model, model.initial_carry(B), x[:, :-1], x[:, 1:])[0]
     grads = jax.grad(loss)(params)
     g = float(optim.global_norm(grads))
     flat = np.concatenate([np.abs(np.ravel(a)) for a in jax.tree.leaves(grads)])

@@ -159,7 +159,7 @@ Global-norm clipping keeps the direction to float32 precision; the per-component
 
 
 def section_loop(results) -> str:
-    from charrnn import train
+    from charrnn import step as step_lib
     lm = results["lm"]
     cfg = lm["config"]
     train_recs = [r for r in lm["records"] if r["split"] == "train"]
@@ -176,7 +176,7 @@ def section_loop(results) -> str:
     return f"""
 ## 2. The training loop, and where clipping sits
 
-One iteration of `charrnn.train.train_step` (jitted once, state donated):
+One iteration of `charrnn.step.train_step` (jitted once, state donated):
 
 1. **Forward pass** over a window of $T$ = {cfg['train']['seq_len']} characters for
    $B$ = {cfg['train']['batch_size']} parallel streams: embedding → LSTM/RNN layers, each one
@@ -189,9 +189,9 @@ One iteration of `charrnn.train.train_step` (jitted once, state donated):
 
 The lines that do 3–5, read from the source now:
 
-{quote(train.train_step, 'jax.value_and_grad', 'optax.apply_updates')}
+{quote(step_lib.train_step, 'jax.value_and_grad', 'optax.apply_updates')}
 `clip` is `optim.make_clip(config.optim)` and `optimizer` the Adam/SGD link
-(`train.make_train_step`); `grad_norm` is $g$ before clipping and is logged.
+(`step.make_train_step`); `grad_norm` is $g$ before clipping and is logged.
 
 **Telemetry of a real run.** The report trained its language model
 ({_cell_name(cfg['model']['cell'])}
@@ -231,7 +231,7 @@ def _cell_name(cell):
 
 
 def section_inference(results) -> str:
-    from charrnn import train
+    from charrnn import step as step_lib
     lm = results["lm"]
     val = [r for r in lm["records"] if r["split"] == "val"][-1]
     s = lm["sample"]
@@ -253,7 +253,7 @@ $x_{{t+1}}$ (teacher forcing), for all $T$ positions of a window at once; the hi
 carried between windows, gradients flow back through at most $T$ steps, and the parameters
 change after every window:
 
-{quote(train.loss_fn, 'carry, logits = model(', 'return optax')}
+{quote(step_lib.loss_fn, 'carry, logits = model(', 'return optax')}
 The trained model's validation loss is {_f(val['loss'], 4)} nats/char
 ({_f(val['bpc'], 4)} bits/char) at step {val['step']}.
 

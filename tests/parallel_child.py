@@ -21,7 +21,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import default  # noqa: E402
-from charrnn import data, models, optim, parallel, train  # noqa: E402
+from charrnn import data, models, optim, parallel  # noqa: E402
+from charrnn import step as step_lib  # noqa: E402
 
 NUM_STEPS = 4
 
@@ -44,9 +45,9 @@ def train_steps(config, dp: parallel.DataParallel) -> dict:
     batcher = data.Batcher(vocab.encode(text), config.train.batch_size, config.train.seq_len,
                            config.seed)
     model = models.CharRNN.from_config(config.model, vocab.size)
-    state = dp.place_state(train.init_state(model, optim.make_optimizer(config),
+    state = dp.place_state(step_lib.init_state(model, optim.make_optimizer(config),
                                             config.train.batch_size, config.seed))
-    step_fn = dp.wrap_step(train.make_train_step(model, config, dp.mesh))
+    step_fn = dp.wrap_step(step_lib.make_train_step(model, config, dp.mesh))
     out = {"loss": [], "grad_norm": [], "clipped": []}
     for step in range(NUM_STEPS):
         x, y, reset = batcher.next()

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from charrnn import data, models, sweep, train
+from charrnn import data, models, sweep
+from charrnn import step as step_lib
 from conftest import REPO
 
 
@@ -61,7 +62,7 @@ def test_reference_norm_is_the_mean_norm_at_the_initial_parameters(ablation_conf
     carry, norms = model.initial_carry(config.train.batch_size), []
     for _ in range(2):  # the same windows, the state carried, the parameters never moved
         x, y, _ = batcher.next()
-        (_, carry), g = jax.value_and_grad(train.loss_fn, has_aux=True)(params, model, carry, x, y)
+        (_, carry), g = jax.value_and_grad(step_lib.loss_fn, has_aux=True)(params, model, carry, x, y)
         norms.append(float(np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(g)))))
     assert sweep.reference_norm(ablation_config, run, corpus) == pytest.approx(np.mean(norms),
                                                                                rel=1e-5)

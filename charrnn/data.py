@@ -262,6 +262,11 @@ def _download(url: str, target: str, sha256: str) -> None:
 # Splits and batching
 
 
+def text_sha256(text: str) -> str:
+    """sha256 of the text as read (its UTF-8 encoding), to tell a changed text on resume."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def split(ids: np.ndarray, val_fraction: float,
           test_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Contiguous (train, val, test) views of ids [N], in that order."""

@@ -20,7 +20,7 @@ def _run(args, **kw):
 
 def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    r = _run(["experiments/report.py", "--smoke", f"--outdir={out}", f"--report={out}/REPORT.md",
+    r = _run(["experiments/pages/report.py", "--smoke", f"--outdir={out}", f"--report={out}/REPORT.md",
               f"--workdir={work}", f"--data_path={text_file}"])
     assert r.returncode == 0, r.stderr[-3000:]
     for path in ["exploding/jacobian_slopes.md", "exploding/jacobian_norms.csv",
@@ -48,7 +48,7 @@ def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp
     lm = work / "lm"
     val = [json.loads(l) for l in (lm / "metrics.jsonl").read_text().splitlines()
            if json.loads(l)["split"] == "val"]
-    r = _run(["experiments/quality.py", f"--workdirs={lm}", "--threshold=100",
+    r = _run(["experiments/pages/quality.py", f"--workdirs={lm}", "--threshold=100",
               f"--markdown={out}/QUALITY.md", "--hardware=the test machine"])
     assert r.returncode == 0, r.stderr[-3000:]
     quality = (out / "QUALITY.md").read_text()
@@ -58,7 +58,7 @@ def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp
 
 
 def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
-    base = ["experiments/clip_ablation.py", f"--outdir={tmp_path}", "--smoke",
+    base = ["experiments/science/clip_ablation.py", f"--outdir={tmp_path}", "--smoke",
             f"--config.data.path={text_file}", "--config.sweep.cells=('rnn',)",
             "--config.sweep.optimizers=('sgd',)", "--config.sweep.thresholds=('none','1x')"]
     listed = _run(base + ["--list_runs"])
@@ -88,14 +88,14 @@ def test_quality_page_finds_the_first_crossing_and_the_best(tmp_path):
                for s, loss in [(1, 1.7), (2, 1.49), (3, 1.45), (4, 1.46)]]
     records.insert(2, {"step": 2, "split": "train", "loss": 1.3, "bpc": 1.9})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    r = _run(["experiments/quality.py", f"--workdirs={tmp_path}", "--threshold=1.5",
+    r = _run(["experiments/pages/quality.py", f"--workdirs={tmp_path}", "--threshold=1.5",
               "--hardware=here"])
     assert r.returncode == 0, r.stderr[-2000:]
     # first val <= 1.5 at step 2 (not the best, at step 3); the last train record
     assert "| 1.4900 at step 2, 2.0 min | 1.4500 at step 3, 3.0 min | 1.3000 (step 2) |" \
         in r.stdout
     assert "float32 products" in r.stdout
-    bad = _run(["experiments/quality.py", f"--workdirs={tmp_path / 'nope'}"])
+    bad = _run(["experiments/pages/quality.py", f"--workdirs={tmp_path / 'nope'}"])
     assert bad.returncode == 1 and "is not a training workdir" in bad.stderr
 
 
@@ -112,7 +112,7 @@ def test_quality_page_sums_wall_time_over_launches(tmp_path):
                for s, loss, wall in [(1, 1.7, 60.0), (2, 1.6, 120.0), (3, 1.4, 30.0),
                                      (4, 1.3, 90.0)]]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    r = _run(["experiments/quality.py", f"--workdirs={tmp_path}", "--threshold=1.5"])
+    r = _run(["experiments/pages/quality.py", f"--workdirs={tmp_path}", "--threshold=1.5"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(2 launches, wall times summed)" in r.stdout
     # 120 s before the restart + 30 s and 90 s after it

@@ -1,28 +1,19 @@
 """The clipping-threshold ablation: a base run config plus the grid, as data.
 
-    python experiments/clip_ablation.py --outdir=DIR [--smoke]
-    python experiments/clip_ablation.py --outdir=DIR --config.sweep.seeds=0,1,2
+    python experiments/science/clip_ablation.py --outdir=DIR [--smoke]
+    python experiments/science/clip_ablation.py --outdir=DIR --config.sweep.seeds=0,1,2
 
 Fields outside ``sweep`` are those of default.py (model.cell and optim.name
 are set per run from the grid). Variant: smoke (tiny, seconds).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _default_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("charrnn_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from experiments.configs import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = _default_config()
+    config = default.get_config()
     # A small model trained long enough for gradient spikes to appear.
     config.model.hidden_size = 128
     config.model.num_layers = 1

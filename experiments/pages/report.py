@@ -31,10 +31,11 @@ import time
 
 from absl import app, flags
 
-import cli  # experiments/cli.py, beside this script
+from experiments import cli
+from experiments.configs import clip_ablation as ablation_config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(_HERE)
+REPO = os.path.dirname(os.path.dirname(_HERE))
 
 _OUTDIR = flags.DEFINE_string("outdir", os.path.join(REPO, "report"),
                               "Figures and tables referenced by the report.")
@@ -94,36 +95,37 @@ def _data_flags() -> list:
     return [f"--config.data.path={os.path.abspath(_DATA_PATH.value)}"]
 
 
-def _script_result(work: str, sub: str, script: str, smoke: bool,
+def _script_result(work: str, sub: str, module: str, smoke: bool,
                    extra=(), stale: str | None = None) -> dict:
-    """Run experiments/<script>.py into work/sub (unless --reuse finds its JSON result
-    there) and return that result; ``stale``: a subdirectory to clear before running."""
+    """Run ``python -m experiments.<module>`` into work/sub (unless --reuse finds its JSON
+    result there) and return that result; ``stale``: a subdirectory to clear before running."""
     out = os.path.join(work, sub)
+    script = module.rpartition(".")[2]
     path = os.path.join(out, f"{script}.json")
     if not (_REUSE.value and os.path.exists(path)):
         if stale and os.path.isdir(os.path.join(out, stale)):
             shutil.rmtree(os.path.join(out, stale))
-        run_script([f"experiments/{script}.py", f"--outdir={out}"]
+        run_script(["-m", f"experiments.{module}", f"--outdir={out}"]
                    + (["--smoke"] if smoke else []) + list(extra), script)
     with open(path) as f:
         return json.load(f)
 
 
 def exploding(work: str, smoke: bool) -> dict:
-    return _script_result(work, "exploding", "exploding_gradients", smoke)
+    return _script_result(work, "exploding", "science.exploding_gradients", smoke)
 
 
 def ablation(work: str, smoke: bool) -> dict:
     # runs/ cleared first: a stale grid must not mix in
-    result = _script_result(work, "ablation", "clip_ablation", smoke, extra=_data_flags(),
+    result = _script_result(work, "ablation", "science.clip_ablation", smoke, extra=_data_flags(),
                             stale="runs")
-    result["config"] = cli.config_module("clip_ablation").get_config(
+    result["config"] = ablation_config.get_config(
         "smoke" if smoke else None).to_dict()
     return result
 
 
 def bench(work: str, smoke: bool) -> dict:
-    return _script_result(work, "bench", "bench_sweep", smoke)
+    return _script_result(work, "bench", "bench.bench_sweep", smoke)
 
 
 def train_lm(work: str, smoke: bool) -> str:
@@ -244,7 +246,7 @@ def collect_figures(work: str, outdir: str) -> None:
 
 def main(argv):
     cli.start(argv)
-    import report_sections
+    from experiments.pages import report_sections
     smoke, outdir = _SMOKE.value, os.path.abspath(_OUTDIR.value)
     os.makedirs(outdir, exist_ok=True)
     work = os.path.abspath(_WORKDIR.value) if _WORKDIR.value else tempfile.mkdtemp("-report")

@@ -9,7 +9,10 @@ import math
 import os
 import platform
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments.pages import report_ablation
+from experiments.pages.report_format import cell_name as _cell_name, fmt as _f
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def quote(obj, start: str, end: str) -> str:
@@ -27,14 +30,6 @@ def quote(obj, start: str, end: str) -> str:
         path[path.index("site-packages") + len("site-packages") + 1:]
     body = "".join(f"{first + i:4d}  {lines[i]}" for i in range(i0, i1 + 1))
     return f"`{shown}`, lines {first + i0}–{first + i1}:\n\n```python\n{body}```\n"
-
-
-def _f(x, digits=3):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, float) and math.isinf(x):
-        return "∞"
-    return f"{x:.{digits}g}"
 
 
 def header(results) -> str:
@@ -226,10 +221,6 @@ def _trained_note(lm) -> str:
     return ""
 
 
-def _cell_name(cell):
-    return {"rnn": "tanh RNN", "lstm": "LSTM", "gru": "GRU"}.get(cell, cell)
-
-
 def section_inference(results) -> str:
     from charrnn import train
     lm = results["lm"]
@@ -282,19 +273,7 @@ Regenerate: `python experiments/report.py` (full) or
 """
 
 
-def _by(table, cell, opt):
-    return [r for r in table if r["cell"] == cell and r["optimizer"] == opt]
-
-
-def _mult(label):
-    """A threshold label's multiple (or absolute τ); inf for 'none'."""
-    if label == "none":
-        return math.inf
-    return float(label[:-1]) if label.endswith("x") else float(label)
-
-
 def render(results, fig) -> str:
-    import report_ablation  # imports this module's helpers
     return "".join([header(results), section_explosion(results, fig), section_clipping(results),
                     section_loop(results), report_ablation.section_ablation(results, fig),
                     report_ablation.section_bench(results), section_inference(results),

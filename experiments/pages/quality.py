@@ -24,7 +24,7 @@ import time
 
 from absl import app, flags
 
-import cli  # experiments/cli.py, beside this script
+from experiments import cli
 from charrnn import metrics
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Training workdirs, comma-separated.")

@@ -4,7 +4,8 @@ Written from the JSON of experiments/clip_ablation.py and experiments/bench_swee
 every number comes from ``results``. Used by report_sections.render.
 """
 
-from report_sections import _by, _cell_name, _f, _mult
+from experiments.pages.report_format import (by as _by, cell_name as _cell_name, fmt as _f,
+                                              multiple as _mult)
 
 
 def _labels(rows):

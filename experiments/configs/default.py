@@ -71,6 +71,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config
 
 
+def variant_names() -> tuple[str, ...]:
+    """The names ``get_config`` accepts after the colon (``None`` is the default itself)."""
+    return tuple(_VARIANTS)
+
+
 def _smoke(c):
     c.model.hidden_size, c.model.num_layers, c.model.embed_dim = 32, 1, 16
     c.train.batch_size, c.train.seq_len, c.train.num_steps = 4, 16, 20

@@ -1,4 +1,4 @@
-"""The contenders of experiments/benchmark.py, each hosted by a worker process.
+"""The contenders of experiments/bench/benchmark.py, each hosted by a worker process.
 
 One worker process per framework
 (``python -m experiments.bench.bench_workers jax|torch|numpy``):

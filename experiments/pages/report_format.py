@@ -5,6 +5,7 @@ import math
 
 
 def fmt(x, digits=3):
+    """``x`` to ``digits`` significant digits; "n/a" for None or NaN, "∞" for infinity."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     if isinstance(x, float) and math.isinf(x):
@@ -13,10 +14,12 @@ def fmt(x, digits=3):
 
 
 def cell_name(cell):
+    """The prose name of a registered cell ("rnn" -> "tanh RNN")."""
     return {"rnn": "tanh RNN", "lstm": "LSTM", "gru": "GRU"}.get(cell, cell)
 
 
 def by(table, cell, opt):
+    """The rows of an ablation table for one (cell, optimizer)."""
     return [r for r in table if r["cell"] == cell and r["optimizer"] == opt]
 
 

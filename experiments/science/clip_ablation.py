@@ -191,8 +191,7 @@ def main(argv):
         sys.exit(1)
     if _DEVICES.value != 1 and _RUN_INDEX.value < 0 and not (_LIST.value or _AGGREGATE.value):
         # One device per core: each steps its share of a group's runs on one core, with no
-        # communication (LSTM 1x128, 8 runs, 2 cores: 321k chars/s vs 211k on one device,
-        # BENCHMARKS.md).
+        # communication (measured faster than one device: docs/design-notes.md).
         cli.split_host_into_devices(_DEVICES.value or cli.usable_cores())
     from charrnn import sweep
     from charrnn.errors import UserError

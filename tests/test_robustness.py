@@ -33,8 +33,7 @@ BASE = {"data.val_fraction": 0.1, "data.test_fraction": 0.1, "model.dropout": 0.
 
 
 def _config(corpus, fields=None):
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import default
+    from experiments.configs import default
     config = default.get_config("smoke")
     config.data.path = corpus
     for field, value in {**BASE, **(fields or {})}.items():

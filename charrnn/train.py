@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from charrnn import config as config_lib
-from charrnn import data, diagnostics, hostmem, models, optim, parallel
+from charrnn import clipping, data, diagnostics, hostmem, models, optim, parallel
 from charrnn import workdir as workdir_lib
 from charrnn.checkpoint import (CheckpointError, Checkpointer, decode_step_metrics,
                                 encode_step_metrics)
@@ -73,7 +73,8 @@ def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_
 
 def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
                clip: optax.GradientTransformation, optimizer: optax.GradientTransformation,
-               schedule, axis_name: str | None = None) -> tuple[TrainState, dict]:
+               schedule, axis_name: str | None = None,
+               clip_threshold=None) -> tuple[TrainState, dict]:
     """One update: forward, loss, gradient, clip, optimizer step.
 
     batch: ``x``, ``y`` int [B, T] and ``reset`` bool [] (start of an epoch:
@@ -88,6 +89,9 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
     over that axis right after the backward pass (equal shares, so this is the
     whole batch's mean and its gradient), and everything after, clipping
     included, sees exactly what one device would.
+
+    ``clip_threshold``: clip state after the update -> the threshold in force
+    (``clipping.Clip.threshold``), logged as ``clip_threshold``; None logs none.
     """
     carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), state.carry)
     rows = None
@@ -129,6 +133,8 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
         "nonfinite": 1 - finite.astype(jnp.int32),
         "lr": schedule(state.step),
     }
+    if clip_threshold is not None:
+        metrics["clip_threshold"] = clip_threshold(clip_state)
     for layer, w_grad in enumerate(models.recurrent_weights(grads)):
         metrics[f"whh_grad_norm/{layer}"] = jnp.linalg.norm(w_grad)
     return new_state, metrics
@@ -145,8 +151,9 @@ def make_train_step(model, config, mesh=None):
     """
     hostmem.keep_freed_memory()  # on CPU, stops every step page-faulting its buffers in again
     axis = None if mesh is None else mesh.axis_names[0]
+    clip = clipping.from_config(config.optim)
     step = functools.partial(
-        train_step, model=model, clip=optim.make_clip(config.optim),
+        train_step, model=model, clip=clip.transform, clip_threshold=clip.threshold,
         optimizer=optim.make_base_optimizer(config.optim, config.train.num_steps),
         schedule=optim.make_schedule(config.optim, config.train.num_steps), axis_name=axis)
     if mesh is not None:
@@ -207,7 +214,7 @@ def summarize(step_metrics: list[dict]) -> dict:
 # Fields whose change makes a checkpoint unusable: parameter or carry shapes,
 # or the optimizer state's structure.
 _RESUME_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
-                  "train.batch_size", "optim.name")
+                  "train.batch_size", "optim.name", "optim.clip_mode")
 
 
 def check_resumable(saved: dict, config) -> None:
@@ -222,6 +229,7 @@ def check_resumable(saved: dict, config) -> None:
     if current["optim"]["name"] == "sgd" and (
             bool(saved["optim"].get("momentum")) != bool(current["optim"]["momentum"])):
         differing.append("optim.momentum (on/off)")  # plain SGD keeps no momentum state
+    differing += clipping.resume_problems(saved.get("optim", {}), current["optim"])
     if differing:
         raise CheckpointError(
             "the workdir's checkpoint was trained with a different config: " + ", ".join(differing)

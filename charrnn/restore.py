@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from charrnn import data, models, optim
+from charrnn import clipping, data, models, optim
 from charrnn import step as step_lib
 from charrnn.checkpoint import CheckpointError, Checkpointer
 
@@ -22,7 +22,7 @@ from charrnn.checkpoint import CheckpointError, Checkpointer
 # Fields whose change makes a checkpoint unusable: parameter or carry shapes,
 # or the optimizer state's structure.
 _RESUME_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
-                  "train.batch_size", "optim.name")
+                  "train.batch_size", "optim.name", "optim.clip_mode")
 
 
 def check_resumable(saved: dict, config) -> None:
@@ -37,6 +37,7 @@ def check_resumable(saved: dict, config) -> None:
     if current["optim"]["name"] == "sgd" and (
             bool(saved["optim"].get("momentum")) != bool(current["optim"]["momentum"])):
         differing.append("optim.momentum (on/off)")  # plain SGD keeps no momentum state
+    differing += clipping.resume_problems(saved.get("optim", {}), current["optim"])
     if differing:
         raise CheckpointError(
             "the workdir's checkpoint was trained with a different config: " + ", ".join(differing)

@@ -63,8 +63,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.b2 = 0.999  # adam
     config.optim.weight_decay = 0.1  # adamw: λ, applied to the matrices (not biases)
     config.optim.momentum = 0.0  # sgd (0 = plain SGD)
-    config.optim.clip_mode = "global_norm"  # global_norm, value, agc, none
-    config.optim.clip_norm = 1.0  # τ: global-norm threshold (value bound / agc ratio in those modes)
+    # A rule of charrnn/clipping.py: none, global_norm, value, agc, block_rms, autoclip, zclip.
+    config.optim.clip_mode = "global_norm"
+    config.optim.clip_norm = 1.0  # τ of global_norm; the bound of value, λ of agc, RMS of block_rms
+    config.optim.autoclip_percentile = 10.0  # autoclip: p in (0, 100] of the norm history
+    config.optim.autoclip_history = 1000  # autoclip: norms kept (ring buffer)
+    config.optim.zclip_z = 2.5  # zclip: z-score above which a norm is a spike
+    config.optim.zclip_alpha = 0.97  # zclip: EMA factor of the norm's mean and variance
+    config.optim.zclip_warmup = 25  # zclip: first steps that only gather statistics
 
     if arg:
         if arg not in _VARIANTS:

@@ -59,6 +59,9 @@ def compare(out, sweep_runs):
                                     ours_label, ours_rate))
         rows.append(_comparison(f"train {name}", "charrnn_autodiff", _rate(c, "charrnn_autodiff"),
                                 torch_label, torch_rate))
+        if _rate(c, "charrnn_2dev"):  # two CPU devices against one, at its faster setting
+            rows.append(_comparison(f"train {name}", "charrnn_2dev", _rate(c, "charrnn_2dev"),
+                                    *_fastest(c, ["charrnn", "charrnn_1thread"])))
         if "numpy" in c:
             rows.append(_comparison(f"train {name}", ours_label, ours_rate,
                                     *_fastest(c, ["numpy", "numpy_1thread"])))

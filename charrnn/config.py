@@ -8,7 +8,8 @@ calls it again for library users.
 
 The names of the choices are repeated here rather than imported from
 ``models``/``optim`` so that validating needs no JAX; ``tests/test_robustness.py``
-checks that the copies match.
+checks that the copies match. The clipping rules and their fields are read from
+the registry in ``charrnn.clipping`` (imported only after the plain checks pass).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from charrnn.errors import UserError
 CELLS = ("rnn", "gru", "lstm")  # models.CELLS
 OPTIMIZERS = ("adam", "adamw", "sgd")  # optim.OPTIMIZERS
 SCHEDULES = ("constant", "cosine")  # optim.SCHEDULES
-CLIP_MODES = ("global_norm", "value", "agc", "none")  # optim.CLIP_MODES
 CORPORA = ("shakespeare", "tinyshakespeare")  # data.BUILTIN_CORPORA
 MATMUL_DTYPES = ("float32", "bfloat16")
 
@@ -31,7 +31,7 @@ _POSITIVE_INTS = (
     "train.eval_every", "train.checkpoint_every", "train.eval_batch_size",
     "train.max_consecutive_nonfinite", "train.keep_checkpoints")
 _CHOICES = {"model.cell": CELLS, "optim.name": OPTIMIZERS, "optim.schedule": SCHEDULES,
-            "optim.clip_mode": CLIP_MODES, "model.matmul_dtype": MATMUL_DTYPES}
+            "model.matmul_dtype": MATMUL_DTYPES}
 # field: (low, high, high included); checked only where the field matters (see _applies).
 _RANGES = {
     "data.val_fraction": (0.0, 1.0, False),
@@ -92,11 +92,9 @@ def _cross_field_problems(config) -> list[str]:
     lr = config.optim.learning_rate
     if not (_is_number(lr) and lr > 0 and math.isfinite(lr)):
         problems.append(f"optim.learning_rate must be a positive number, got {lr!r}")
-    tau = config.optim.clip_norm
-    if config.optim.clip_mode != "none" and not (
-            _is_number(tau) and tau > 0 and math.isfinite(tau)):
-        problems.append(f"optim.clip_norm must be a positive number with optim.clip_mode="
-                        f"{config.optim.clip_mode}, got {tau!r} (or set optim.clip_mode=none)")
+    # optim.clip_mode and the fields its rule reads: the registry checks them.
+    from charrnn import clipping  # imports JAX: only once the plain checks have passed
+    problems += clipping.config_problems(config.optim)
     if config.optim.schedule == "cosine" and not (
             _is_int(config.optim.warmup_steps) and config.optim.warmup_steps >= 0):
         problems.append(f"optim.warmup_steps must be an integer >= 0, "

@@ -1,6 +1,9 @@
-"""The optimizer: a clipping transform followed by Adam, AdamW or SGD.
+"""The optimizer: a clipping rule followed by Adam, AdamW or SGD.
 
     tx = optax.chain(clip(τ), adam(schedule))
+
+The clipping rules live in :mod:`charrnn.clipping` (their registry); this
+module chains the one ``optim.clip_mode`` names in front of the update rule.
 
 Clipping is the first link of the chain, so it acts on the raw gradient
 exactly between ``jax.value_and_grad`` and the optimizer's update (Pascanu,
@@ -19,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-CLIP_MODES = ("global_norm", "value", "agc", "none")
+from charrnn import clipping
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 
@@ -38,17 +42,9 @@ def make_schedule(optim_config, num_steps: int) -> optax.Schedule:
 
 
 def make_clip(optim_config) -> optax.GradientTransformation:
-    """The clipping link of the chain, chosen by ``optim.clip_mode``."""
-    mode, tau = optim_config.clip_mode, optim_config.clip_norm
-    if mode == "global_norm":
-        return optax.clip_by_global_norm(tau)
-    if mode == "value":
-        return optax.clip(tau)  # every component into [-τ, τ]; changes the direction
-    if mode == "agc":
-        return optax.adaptive_grad_clip(tau)  # unit-wise, relative to the parameter norm
-    if mode == "none":
-        return optax.identity()
-    raise ValueError(f"unknown optim.clip_mode {mode!r}; choose from {CLIP_MODES}")
+    """The clipping link of the chain: the registered rule ``optim.clip_mode``
+    (:mod:`charrnn.clipping`) at the config's strength."""
+    return clipping.from_config(optim_config).transform
 
 
 def make_base_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:

@@ -17,7 +17,7 @@ import os
 import jax
 import numpy as np
 
-from charrnn import data, models, optim
+from charrnn import clipping, data, models, optim
 from charrnn import step as step_lib
 from charrnn.checkpoint import CheckpointError, Checkpointer
 
@@ -25,7 +25,7 @@ from charrnn.checkpoint import CheckpointError, Checkpointer
 # Fields whose change makes a checkpoint unusable: parameter or carry shapes,
 # or the optimizer state's structure.
 _SHAPE_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
-                 "train.batch_size", "optim.name")
+                 "train.batch_size", "optim.name", "optim.clip_mode")
 # Fields whose change would make the resumed run another run: the batcher position
 # means other text under another seq_len, seed or split; the random streams differ.
 _SAME_RUN_FIELDS = ("seed", "train.seq_len", "data.encoding", "data.val_fraction",
@@ -72,6 +72,7 @@ def check_resumable(meta: dict, config, text_sha256: str) -> None:
     if current["optim"]["name"] == "sgd" and (
             bool(saved["optim"].get("momentum")) != bool(current["optim"]["momentum"])):
         differing.append("optim.momentum (on/off)")  # plain SGD keeps no momentum state
+    differing += clipping.resume_problems(saved.get("optim", {}), current["optim"])
     old, new = corpus_of(saved), corpus_of(current)
     if old != new:
         differing.append(f"{new[0]} {old[1]!r} -> {new[1]!r}" if old[0] == new[0] else

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from charrnn import data, diagnostics, hostmem, models, optim, parallel
+from charrnn import clipping, data, diagnostics, hostmem, models, optim, parallel
 
 LN2 = math.log(2.0)
 
@@ -65,7 +65,8 @@ def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_
 
 def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
                clip: optax.GradientTransformation, optimizer: optax.GradientTransformation,
-               schedule, axis_name: str | None = None) -> tuple[TrainState, dict]:
+               schedule, axis_name: str | None = None,
+               clip_threshold=None) -> tuple[TrainState, dict]:
     """One update: forward, loss, gradient, clip, optimizer step.
 
     batch: ``x``, ``y`` int [B, T] and ``reset`` bool [] (start of an epoch:
@@ -80,6 +81,9 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
     over that axis right after the backward pass (equal shares, so this is the
     whole batch's mean and its gradient), and everything after, clipping
     included, sees exactly what one device would.
+
+    ``clip_threshold``: clip state after the update -> the threshold in force
+    (``clipping.Clip.threshold``), logged as ``clip_threshold``; None logs none.
     """
     carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), state.carry)
     rows = None
@@ -121,6 +125,8 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
         "nonfinite": 1 - finite.astype(jnp.int32),
         "lr": schedule(state.step),
     }
+    if clip_threshold is not None:
+        metrics["clip_threshold"] = clip_threshold(clip_state)
     for layer, w_grad in enumerate(models.recurrent_weights(grads)):
         metrics[f"whh_grad_norm/{layer}"] = jnp.linalg.norm(w_grad)
     return new_state, metrics
@@ -137,8 +143,9 @@ def make_train_step(model, config, mesh=None):
     """
     hostmem.keep_freed_memory()  # on CPU, stops every step page-faulting its buffers in again
     axis = None if mesh is None else mesh.axis_names[0]
+    clip = clipping.from_config(config.optim)
     step = functools.partial(
-        train_step, model=model, clip=optim.make_clip(config.optim),
+        train_step, model=model, clip=clip.transform, clip_threshold=clip.threshold,
         optimizer=optim.make_base_optimizer(config.optim, config.train.num_steps),
         schedule=optim.make_schedule(config.optim, config.train.num_steps), axis_name=axis)
     if mesh is not None:

@@ -14,15 +14,13 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments", "configs"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import default  # noqa: E402
 from charrnn import data, models, optim, parallel  # noqa: E402
 from charrnn import step as step_lib  # noqa: E402
+from experiments.configs import default  # noqa: E402
 
 NUM_STEPS = 4
 
@@ -77,8 +75,8 @@ def check_devices(corpus: str) -> dict:
 
 def sweep_configs(corpus: str) -> list:
     """4 runs of the clip_ablation smoke config: seeds 0, 1 and τ = inf, 0.1, 0.4, 0.32."""
-    import clip_ablation
     from charrnn import sweep
+    from experiments.configs import clip_ablation
     base = clip_ablation.get_config("smoke")
     base.data.path = corpus
     base.data.val_fraction = base.data.test_fraction = 0.1

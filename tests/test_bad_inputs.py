@@ -23,8 +23,7 @@ SMOKE = os.path.join(REPO, "experiments", "configs", "default.py") + ":smoke"
 
 
 def _smoke_config(corpus):
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import default
+    from experiments.configs import default
     config = default.get_config("smoke")
     config.data.path = corpus
     return config
@@ -38,7 +37,6 @@ def test_choice_names_match_the_modules_they_configure():
     assert config_lib.CELLS == models.CELLS
     assert config_lib.OPTIMIZERS == optim.OPTIMIZERS
     assert config_lib.SCHEDULES == optim.SCHEDULES
-    assert config_lib.CLIP_MODES == optim.CLIP_MODES
     assert config_lib.CORPORA == data.BUILTIN_CORPORA
 
 
@@ -51,8 +49,7 @@ def test_a_bad_config_fails_before_the_workdir_is_touched(smoke_config, tmp_path
 
 
 def test_every_config_variant_validates():
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import default
+    from experiments.configs import default
     assert "tinyshakespeare_xl" in default._VARIANTS
     for name in [None, *default._VARIANTS]:
         config_lib.validate(default.get_config(name))
@@ -121,7 +118,8 @@ def _catalogue(d, corpus, trained):
                                           "--config.optim.weight_decay=-0.1"],
          "optim.weight_decay must be in [0, inf), got -0.1"),
         ("unknown clip mode", work + ["--config.optim.clip_mode=norm"],
-         "unknown optim.clip_mode 'norm'; choose from global_norm, value, agc, none"),
+         "unknown optim.clip_mode 'norm'; choose from none, global_norm, value, agc, block_rms, "
+         "autoclip, zclip"),
         ("unknown schedule", work + ["--config.optim.schedule=linear"],
          "unknown optim.schedule 'linear'; choose from constant, cosine"),
         ("dropout 1", work + ["--config.model.dropout=1.0"], "model.dropout must be in [0, 1)"),
@@ -200,6 +198,36 @@ def _catalogue(d, corpus, trained):
          f"cannot load --config={d}/nope.py: [Errno 2] No such file or directory"),
         ("--fresh with eval", [f"--workdir={trained}", "--mode=eval", "--fresh"],
          "--fresh starts a training run again"),
+        *_clipping_cases(d, trained, smoke, work),
+    ]
+
+
+def _clipping_cases(d, trained, smoke, work):
+    """Bad settings of the clipping rules (charrnn.clipping's registry checks them)."""
+    rule = lambda name, *fields: work + [f"--config.optim.clip_mode={name}"] + [
+        f"--config.optim.{f}" for f in fields]
+    return [
+        ("autoclip percentile 0", rule("autoclip", "autoclip_percentile=0"),
+         "optim.autoclip_percentile must be in (0, 100] with optim.clip_mode=autoclip, got 0.0"),
+        ("autoclip percentile 101", rule("autoclip", "autoclip_percentile=101"),
+         "optim.autoclip_percentile must be in (0, 100]"),
+        ("autoclip history 0", rule("autoclip", "autoclip_history=0"),
+         "optim.autoclip_history must be an integer >= 1 with optim.clip_mode=autoclip, got 0"),
+        ("zclip z_thr 0", rule("zclip", "zclip_z=0"),
+         "optim.zclip_z must be a positive number with optim.clip_mode=zclip, got 0.0"),
+        ("zclip alpha 1", rule("zclip", "zclip_alpha=1"),
+         "optim.zclip_alpha must be in (0, 1) with optim.clip_mode=zclip, got 1.0"),
+        ("zclip alpha 0", rule("zclip", "zclip_alpha=0"), "optim.zclip_alpha must be in (0, 1)"),
+        ("agc lambda 0", rule("agc", "clip_norm=0"),
+         "optim.clip_norm must be a positive number with optim.clip_mode=agc, got 0.0"),
+        ("value bound < 0", rule("value", "clip_norm=-0.5"),
+         "optim.clip_norm must be a positive number with optim.clip_mode=value, got -0.5"),
+        ("block_rms bound 0", rule("block_rms", "clip_norm=0"),
+         "optim.clip_norm must be a positive number with optim.clip_mode=block_rms"),
+        ("changed clip rule on resume", [f"--workdir={trained}"] + smoke
+         + ["--config.optim.clip_mode=zclip"],
+         "the workdir's checkpoint was trained with a different config: optim.clip_mode "
+         "'global_norm' -> 'zclip' (use another --workdir, --fresh"),
     ]
 
 

@@ -6,7 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from charrnn import optim
+from charrnn import models, optim
+from charrnn import step as step_lib
 
 
 def _optim_config(**kw):
@@ -24,38 +25,79 @@ def _flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize("tau", [0.5, 1.0, 2.5])
-def test_global_norm_clip_caps_the_norm_and_keeps_the_direction(tau):
-    clip = optim.make_clip(_optim_config(clip_norm=tau))
+def test_make_clip_is_the_configured_rule_at_the_configured_strength():
+    clip = optim.make_clip(_optim_config(clip_norm=2.5))
     clipped, _ = clip.update(GRADS, clip.init(GRADS))
-    g, c = _flat(GRADS), _flat(clipped)
-    assert float(optim.global_norm(GRADS)) == pytest.approx(5.0)
-    assert np.linalg.norm(c) == pytest.approx(tau, rel=1e-6)
-    cosine = g @ c / (np.linalg.norm(g) * np.linalg.norm(c))
-    assert cosine == pytest.approx(1.0, abs=1e-6)
-    np.testing.assert_allclose(c, g * tau / 5.0, rtol=1e-6)
-
-
-def test_global_norm_clip_leaves_small_gradients_unchanged():
-    clip = optim.make_clip(_optim_config(clip_norm=5.0))  # g == τ: unchanged too
-    clipped, _ = clip.update(GRADS, clip.init(GRADS))
-    np.testing.assert_array_equal(_flat(clipped), _flat(GRADS))
-
-
-def test_value_clip_bounds_each_component():
+    np.testing.assert_allclose(_flat(clipped), _flat(GRADS) * 0.5, rtol=1e-6)
     clip = optim.make_clip(_optim_config(clip_mode="value", clip_norm=1.0))
-    clipped, _ = clip.update(GRADS, clip.init(GRADS))
-    np.testing.assert_array_equal(_flat(clipped), [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(_flat(clip.update(GRADS, clip.init(GRADS))[0]), [1.0, 0.0, 1.0])
 
 
-def test_the_chain_is_clip_then_adam():
-    config = ml_collections.ConfigDict({"optim": _optim_config(clip_norm=1.0),
-                                        "train": {"num_steps": 10}})
-    tx = optim.make_optimizer(config)
-    params = {"a": jnp.zeros(2), "b": {"c": jnp.zeros((1, 1))}}
-    updates, _ = tx.update(GRADS, tx.init(params), params)
-    # Adam's first step moves every coordinate with a non-zero gradient by -lr·sign(g).
-    np.testing.assert_allclose(_flat(updates), [-1e-2, 0.0, -1e-2], rtol=1e-4)
+def _real_step(smoke_config, **optim_fields):
+    """(params before, grads at them, params after, metrics) of one real train step."""
+    smoke_config.optim.update(optim_fields)
+    model = models.CharRNN.from_config(smoke_config.model, 12)
+    state = step_lib.init_state(model, optim.make_optimizer(smoke_config),
+                             smoke_config.train.batch_size, smoke_config.seed)
+    batch = _batch(smoke_config)
+    before = jax.tree.map(np.array, state.params)
+    carry = model.initial_carry(smoke_config.train.batch_size)
+    grads = jax.grad(lambda p: step_lib.loss_fn(p, model, carry, batch["x"], batch["y"])[0])(
+        state.params)
+    state, metrics = step_lib.make_train_step(model, smoke_config)(state, batch, jax.random.key(0))
+    return before, grads, jax.tree.map(np.array, state.params), metrics
+
+
+def _batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (config.train.batch_size, config.train.seq_len)
+    return {"x": rng.integers(0, 12, shape, dtype=np.int32),
+            "y": rng.integers(0, 12, shape, dtype=np.int32), "reset": np.bool_(True)}
+
+
+@pytest.mark.parametrize("tau", [1e-2, 1e6])
+def test_sgd_receives_the_clipped_gradient(smoke_config, tau):
+    """θ' = θ − lr·g·τ/||g|| when ||g|| > τ, θ − lr·g otherwise, through train_step."""
+    lr = 0.5
+    before, grads, after, metrics = _real_step(
+        smoke_config, name="sgd", learning_rate=lr, momentum=0.0, clip_norm=tau)
+    norm = float(optim.global_norm(grads))
+    scale = tau / norm if norm > tau else 1.0
+    assert (norm > tau) == (tau == 1e-2)  # one case clips, the other does not
+    for b, g, a in zip(jax.tree.leaves(before), jax.tree.leaves(grads), jax.tree.leaves(after)):
+        step = (-lr * scale * np.asarray(g, np.float64)).astype(np.float32)
+        np.testing.assert_allclose(a, b + step, rtol=1e-6, atol=1e-7)
+    assert float(metrics["clip_threshold"]) == pytest.approx(tau)
+
+
+def test_adam_update_differs_with_and_without_clipping(smoke_config):
+    """Adam's first step is scale invariant, so two steps: with global-norm clipping
+    Adam's second update follows the clipped gradients (checked against optax.adam
+    fed g·τ/||g|| by hand), which differ in ratio from the raw ones."""
+    def two_steps(clip_mode):
+        config = ml_collections.ConfigDict(smoke_config.to_dict())
+        config.optim.update(name="adam", clip_mode=clip_mode, clip_norm=1e-2)
+        model = models.CharRNN.from_config(config.model, 12)
+        state = step_lib.init_state(model, optim.make_optimizer(config), config.train.batch_size, 0)
+        start = jax.tree.map(jnp.array, state.params)
+        step = step_lib.make_train_step(model, config)
+        batches = [_batch(config, 0), _batch(config, 1)]
+        for i, b in enumerate(batches):
+            state, _ = step(state, b, jax.random.key(i))
+        return model, config, start, batches, jax.tree.map(np.array, state.params)
+
+    model, config, start, batches, clipped_run = two_steps("global_norm")
+    *_, raw_run = two_steps("none")
+    adam = optim.make_base_optimizer(config.optim, config.train.num_steps)
+    params, opt_state = start, adam.init(start)
+    carry = model.initial_carry(config.train.batch_size)  # every batch has reset=True
+    for b in batches:  # the reference: optax.adam on hand-clipped gradients
+        g = jax.grad(lambda p: step_lib.loss_fn(p, model, carry, b["x"], b["y"])[0])(params)
+        g = jax.tree.map(lambda x: x * min(1.0, 1e-2 / float(optim.global_norm(g))), g)
+        updates, opt_state = adam.update(g, opt_state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+    np.testing.assert_allclose(_flat(clipped_run), _flat(params), rtol=1e-4, atol=1e-6)
+    assert np.max(np.abs(_flat(clipped_run) - _flat(raw_run))) > 1e-4
 
 
 @pytest.mark.parametrize("field,value", [("clip_mode", "bogus"), ("name", "bogus"),

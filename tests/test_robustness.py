@@ -33,8 +33,7 @@ BASE = {"data.val_fraction": 0.1, "data.test_fraction": 0.1, "model.dropout": 0.
 
 
 def _config(corpus, fields=None):
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import default
+    from experiments.configs import default
     config = default.get_config("smoke")
     config.data.path = corpus
     for field, value in {**BASE, **(fields or {})}.items():
@@ -131,6 +130,33 @@ def test_resume_is_bit_exact(reference, corpus, tmp_path):
     assert _records(extended, ("train", "val")) == _records(reference, ("train", "val"))
     # The step-10 train record averages steps 6-10: 6 and 7 came from the checkpoint.
     assert _records(killed) == _records(reference)
+
+
+@pytest.mark.parametrize("rule", [
+    {"optim.clip_mode": "autoclip", "optim.autoclip_percentile": 50.0,
+     "optim.autoclip_history": 6},
+    {"optim.clip_mode": "zclip", "optim.zclip_z": 1.0, "optim.zclip_warmup": 3}])
+def test_resume_is_bit_exact_with_a_stateful_clipping_rule(rule, corpus, tmp_path):
+    """N straight steps = N/2 + N/2: the rule's state (history, EMA) is checkpointed."""
+    fields = {**rule, "train.log_every": 2}
+    straight, halves = str(tmp_path / "straight"), str(tmp_path / "halves")
+    train.train_and_evaluate(_config(corpus, fields), straight)
+    train.train_and_evaluate(_config(corpus, {**fields, "train.num_steps": 10}), halves)
+    shutil.copytree(halves, str(tmp_path / "stronger"))
+    train.train_and_evaluate(_config(corpus, fields), halves)
+    _assert_equal_trees(_params(halves), _params(straight))
+    records = _records(straight, ("train",))
+    assert _records(halves, ("train",)) == records
+    thresholds = [r["clip_threshold"] for r in records]
+    assert len(set(thresholds)) > 3, thresholds  # the threshold moves during training
+    assert any(r["clip_fraction"] > 0 for r in records)
+    # Changing only the rule's strength on resume is allowed (README): same state shapes.
+    strength = {"optim.autoclip_percentile": 90.0} if "autoclip" in str(rule) else {
+        "optim.zclip_z": 3.0}
+    stronger = str(tmp_path / "stronger")
+    train.train_and_evaluate(_config(corpus, {**fields, **strength}), stronger)
+    assert _steps(stronger)[-1] == 20
+    assert _records(stronger, ("train",))[-1] != records[-1]
 
 
 def test_step_metrics_survive_json_exactly():

@@ -200,8 +200,7 @@ def test_drawn_frequencies_match_the_filtered_softmax(temperature, top_k, top_p)
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import default
+    from experiments.configs import default
     root = tmp_path_factory.mktemp("sample")
     (root / "corpus.txt").write_text(_SPEECH * 15)
     config = default.get_config("smoke")

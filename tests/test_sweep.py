@@ -1,8 +1,6 @@
 """Threshold sweeps: the grid, the reference norm, and one program equal to separate runs."""
 
 import math
-import os
-import sys
 
 import jax
 import numpy as np
@@ -10,13 +8,11 @@ import pytest
 
 from charrnn import data, models, sweep
 from charrnn import step as step_lib
-from conftest import REPO
 
 
 @pytest.fixture
 def ablation_config(text_file):
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import clip_ablation
+    from experiments.configs import clip_ablation
     config = clip_ablation.get_config("smoke")
     config.data.path = text_file
     config.data.val_fraction = config.data.test_fraction = 0.1

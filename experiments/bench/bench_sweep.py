@@ -1,6 +1,6 @@
 """Throughput of one R-run sweep program against the same R runs one after another.
 
-    python experiments/bench_sweep.py --outdir=DIR [--smoke] [--cell=lstm --hidden_size=128]
+    python experiments/bench/bench_sweep.py --outdir=DIR [--smoke] [--cell=lstm --hidden_size=128]
 
 Sequential: R runs, each with its own state, stepped by the plain jitted
 :func:`charrnn.step.make_train_step` (the training path of one run).
@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags
 
-import cli  # experiments/cli.py, beside this script
+from experiments import cli
 
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for bench_sweep.json.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
@@ -55,6 +55,8 @@ def _config(smoke: bool):
 
 
 def measure(config, num_runs: int, chunks: list, steps: int, repeats: int) -> dict:
+    """chars/s (R·steps·B·T per window, best window) of sequential runs and of each chunk
+    layout of the one-program sweep, their ratios and the window spread."""
     import jax
     import jax.numpy as jnp
     import numpy as np

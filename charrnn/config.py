@@ -2,9 +2,9 @@
 
 :func:`validate` answers every bad value with one line naming the field, the
 value and what is allowed, instead of a failure deep inside JAX or optax
-minutes later. ``launch.py`` calls it right after flag parsing (before JAX is
-imported) and :func:`charrnn.train.train_and_evaluate` calls it again for
-library users.
+minutes later. The command line (:mod:`charrnn.cli`) calls it right after
+flag parsing (before JAX is imported) and :func:`charrnn.train.train_and_evaluate`
+calls it again for library users.
 
 The names of the choices are repeated here rather than imported from
 ``models``/``optim`` so that validating needs no JAX; ``tests/test_robustness.py``

@@ -7,7 +7,7 @@ Data parallelism on a one-axis mesh named ``data``:
     batch x, y [B, T], carry [B, H] -> rows sharded    NamedSharding(mesh, P('data'))
 
 The train step is one ``jax.jit`` of a ``jax.shard_map``
-(``train.make_train_step(model, config, mesh)``): each device runs the forward
+(``step.make_train_step(model, config, mesh)``): each device runs the forward
 and backward pass on its rows, then the loss and the gradient are averaged over
 the devices (one all-reduce), so the gradient the step sees (and clips by its
 global norm) is the gradient of the whole batch's mean loss, exactly as on one

@@ -193,8 +193,8 @@ def sample(params_or_workdir, vocab=None, model: models.CharRNN | None = None, *
     check_options(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                   num_samples=num_samples)
     if isinstance(params_or_workdir, (str, os.PathLike)):
-        from charrnn import train  # train imports much more than sampling needs
-        _, vocab, model, params, _ = train.load_checkpoint(os.fspath(params_or_workdir))
+        from charrnn import restore  # imports much more than sampling needs
+        _, vocab, model, params, _ = restore.load_checkpoint(os.fspath(params_or_workdir))
     else:
         params = params_or_workdir
         if vocab is None or model is None:

@@ -13,12 +13,12 @@ set τ from the average norm).
 
 Two ways to run a grid, with the same numbers:
 
-- :func:`run_single`: one run, the plain jitted :func:`train.train_step`
+- :func:`run_single`: one run, the plain jitted :func:`step.train_step`
   (one process per run, e.g. one task of a cluster array job);
 - :func:`run_group`: every run of one (rule, cell, optimizer) — they share
   parameter and rule-state shapes — in one program. The state, the batch and
   the strength τ get a leading
-  run axis [R, ...] and the step is :func:`train.train_step` under
+  run axis [R, ...] and the step is :func:`step.train_step` under
   ``jax.vmap`` (in chunks, see :func:`make_group_step`), its runs split
   over the devices of a mesh if given (:func:`group_mesh`). τ is a runtime
   array, so one compiled step serves every strength of the rule.
@@ -42,7 +42,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from charrnn import clipping, data, models, optim, parallel, train
+from charrnn import clipping, data, models, optim, parallel
+from charrnn import step as step_lib
 from charrnn.errors import UserError
 
 STEP_METRICS = ("loss", "grad_norm", "grad_norm_clipped", "clip_threshold", "clipped",
@@ -182,7 +183,7 @@ class Corpus:
 
 
 def run_single(config, corpus: Corpus, num_steps: int | None = None) -> dict:
-    """Train one run with :func:`train.make_train_step`; returns its history.
+    """Train one run with :func:`step.make_train_step`; returns its history.
 
     ``config`` is a full run config (:func:`run_config`). History: per-step
     arrays ``loss``, ``grad_norm``, ``grad_norm_clipped``, ``clipped``,
@@ -190,14 +191,14 @@ def run_single(config, corpus: Corpus, num_steps: int | None = None) -> dict:
     """
     num_steps = config.train.num_steps if num_steps is None else num_steps
     model = models.CharRNN.from_config(config.model, corpus.vocab_size)
-    state = train.init_state(model, optim.make_optimizer(config), config.train.batch_size,
+    state = step_lib.init_state(model, optim.make_optimizer(config), config.train.batch_size,
                              config.seed)
-    step_fn = train.make_train_step(model, config)
-    eval_fn = train.make_eval_step(model)
+    step_fn = step_lib.make_train_step(model, config)
+    eval_fn = step_lib.make_eval_step(model)
     batcher = data.Batcher(corpus.train_ids, config.train.batch_size, config.train.seq_len,
                            config.seed)
     base_key = jax.random.wrap_key_data(np.asarray(state.rng))  # a copy: the state is donated
-    evaluate = lambda params: train.evaluate(eval_fn, model, params, corpus.val_ids,
+    evaluate = lambda params: step_lib.evaluate(eval_fn, model, params, corpus.val_ids,
                                              config.train.eval_batch_size,
                                              config.train.seq_len)["loss"]
     history = _History(1)
@@ -217,14 +218,14 @@ def reference_norm(config, run: Run, corpus: Corpus) -> float:
 
     The warm-up feeds the run's first ``sweep.warmup_steps`` training windows
     (same seed, same batcher, hidden state carried) through
-    :func:`train.train_step` with clipping off and an optimizer that changes
+    :func:`step.train_step` with clipping off and an optimizer that changes
     nothing, so it measures the unclipped norm without moving: a warm-up that
     trained at a learning rate that explodes would measure the explosion. Every
     way of running the grid calls this, so all get the same τ.
     """
     c = run_config(config, dataclasses.replace(run, rule="none", threshold="none"))
     model = models.CharRNN.from_config(c.model, corpus.vocab_size)
-    state = train.init_state(model, optax.chain(optax.identity(), optax.set_to_zero()),
+    state = step_lib.init_state(model, optax.chain(optax.identity(), optax.set_to_zero()),
                              c.train.batch_size, c.seed)
     step_fn = _frozen_step(model)
     batcher = data.Batcher(corpus.train_ids, c.train.batch_size, c.train.seq_len, c.seed)
@@ -244,7 +245,7 @@ def reference_norm(config, run: Run, corpus: Corpus) -> float:
 @functools.lru_cache(maxsize=8)
 def _frozen_step(model: models.CharRNN):
     """train_step with clipping off and a zero update (compiled once per model)."""
-    return jax.jit(functools.partial(train.train_step, model=model, clip=optax.identity(),
+    return jax.jit(functools.partial(step_lib.train_step, model=model, clip=optax.identity(),
                                      optimizer=optax.set_to_zero(),
                                      schedule=optax.constant_schedule(0.0)))
 
@@ -271,7 +272,7 @@ def thresholds(config, runs: list[Run], corpus: Corpus) -> tuple[list[float], di
 def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh=None):
     """The jitted step of R runs: (states[R], batches[R], taus[R]) -> (states, metrics[R]).
 
-    Each run's step is :func:`train.train_step` with the rule ``optim.clip_mode``
+    Each run's step is :func:`step.train_step` with the rule ``optim.clip_mode``
     of ``config`` at strength τ_r, a traced scalar (:func:`clipping.from_config`;
     ignored by the rule none). ``runs_per_chunk`` C sets the layout:
     runs are vectorized C at a time by ``jax.vmap`` and the R / C chunks run one
@@ -296,7 +297,7 @@ def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh
     def one_run(state, batch, tau):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         clip = clipping.from_config(config.optim, strength=tau)
-        return train.train_step(state, batch, key, model=model, clip=clip.transform,
+        return step_lib.train_step(state, batch, key, model=model, clip=clip.transform,
                                 clip_threshold=clip.threshold, optimizer=optimizer,
                                 schedule=schedule)
 
@@ -327,13 +328,13 @@ def default_runs_per_chunk() -> int:
 
 def make_group_eval(model: models.CharRNN):
     """Summed val nats of one window for R runs: params[R], carry[R], shared x, y, mask."""
-    step = functools.partial(train.eval_step, model=model)
+    step = functools.partial(step_lib.eval_step, model=model)
     return jax.jit(jax.vmap(step, in_axes=(0, 0, None, None, None)))
 
 
-def init_group(model, configs: list) -> train.TrainState:
+def init_group(model, configs: list) -> step_lib.TrainState:
     """The R runs' initial states stacked on a leading run axis."""
-    states = [train.init_state(model, optim.make_optimizer(c), c.train.batch_size, c.seed)
+    states = [step_lib.init_state(model, optim.make_optimizer(c), c.train.batch_size, c.seed)
               for c in configs]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
@@ -449,9 +450,9 @@ def summarize(run: Run, tau: float, history: dict, reference: float | None = Non
         "cell": run.cell, "optimizer": run.optimizer, "seed": run.seed, "rule": run.rule,
         "threshold": run.threshold, "tau": tau, "reference_norm": reference,
         "mean_clip_threshold": _finite_mean(history.get("clip_threshold")),
-        "final_val_bpc": final / train.LN2, "best_val_bpc": float(finite_val.min()) / train.LN2
+        "final_val_bpc": final / step_lib.LN2, "best_val_bpc": float(finite_val.min()) / step_lib.LN2
         if finite_val.size else float("nan"),
-        "initial_val_bpc": initial / train.LN2,
+        "initial_val_bpc": initial / step_lib.LN2,
         "diverged": bool(nonfinite > 0 or not math.isfinite(final) or final > initial),
         "clip_fraction": float(history["clipped"].mean()),
         "mean_grad_norm": float(grad.mean()) if grad.size else float("nan"),

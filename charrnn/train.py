@@ -1,197 +1,37 @@
-"""Training: the loss, the jitted train step, evaluation and the training loop.
+"""The host side of training: the loop that feeds :mod:`charrnn.step`, and its records.
 
-One training iteration, in the order the seed describes it:
-
-1. forward pass over a window of T characters (teacher forcing: the input at
-   t is the true character x[t]), carrying the hidden state from the previous
-   window (truncated BPTT);
-2. loss: mean cross-entropy against the next characters, in nats/char;
-3. backward pass (BPTT through the scan): raw gradients g;
-4. clipping: ``clip.update(g)`` — exactly between the backward pass and the
-   optimizer (see :func:`train_step`);
-5. optimizer step: Adam (or SGD) on the clipped gradient.
+:func:`train_and_evaluate` (the entry point) validates the config, reads the
+text, takes the workdir's lock, resumes from the latest checkpoint when there
+is one (:mod:`charrnn.restore` checks that it fits), then runs :class:`_Loop`:
+batches from the :class:`data.Batcher` into the jitted train step, a train
+record every ``log_every`` steps, val (and at the end test) every
+``eval_every``, a checkpoint every ``checkpoint_every``, and a clean stop with
+a checkpoint on SIGTERM/SIGINT. The run begins with a header saying what it
+trains and ends with the commands to use the result (:mod:`charrnn.runinfo`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from charrnn import config as config_lib
-from charrnn import clipping, data, diagnostics, hostmem, models, optim, parallel
+from charrnn import data, diagnostics, models, optim, parallel, restore, runinfo
+from charrnn import step as step_lib
 from charrnn import workdir as workdir_lib
-from charrnn.checkpoint import (CheckpointError, Checkpointer, decode_step_metrics,
-                                encode_step_metrics)
-from charrnn.metrics import MetricWriter
+from charrnn.checkpoint import Checkpointer, decode_step_metrics, encode_step_metrics
 from charrnn.errors import UserError
-
-LN2 = math.log(2.0)
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a step changes; a pytree of arrays (saved as-is in checkpoints)."""
-    step: jax.Array  # int32 []: steps taken (skipped non-finite steps included)
-    params: dict
-    opt_state: Any  # (clip state, optimizer state), as optax.chain keeps it
-    carry: tuple  # hidden state carried into the next window, [B, H] per layer
-    rng: jax.Array  # uint32 key data; dropout key of step s = fold_in(key, s)
-    nonfinite_run: jax.Array  # int32 []: consecutive skipped steps so far
-    nonfinite_total: jax.Array  # int32 []: all skipped steps
-
-
-def init_state(model: models.CharRNN, tx: optax.GradientTransformation, batch_size: int,
-               seed: int) -> TrainState:
-    init_key, dropout_key = jax.random.split(jax.random.key(seed))
-    params = model.init(init_key)
-    zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
-    return TrainState(step=zero(), params=params, opt_state=tx.init(params),
-                      carry=model.initial_carry(batch_size),
-                      rng=jax.random.key_data(dropout_key), nonfinite_run=zero(), nonfinite_total=zero())
-
-
-def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_rows=None):
-    """Mean cross-entropy in nats/char of targets y [B, T] given inputs x [B, T].
-
-    Returns (loss, carry after the window). ``batch_rows``: see ``CharRNN.__call__``.
-    """
-    carry, logits = model(params, carry, x, dropout_key, batch_rows=batch_rows)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), carry
-
-
-def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
-               clip: optax.GradientTransformation, optimizer: optax.GradientTransformation,
-               schedule, axis_name: str | None = None,
-               clip_threshold=None) -> tuple[TrainState, dict]:
-    """One update: forward, loss, gradient, clip, optimizer step.
-
-    batch: ``x``, ``y`` int [B, T] and ``reset`` bool [] (start of an epoch:
-    the carried hidden state restarts from zeros). key: dropout key of this step.
-    A step whose loss, gradient or update is not finite changes neither the
-    parameters nor the optimizer state; it is counted instead. (An update whose
-    norm overflows float32, e.g. Adam with a learning rate of 1e20, counts too:
-    applying it would leave finite but meaningless weights, and the next loss inf.)
-
-    ``axis_name``: run per device under ``jax.shard_map`` over the batch rows
-    (:func:`make_train_step` with a mesh): the loss and the gradient are averaged
-    over that axis right after the backward pass (equal shares, so this is the
-    whole batch's mean and its gradient), and everything after, clipping
-    included, sees exactly what one device would.
-
-    ``clip_threshold``: clip state after the update -> the threshold in force
-    (``clipping.Clip.threshold``), logged as ``clip_threshold``; None logs none.
-    """
-    carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), state.carry)
-    rows = None
-    if axis_name is not None:
-        local = batch["x"].shape[0]
-        rows = (jax.lax.axis_index(axis_name) * local, local * jax.lax.axis_size(axis_name))
-    (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, model, carry, batch["x"], batch["y"], key, rows)
-    if axis_name is not None:
-        loss, grads = jax.lax.pmean((loss, grads), axis_name)
-
-    grad_norm = optim.global_norm(grads)  # g = ||∇θ L||_2, before clipping
-    clip_state, opt_state = state.opt_state
-    # Gradient clipping sits here: after the backward pass, before the optimizer.
-    clipped, clip_state = clip.update(grads, clip_state, state.params)
-    updates, opt_state = optimizer.update(clipped, opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optim.global_norm(updates)))
-    keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    nonfinite_run = jnp.where(finite, 0, state.nonfinite_run + 1)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=keep_new(params, state.params),
-        opt_state=keep_new((clip_state, opt_state), state.opt_state),
-        carry=keep_new(new_carry, jax.tree.map(jnp.zeros_like, new_carry)),
-        rng=state.rng, nonfinite_run=nonfinite_run,
-        nonfinite_total=state.nonfinite_total + (1 - finite.astype(jnp.int32)))
-
-    metrics = {
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "grad_norm_clipped": optim.global_norm(clipped),
-        # cos∠(g, clip(g)): 1 for global-norm clipping, below 1 when a rule turns g.
-        "clip_cosine": diagnostics.tree_cosine(grads, clipped),
-        "clipped": jnp.any(jnp.array([jnp.any(a != b) for a, b in
-                                      zip(jax.tree.leaves(clipped), jax.tree.leaves(grads))])),
-        "nonfinite": 1 - finite.astype(jnp.int32),
-        "lr": schedule(state.step),
-    }
-    if clip_threshold is not None:
-        metrics["clip_threshold"] = clip_threshold(clip_state)
-    for layer, w_grad in enumerate(models.recurrent_weights(grads)):
-        metrics[f"whh_grad_norm/{layer}"] = jnp.linalg.norm(w_grad)
-    return new_state, metrics
-
-
-def make_train_step(model, config, mesh=None):
-    """``train_step`` bound to this run's model and optimizer, jitted once, state donated.
-
-    With a data ``mesh`` (:class:`parallel.DataParallel`'s) each device steps its
-    rows of the batch and carry under ``jax.shard_map``, with one all-reduce of
-    the gradient (``train_step``'s ``axis_name``); the parameters, optimizer
-    state and metrics are the same on every device. Feed it batches placed by
-    ``DataParallel.wrap_step``.
-    """
-    hostmem.keep_freed_memory()  # on CPU, stops every step page-faulting its buffers in again
-    axis = None if mesh is None else mesh.axis_names[0]
-    clip = clipping.from_config(config.optim)
-    step = functools.partial(
-        train_step, model=model, clip=clip.transform, clip_threshold=clip.threshold,
-        optimizer=optim.make_base_optimizer(config.optim, config.train.num_steps),
-        schedule=optim.make_schedule(config.optim, config.train.num_steps), axis_name=axis)
-    if mesh is not None:
-        rows, whole = parallel.P(axis), parallel.P()
-        state = TrainState(step=whole, params=whole, opt_state=whole, carry=rows, rng=whole,
-                           nonfinite_run=whole, nonfinite_total=whole)
-        batch = {"x": rows, "y": rows, "reset": whole}
-        # check_vma=False: the hand-written VJPs (charrnn.fused) do not type their
-        # cotangents by device variance; train_step averages the gradient itself.
-        step = jax.shard_map(step, mesh=mesh, in_specs=(state, batch, whole),
-                             out_specs=(state, whole), check_vma=False)
-    return jax.jit(step, donate_argnums=0)
-
-
-def eval_step(params, carry, x, y, mask, *, model):
-    """Summed cross-entropy (nats) over the unmasked positions of one window."""
-    carry, logits = model(params, carry, x)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return carry, jnp.sum(nll * mask)
-
-
-def make_eval_step(model):
-    return jax.jit(functools.partial(eval_step, model=model))
-
-
-def evaluate(eval_fn, model, params, ids: np.ndarray, batch_size: int, seq_len: int) -> dict:
-    """Loss over a whole split, the hidden state carried from window to window.
-
-    Returns ``{"loss": nats/char, "bpc": bits/char}``.
-    """
-    carry = model.initial_carry(batch_size)
-    total, count = 0.0, 0
-    for x, y, mask in data.eval_windows(ids, batch_size, seq_len):
-        carry, nll = eval_fn(params, carry, x, y, mask)
-        total += nll  # stays on device until the end
-        count += int(mask.sum())
-    loss = float(total) / count
-    return {"loss": loss, "bpc": loss / LN2}
+from charrnn.metrics import MetricWriter
+from charrnn.step import LN2
 
 
 def summarize(step_metrics: list[dict]) -> dict:
@@ -211,45 +51,8 @@ def summarize(step_metrics: list[dict]) -> dict:
     return record
 
 
-# Fields whose change makes a checkpoint unusable: parameter or carry shapes,
-# or the optimizer state's structure.
-_RESUME_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
-                  "train.batch_size", "optim.name", "optim.clip_mode")
-
-
-def check_resumable(saved: dict, config) -> None:
-    """Raise a CheckpointError naming every field that differs from the checkpoint's."""
-    current = config.to_dict()
-    differing = []
-    for field in _RESUME_FIELDS:
-        group, name = field.split(".")
-        old, new = saved.get(group, {}).get(name), current[group][name]
-        if old != new:
-            differing.append(f"{field} {old!r} -> {new!r}")
-    if current["optim"]["name"] == "sgd" and (
-            bool(saved["optim"].get("momentum")) != bool(current["optim"]["momentum"])):
-        differing.append("optim.momentum (on/off)")  # plain SGD keeps no momentum state
-    differing += clipping.resume_problems(saved.get("optim", {}), current["optim"])
-    if differing:
-        raise CheckpointError(
-            "the workdir's checkpoint was trained with a different config: " + ", ".join(differing)
-            + " (use another --workdir, or --fresh to set the old run aside and start afresh)")
-
-
-def _encode(vocab, text: str, checkpoint_dir: str | None) -> np.ndarray:
-    """ids of ``text``; with a resumed vocabulary, unknown characters name the checkpoint."""
-    try:
-        return vocab.encode(text)
-    except data.DataError as e:
-        if checkpoint_dir is None:
-            raise
-        raise CheckpointError(
-            f"the checkpoint in {checkpoint_dir} was trained with another vocabulary: {e} "
-            "(use another --workdir, or --fresh to set the old run aside and start afresh)"
-        ) from None
-
-
-def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict:
+def train_and_evaluate(config, workdir: str, *, fresh: bool = False,
+                       launch: dict | None = None) -> dict:
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
     Writes config.json, metrics.jsonl, TensorBoard events and checkpoints.
@@ -258,6 +61,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict:
     before anything is written. One process at a time trains in a workdir (a
     lock, see :mod:`charrnn.workdir`); ``fresh=True`` moves a previous run's
     files into ``<workdir>/previous-<time>/`` and starts from step 0.
+    ``launch``: ``{"config_arg", "argv"}`` of the command line, for the record
+    appended to ``<workdir>/launches.jsonl`` (default: no --config, ``sys.argv``).
     """
     config_lib.validate(config)
     # Read before the workdir is touched: a bad data file leaves no trace there.
@@ -274,34 +79,34 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict:
         if fresh and jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("charrnn fresh start")
-        return _train_and_evaluate(config, workdir, text)
+        return _train_and_evaluate(config, workdir, text, launch or {})
 
 
-def _train_and_evaluate(config, workdir: str, text: str) -> dict:
+def _train_and_evaluate(config, workdir: str, text: str, launch: dict) -> dict:
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
         _, meta = ckpt.restore_meta(latest)
-        check_resumable(meta["config"], config)
+        restore.check_resumable(meta["config"], config)
         vocab = data.Vocab.from_json(meta["vocab"])
     else:
         vocab = data.Vocab.from_text(text)
     train_ids, val_ids, test_ids = data.split(
-        _encode(vocab, text, ckpt.directory if latest is not None else None),
+        restore.encode_resumed(vocab, text, ckpt.directory if latest is not None else None),
         config.data.val_fraction, config.data.test_fraction)
     batcher = data.Batcher(train_ids, config.train.batch_size, config.train.seq_len, config.seed)
     model = models.CharRNN.from_config(config.model, vocab.size)
     # One device: no mesh. Several (or several processes): batch rows over a data mesh.
     dp = parallel.DataParallel.create(config.train.batch_size)
     state = dp.create_state(functools.partial(
-        init_state, model, optim.make_optimizer(config), config.train.batch_size, config.seed))
+        step_lib.init_state, model, optim.make_optimizer(config), config.train.batch_size,
+        config.seed))
     pending = []  # per-step metrics since the last train record
     if latest is not None:
         state = ckpt.restore_state(latest, state)
         batcher.load_state_dict(meta["batcher"])
         pending = decode_step_metrics(meta.get("step_metrics"))
-        print(f"resuming from step {latest} ({ckpt.directory})", flush=True)
     # After the restore: a checkpoint that cannot be restored leaves the workdir as it was.
     writer = MetricWriter(workdir, enabled=dp.is_main)  # only process 0 writes metrics
     # Records past the checkpoint (or all, with none: a run killed before its first
@@ -310,6 +115,11 @@ def _train_and_evaluate(config, workdir: str, text: str) -> dict:
     if dp.is_main:
         workdir_lib.write_atomically(os.path.join(workdir, "config.json"),
                                      config.to_json_best_effort(indent=2) + "\n")
+        runinfo.append_launch(workdir, runinfo.launch_record(
+            latest or 0, launch.get("config_arg"), launch.get("argv", sys.argv)))
+    print(runinfo.header(config, workdir, params=state.params, text_chars=len(text),
+                         vocab_size=vocab.size, splits=(train_ids, val_ids, test_ids),
+                         start_step=latest or 0, checkpoints=ckpt.directory), flush=True)
 
     loop = _Loop(config, model, vocab, batcher, ckpt, writer, (val_ids, test_ids), dp)
     with _StopOnSignal() as stop:
@@ -357,10 +167,11 @@ class _Loop:
         self.batcher, self.ckpt, self.writer = batcher, ckpt, writer
         self.val_ids, self.test_ids = eval_splits
         self.dp = dp or parallel.DataParallel(mesh=None)
-        self.step_fn = self.dp.wrap_step(make_train_step(model, config, self.dp.mesh))
-        self.eval_fn = self.dp.wrap_eval(make_eval_step(model))
+        self.step_fn = self.dp.wrap_step(step_lib.make_train_step(model, config, self.dp.mesh))
+        self.eval_fn = self.dp.wrap_eval(step_lib.make_eval_step(model))
 
-    def run(self, state: TrainState, stop: _StopOnSignal, pending: list | None = None) -> dict:
+    def run(self, state: step_lib.TrainState, stop: _StopOnSignal,
+            pending: list | None = None) -> dict:
         """Steps from ``state.step`` to ``train.num_steps``; ``pending``: the per-step
         metrics since the last train record, as saved in the checkpoint resumed from."""
         cfg = self.config.train
@@ -429,7 +240,8 @@ class _Loop:
         for split, ids in splits:
             if len(ids) < 2:
                 continue
-            record = evaluate(self.eval_fn, self.model, params, ids, cfg.eval_batch_size, cfg.seq_len)
+            record = step_lib.evaluate(self.eval_fn, self.model, params, ids,
+                                       cfg.eval_batch_size, cfg.seq_len)
             record["wall_s"] = time.perf_counter() - self.started
             if split == "val":
                 record.update(diagnostics.whh_summary(params))
@@ -476,48 +288,3 @@ def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def load_checkpoint(workdir: str, step: int | None = None):
-    """(config, vocab, model, params, step) of a workdir's checkpoint (latest by default).
-
-    The config and vocabulary come from the checkpoint itself, so this works
-    on any machine, CPU-only included, whatever device trained it.
-    """
-    import ml_collections
-    ckpt = Checkpointer(workdir, create=False)
-    try:
-        step, meta = ckpt.restore_meta(step)
-        config = ml_collections.ConfigDict(meta["config"])
-        vocab = data.Vocab.from_json(meta["vocab"])
-        model = models.CharRNN.from_config(config.model, vocab.size)
-        # Shapes only (initialising the weights would compile dozens of ops), placed on
-        # this process's first device: the checkpoint's own shardings name the devices
-        # that saved it (e.g. cuda:0), which this machine may not have.
-        like = jax.eval_shape(lambda: init_state(
-            model, optim.make_optimizer(config), config.train.batch_size, config.seed))
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), like)
-        state = ckpt.restore_state(step, like)
-    finally:
-        ckpt.close()
-    return config, vocab, model, state.params, step
-
-
-def evaluate_workdir(workdir: str) -> dict:
-    """Val and test loss (nats/char) and bpc of a workdir's latest checkpoint; printed."""
-    config, vocab, model, params, step = load_checkpoint(workdir)
-    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
-    _, val_ids, test_ids = data.split(vocab.encode(text), config.data.val_fraction,
-                                      config.data.test_fraction)
-    eval_fn = make_eval_step(model)
-    result = {}
-    for split, ids in (("val", val_ids), ("test", test_ids)):
-        if len(ids) < 2:
-            print(f"step {step} | {split}: empty split")
-            continue
-        result[split] = evaluate(eval_fn, model, params, ids, config.train.eval_batch_size,
-                                 config.train.seq_len)
-        print(f"step {step} | {split} loss {result[split]['loss']:.4f} nats/char "
-              f"| {split} bpc {result[split]['bpc']:.4f}", flush=True)
-    return result

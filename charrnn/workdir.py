@@ -24,7 +24,7 @@ from charrnn.errors import UserError
 
 LOCK_NAME = ".lock"
 # What a run writes into its workdir; --fresh moves these aside, together.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json", "launches.jsonl")
 
 
 class WorkdirError(UserError):

@@ -1,6 +1,5 @@
-"""What the experiment scripts share: ``main(argv)``'s first checks, loading a config file."""
+"""What the experiment scripts share: ``main(argv)``'s first checks, CPU devices and names."""
 
-import importlib.util
 import os
 import platform
 
@@ -32,16 +31,6 @@ def split_host_into_devices(n: int) -> None:
 def usable_cores() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def config_module(name: str):
-    """experiments/configs/<name>.py as a module, loaded by path (a script of the same
-    name, e.g. clip_ablation.py, would shadow it on sys.path)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"charrnn_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def cpu_name() -> str:

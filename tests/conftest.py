@@ -42,9 +42,7 @@ def text_file(tmp_path):
 @pytest.fixture
 def smoke_config(text_file):
     """The smoke config (tiny model, few steps) on the small corpus."""
-    import sys
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import default
+    from experiments.configs import default
     config = default.get_config("smoke")
     config.data.path = text_file
     config.data.val_fraction = config.data.test_fraction = 0.1

@@ -31,6 +31,7 @@ def _preimport():
     import absl.app  # noqa: F401
     import ml_collections.config_flags  # noqa: F401
     import charrnn.train  # noqa: F401  (jax, flax, optax, orbax, numpy)
+    import charrnn.cli  # noqa: F401
     import charrnn.sampling  # noqa: F401
 
 
@@ -69,9 +70,11 @@ def run(args: list[str]) -> dict:
 
 def main():
     cases = json.load(sys.stdin)
-    os.chdir(REPO)  # launch.py's default --config path is relative to the repository
     _preimport()
-    results = [run(args) for args in cases]
+    # Not the repository: launch.py finds its default config beside itself, from anywhere.
+    with tempfile.TemporaryDirectory(prefix="charrnn-launch-") as cwd:
+        os.chdir(cwd)
+        results = [run(args) for args in cases]
     json.dump(results, sys.stdout)
 
 

@@ -14,14 +14,13 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments", "configs"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import default  # noqa: E402
-from charrnn import data, models, optim, parallel, train  # noqa: E402
+from charrnn import data, models, optim, parallel  # noqa: E402
+from charrnn import step as step_lib  # noqa: E402
+from experiments.configs import default  # noqa: E402
 
 NUM_STEPS = 4
 
@@ -44,9 +43,9 @@ def train_steps(config, dp: parallel.DataParallel) -> dict:
     batcher = data.Batcher(vocab.encode(text), config.train.batch_size, config.train.seq_len,
                            config.seed)
     model = models.CharRNN.from_config(config.model, vocab.size)
-    state = dp.place_state(train.init_state(model, optim.make_optimizer(config),
+    state = dp.place_state(step_lib.init_state(model, optim.make_optimizer(config),
                                             config.train.batch_size, config.seed))
-    step_fn = dp.wrap_step(train.make_train_step(model, config, dp.mesh))
+    step_fn = dp.wrap_step(step_lib.make_train_step(model, config, dp.mesh))
     out = {"loss": [], "grad_norm": [], "clipped": []}
     for step in range(NUM_STEPS):
         x, y, reset = batcher.next()
@@ -76,8 +75,8 @@ def check_devices(corpus: str) -> dict:
 
 def sweep_configs(corpus: str) -> list:
     """4 runs of the clip_ablation smoke config: seeds 0, 1 and τ = inf, 0.1, 0.4, 0.32."""
-    import clip_ablation
     from charrnn import sweep
+    from experiments.configs import clip_ablation
     base = clip_ablation.get_config("smoke")
     base.data.path = corpus
     base.data.val_fraction = base.data.test_fraction = 0.1

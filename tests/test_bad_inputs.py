@@ -22,8 +22,7 @@ SMOKE = os.path.join(REPO, "experiments", "configs", "default.py") + ":smoke"
 
 
 def _smoke_config(corpus):
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import default
+    from experiments.configs import default
     config = default.get_config("smoke")
     config.data.path = corpus
     return config
@@ -49,8 +48,7 @@ def test_a_bad_config_fails_before_the_workdir_is_touched(smoke_config, tmp_path
 
 
 def test_every_config_variant_validates():
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import default
+    from experiments.configs import default
     assert "tinyshakespeare_xl" in default._VARIANTS
     for name in [None, *default._VARIANTS]:
         config_lib.validate(default.get_config(name))

@@ -3,26 +3,50 @@
 One combined smoke test: ``report.py --smoke`` runs exploding_gradients.py,
 launch.py, clip_ablation.py and bench_sweep.py with ``--smoke`` and writes the
 report, so every script's outputs are checked in one run (about a minute).
+The quality page is checked on synthetic workdirs, in process.
 """
 
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+from experiments.configs import default
+from experiments.pages import provenance, quality
 
 
 def _run(args, **kw):
     return subprocess.run([sys.executable] + args, cwd=REPO, capture_output=True, text=True, **kw)
 
 
+def _tree_digest(*paths) -> str:
+    """sha256 over the bytes (and names) of the files at ``paths``, directories walked."""
+    h = hashlib.sha256()
+    for path in paths:
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+        for f in files:
+            h.update(os.path.relpath(f, REPO).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
 def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    r = _run(["experiments/report.py", "--smoke", f"--outdir={out}", f"--report={out}/REPORT.md",
+    committed = [os.path.join(REPO, "REPORT.md"), os.path.join(REPO, "report")]
+    before = _tree_digest(*committed)
+    r = _run(["experiments/pages/report.py", "--smoke", f"--outdir={out}",
               f"--workdir={work}", f"--data_path={text_file}"])
     assert r.returncode == 0, r.stderr[-3000:]
+    # A smoke run writes its page beside its figures; the committed page stays as it was.
+    assert _tree_digest(*committed) == before
+    assert sorted(p.name for p in out.glob("*.md")) == ["REPORT.md"]
     for path in ["exploding/jacobian_slopes.md", "exploding/jacobian_norms.csv",
                  "exploding/jacobian_norms.png", "ablation/clip_ablation.csv",
                  "ablation/clip_ablation.md", "ablation/val_bpc_vs_threshold.png",
@@ -46,19 +70,25 @@ def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp
 
     # The quality page of the smoke training run, from its workdir alone.
     lm = work / "lm"
+    if not (lm / "launches.jsonl").exists():
+        # Until the training loop records its launches (issue 14, part 7, producer side):
+        # the one record this check needs, the launch's command-line override.
+        (lm / "launches.jsonl").write_text(json.dumps(
+            {"start_step": 0, "config_arg": "experiments/configs/default.py:smoke",
+             "argv": [f"--config.data.path={text_file}"]}) + "\n")
     val = [json.loads(l) for l in (lm / "metrics.jsonl").read_text().splitlines()
            if json.loads(l)["split"] == "val"]
-    r = _run(["experiments/quality.py", f"--workdirs={lm}", "--threshold=100",
-              f"--markdown={out}/QUALITY.md", "--hardware=the test machine"])
+    r = _run(["experiments/pages/quality.py", f"--workdirs={lm}", "--threshold=100",
+              f"--markdown={out}/QUALITY.md"])
     assert r.returncode == 0, r.stderr[-3000:]
-    quality = (out / "QUALITY.md").read_text()
-    assert f"{val[0]['loss']:.4f} at step {val[0]['step']}" in quality  # first val <= 100
-    assert f"| {val[-1]['step']} | {val[-1]['loss']:.4f} |" in quality  # the curve
-    assert "Hardware: the test machine." in quality
+    page = (out / "QUALITY.md").read_text()
+    assert f"`experiments/configs/default.py:smoke` with `data.path={text_file}`" in page
+    assert f"{val[0]['loss']:.4f} at step {val[0]['step']}" in page  # first val <= 100
+    assert f"| {val[-1]['step']} | {val[-1]['loss']:.4f} |" in page  # the curve
 
 
 def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
-    base = ["experiments/clip_ablation.py", f"--outdir={tmp_path}", "--smoke",
+    base = ["experiments/science/clip_ablation.py", f"--outdir={tmp_path}", "--smoke",
             f"--config.data.path={text_file}", "--config.sweep.cells=('rnn',)",
             "--config.sweep.optimizers=('sgd',)", "--config.sweep.rules=('none','global_norm')",
             "--config.sweep.strengths.global_norm=('1x',)"]
@@ -78,45 +108,107 @@ def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --devices must be >= 0, got -1"
 
 
-def test_quality_page_finds_the_first_crossing_and_the_best(tmp_path):
-    config = {"data": {"name": "tinyshakespeare", "path": "", "val_fraction": 0.1},
-              "model": {"cell": "lstm", "num_layers": 2, "hidden_size": 512, "embed_dim": 64,
-                        "dropout": 0.25},  # no matmul_dtype: a run from before the field
-              "train": {"batch_size": 32, "seq_len": 128, "num_steps": 4},
-              "optim": {"name": "adam", "learning_rate": 2e-3, "schedule": "cosine",
-                        "clip_mode": "global_norm", "clip_norm": 1.0}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+def _workdir(path, config, records, launches=None):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if launches is not None:
+        (path / "launches.jsonl").write_text("".join(json.dumps(l) + "\n" for l in launches))
+    return str(path)
+
+
+LAUNCH = {"start_step": 0, "started": "2026-11-29T10:00:00+00:00",
+          "config_arg": "experiments/configs/default.py:tinyshakespeare_fast",
+          "argv": ["launch.py", "--workdir=runs/f", "--config.train.num_steps=4"],
+          "hardware": {"host": "h", "cpu": "Test CPU 9000", "cpu_count": 2, "platform": "cpu",
+                       "device_count": 1, "device_kind": "cpu"},
+          "software": {"python": "3.11.9", "jax": "0.10.2", "jaxlib": "0.10.2", "flax": "0.12.0",
+                       "optax": "0.2.8", "orbax-checkpoint": "0.12.1", "charrnn_commit": "abc1234"}}
+
+
+def _config(variant, **fields):
+    config = default.get_config(variant).to_dict()
+    for field, value in fields.items():
+        group, name = field.split("__")
+        config[group][name] = value
+    return config
+
+
+def test_quality_page_names_the_variant_the_launches_and_the_crossing(tmp_path):
     records = [{"step": s, "split": "val", "loss": loss, "bpc": loss / 0.693, "wall_s": 60.0 * s}
                for s, loss in [(1, 1.7), (2, 1.49), (3, 1.45), (4, 1.46)]]
     records.insert(2, {"step": 2, "split": "train", "loss": 1.3, "bpc": 1.9})
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    r = _run(["experiments/quality.py", f"--workdirs={tmp_path}", "--threshold=1.5",
-              "--hardware=here"])
-    assert r.returncode == 0, r.stderr[-2000:]
+    # The second launch comes from an older writer: every key but one missing.
+    work = _workdir(tmp_path / "fast", _config("tinyshakespeare_fast", train__num_steps=4),
+                    records, [LAUNCH, {"start_step": 3}])
+    run = quality.summarize(work, 1.5)
+    text = quality.page([run], 1.5, "python experiments/pages/quality.py --workdirs=fast")
+    assert "| `fast` | `experiments/configs/default.py:tinyshakespeare_fast` with " \
+        "`train.num_steps=4` |" in text
     # first val <= 1.5 at step 2 (not the best, at step 3); the last train record
-    assert "| 1.4900 at step 2, 2.0 min | 1.4500 at step 3, 3.0 min | 1.3000 (step 2) |" \
-        in r.stdout
-    assert "float32 products" in r.stdout
-    bad = _run(["experiments/quality.py", f"--workdirs={tmp_path / 'nope'}"])
-    assert bad.returncode == 1 and "is not a training workdir" in bad.stderr
+    assert "| 1.4900 at step 2, 2.0 min | 1.4500 at step 3, 3.0 min | 1.3000 (step 2) |" in text
+    assert "bfloat16 products" in text
+    assert ("  - from step 0 (2026-11-29T10:00:00+00:00): Test CPU 9000, 2 CPUs, 1 × cpu (cpu); "
+            "python 3.11.9, jax 0.10.2, jaxlib 0.10.2, flax 0.12.0, optax 0.2.8, "
+            "orbax-checkpoint 0.12.1; charrnn commit abc1234") in text
+    assert "  - from step 3 (?): ?, ? CPUs, ? × ? (?); versions not recorded; " \
+        "charrnn commit unknown" in text
+
+
+def test_quality_prefers_the_variant_the_launch_named_and_reads_old_runs_without_launches(
+        tmp_path):
+    records = [{"step": 1, "split": "val", "loss": 2.0, "bpc": 2.9, "wall_s": 5.0}]
+    # default.py and default.py:lstm are the same config: the launch's name wins.
+    named = _workdir(tmp_path / "a", _config("lstm"), records,
+                     [dict(LAUNCH, config_arg="experiments/configs/default.py:lstm", argv=[])])
+    assert quality.summarize(named, 1.5)["origin"] == {"variant": "lstm", "overrides": {}}
+    old = _workdir(tmp_path / "b", _config("gru"), records)  # no launches.jsonl
+    run = quality.summarize(old, 1.5)
+    assert run["origin"] == {"variant": "gru", "overrides": {}}
+    assert "- `b`: hardware and software not recorded (no launches.jsonl)" in \
+        quality.page([run], 1.5, "cmd")
+
+
+def test_quality_refuses_a_run_no_current_variant_produces(tmp_path):
+    records = [{"step": 1, "split": "val", "loss": 2.0, "bpc": 2.9, "wall_s": 5.0}]
+    changed = _config("tinyshakespeare_wide", model__dropout=0.4)  # a field no launch set
+    work = _workdir(tmp_path / "old", changed, records,
+                    [dict(LAUNCH, config_arg="experiments/configs/default.py:tinyshakespeare_wide",
+                          argv=["--config.train.num_steps=7500"])])
+    r = _run(["experiments/pages/quality.py", f"--workdirs={work}"])
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"error: {work}: its config.json matches no current variant of "
+                               "experiments/configs/default.py; closest "
+                               "experiments/configs/default.py:tinyshakespeare_wide, which differs "
+                               "in model.dropout: 0.4 in the run, 0.45 in the variant")
+    # The same field set on the command line: the run is the variant with that override.
+    (tmp_path / "old" / "launches.jsonl").write_text(json.dumps(
+        dict(LAUNCH, argv=["--config.model.dropout=0.4"])) + "\n")
+    assert quality.summarize(work, 1.5)["origin"] == {
+        "variant": "tinyshakespeare_wide", "overrides": {"model.dropout": 0.4}}
+    bad = _run(["experiments/pages/quality.py", f"--workdirs={tmp_path / 'nope'}"])
+    assert bad.returncode == 1 and "not a training workdir (no metrics.jsonl)" in bad.stderr
+
+
+@pytest.mark.parametrize("argv, fields", [
+    (["--config.a.b=1", "--config.c.d", "2", "--noconfig.model.fast_vjp"],
+     {"a.b", "c.d", "model.fast_vjp"}),
+    (["launch.py", "--config=experiments/configs/default.py:gru", "--workdir=w", "x=--config.y"],
+     set()),
+    (None, set())])
+def test_overridden_fields_reads_absl_forms(argv, fields):
+    assert provenance.overridden_fields(argv) == fields
 
 
 def test_quality_page_sums_wall_time_over_launches(tmp_path):
     # A run extended after it finished: the second process's clock starts again at 0.
-    config = {"data": {"name": "x", "path": "", "val_fraction": 0.1},
-              "model": {"cell": "lstm", "num_layers": 1, "hidden_size": 8, "embed_dim": 4,
-                        "dropout": 0.0},
-              "train": {"batch_size": 2, "seq_len": 4, "num_steps": 4},
-              "optim": {"name": "adam", "learning_rate": 1e-3, "schedule": "constant",
-                        "clip_mode": "global_norm", "clip_norm": 1.0}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
     records = [{"step": s, "split": "val", "loss": loss, "bpc": 1.0, "wall_s": wall}
                for s, loss, wall in [(1, 1.7, 60.0), (2, 1.6, 120.0), (3, 1.4, 30.0),
                                      (4, 1.3, 90.0)]]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    r = _run(["experiments/quality.py", f"--workdirs={tmp_path}", "--threshold=1.5"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "(2 launches, wall times summed)" in r.stdout
+    work = _workdir(tmp_path / "ext", _config("smoke"), records,
+                    [dict(LAUNCH, config_arg=None, argv=[]), dict(LAUNCH, start_step=2)])
+    text = quality.page([quality.summarize(work, 1.5)], 1.5, "cmd")
+    assert "(2 launches, wall times summed)" in text
     # 120 s before the restart + 30 s and 90 s after it
-    assert "| 1.4000 at step 3, 2.5 min | 1.3000 at step 4, 3.5 min |" in r.stdout
-    assert "| 2 | 1.6000 | 1.000 | 2.0 min |" in r.stdout
+    assert "| 1.4000 at step 3, 2.5 min | 1.3000 at step 4, 3.5 min |" in text
+    assert "| 2 | 1.6000 | 1.000 | 2.0 min |" in text

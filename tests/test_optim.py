@@ -6,7 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from charrnn import models, optim, train
+from charrnn import models, optim
+from charrnn import step as step_lib
 
 
 def _optim_config(**kw):
@@ -36,14 +37,14 @@ def _real_step(smoke_config, **optim_fields):
     """(params before, grads at them, params after, metrics) of one real train step."""
     smoke_config.optim.update(optim_fields)
     model = models.CharRNN.from_config(smoke_config.model, 12)
-    state = train.init_state(model, optim.make_optimizer(smoke_config),
+    state = step_lib.init_state(model, optim.make_optimizer(smoke_config),
                              smoke_config.train.batch_size, smoke_config.seed)
     batch = _batch(smoke_config)
     before = jax.tree.map(np.array, state.params)
     carry = model.initial_carry(smoke_config.train.batch_size)
-    grads = jax.grad(lambda p: train.loss_fn(p, model, carry, batch["x"], batch["y"])[0])(
+    grads = jax.grad(lambda p: step_lib.loss_fn(p, model, carry, batch["x"], batch["y"])[0])(
         state.params)
-    state, metrics = train.make_train_step(model, smoke_config)(state, batch, jax.random.key(0))
+    state, metrics = step_lib.make_train_step(model, smoke_config)(state, batch, jax.random.key(0))
     return before, grads, jax.tree.map(np.array, state.params), metrics
 
 
@@ -77,9 +78,9 @@ def test_adam_update_differs_with_and_without_clipping(smoke_config):
         config = ml_collections.ConfigDict(smoke_config.to_dict())
         config.optim.update(name="adam", clip_mode=clip_mode, clip_norm=1e-2)
         model = models.CharRNN.from_config(config.model, 12)
-        state = train.init_state(model, optim.make_optimizer(config), config.train.batch_size, 0)
+        state = step_lib.init_state(model, optim.make_optimizer(config), config.train.batch_size, 0)
         start = jax.tree.map(jnp.array, state.params)
-        step = train.make_train_step(model, config)
+        step = step_lib.make_train_step(model, config)
         batches = [_batch(config, 0), _batch(config, 1)]
         for i, b in enumerate(batches):
             state, _ = step(state, b, jax.random.key(i))
@@ -91,7 +92,7 @@ def test_adam_update_differs_with_and_without_clipping(smoke_config):
     params, opt_state = start, adam.init(start)
     carry = model.initial_carry(config.train.batch_size)  # every batch has reset=True
     for b in batches:  # the reference: optax.adam on hand-clipped gradients
-        g = jax.grad(lambda p: train.loss_fn(p, model, carry, b["x"], b["y"])[0])(params)
+        g = jax.grad(lambda p: step_lib.loss_fn(p, model, carry, b["x"], b["y"])[0])(params)
         g = jax.tree.map(lambda x: x * min(1.0, 1e-2 / float(optim.global_norm(g))), g)
         updates, opt_state = adam.update(g, opt_state, params)
         params = jax.tree.map(lambda p, u: p + u, params, updates)

@@ -23,7 +23,6 @@ CHILD = os.path.join(REPO, "tests", "parallel_child.py")
 def _env(num_devices: int) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
-    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests")])
     return env
 
 

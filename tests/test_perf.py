@@ -1,7 +1,6 @@
 """The benchmark's pieces that are not timings: FLOP counts, the NumPy contender's
 gradients, how comparisons pick each side's fastest setting, and the allocator setting."""
 
-import os
 import sys
 
 import jax
@@ -9,12 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, "experiments"))
-import bench_report  # noqa: E402
-import benchmark  # noqa: E402
-from numpy_rnn import NumpyRNNTrain  # noqa: E402
+from experiments.bench import bench_report, benchmark
+from experiments.bench.numpy_rnn import NumpyRNNTrain
 
 
 def test_training_flops_per_char_count_every_matmul_three_times():

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from charrnn import checkpoint, metrics, optim, train
+from charrnn import checkpoint, metrics, optim, restore, train
+from charrnn import step as step_lib
 from charrnn import workdir as workdir_lib
 from conftest import REPO, _SPEECH
 
@@ -32,8 +33,7 @@ BASE = {"data.val_fraction": 0.1, "data.test_fraction": 0.1, "model.dropout": 0.
 
 
 def _config(corpus, fields=None):
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import default
+    from experiments.configs import default
     config = default.get_config("smoke")
     config.data.path = corpus
     for field, value in {**BASE, **(fields or {})}.items():
@@ -55,7 +55,7 @@ def _records(workdir, splits=("train", "val", "test")):
 
 
 def _params(workdir, step=None):
-    return jax.device_get(train.load_checkpoint(workdir, step)[3])
+    return jax.device_get(restore.load_checkpoint(workdir, step)[3])
 
 
 def _assert_equal_trees(a, b):
@@ -226,7 +226,7 @@ def test_sigkill_lock_and_partial_checkpoints(corpus, tmp_path):
             f"{socket.gethostname()} (lock {workdir}/.lock); wait for that run to finish, "
             "stop it, or use another --workdir\n")
         # Reading takes no lock: evaluate the latest checkpoint while the run holds it.
-        assert np.isfinite(train.evaluate_workdir(workdir)["val"]["loss"])
+        assert np.isfinite(restore.evaluate_workdir(workdir)["val"]["loss"])
     finally:
         proc.kill()  # SIGKILL: no handler runs, a save in flight is cut short
         proc.communicate()
@@ -344,11 +344,11 @@ def test_restoring_a_checkpoint_executes_no_pickle(reference, monkeypatch):
 
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, refuse)
-    config, vocab, model, params, step = train.load_checkpoint(reference)
+    config, vocab, model, params, step = restore.load_checkpoint(reference)
     ckpt = checkpoint.Checkpointer(reference, create=False)
     try:
         _, meta = ckpt.restore_meta(step)  # what a resumed run reads: meta, then the full state
-        like = jax.eval_shape(lambda: train.init_state(
+        like = jax.eval_shape(lambda: step_lib.init_state(
             model, optim.make_optimizer(config), config.train.batch_size, config.seed))
         state = ckpt.restore_state(step, like)
     finally:

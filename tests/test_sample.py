@@ -14,6 +14,7 @@ import pytest
 
 import charrnn
 from charrnn import data, models, sampling, train
+from charrnn import step as step_lib
 from conftest import REPO, _SPEECH
 
 VOCAB = data.Vocab("\nabcdefg")
@@ -73,7 +74,7 @@ def test_primed_state_equals_the_training_scan_state_at_the_same_position():
     carry = model.initial_carry(1)
     for start in (0, T):
         x, y = ids[None, start:start + T], ids[None, start + 1:start + T + 1]
-        _, carry = train.loss_fn(params, model, carry, x, y)
+        _, carry = step_lib.loss_fn(params, model, carry, x, y)
     primed, logits = sampling.prime(params, jnp.asarray(ids[:2 * T]), model=model)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  primed, carry)
@@ -199,8 +200,7 @@ def test_drawn_frequencies_match_the_filtered_softmax(temperature, top_k, top_p)
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import default
+    from experiments.configs import default
     root = tmp_path_factory.mktemp("sample")
     (root / "corpus.txt").write_text(_SPEECH * 15)
     config = default.get_config("smoke")

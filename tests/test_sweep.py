@@ -1,22 +1,19 @@
 """Threshold sweeps: the grid, the reference norm, and one program equal to separate runs."""
 
 import math
-import os
 import re
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from charrnn import data, models, sweep, train
-from conftest import REPO
+from charrnn import data, models, sweep
+from charrnn import step as step_lib
 
 
 @pytest.fixture
 def ablation_config(text_file):
-    sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
-    import clip_ablation
+    from experiments.configs import clip_ablation
     config = clip_ablation.get_config("smoke")
     config.data.path = text_file
     config.data.val_fraction = config.data.test_fraction = 0.1
@@ -92,7 +89,7 @@ def test_reference_norm_is_the_mean_norm_at_the_initial_parameters(ablation_conf
     carry, norms = model.initial_carry(config.train.batch_size), []
     for _ in range(2):  # the same windows, the state carried, the parameters never moved
         x, y, _ = batcher.next()
-        (_, carry), g = jax.value_and_grad(train.loss_fn, has_aux=True)(params, model, carry, x, y)
+        (_, carry), g = jax.value_and_grad(step_lib.loss_fn, has_aux=True)(params, model, carry, x, y)
         norms.append(float(np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(g)))))
     assert sweep.reference_norm(ablation_config, run, corpus) == pytest.approx(np.mean(norms),
                                                                                rel=1e-5)

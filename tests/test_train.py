@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -11,14 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn import metrics, models, optim, train
+from charrnn import metrics, models, optim, restore, train
+from charrnn import step as step_lib
 from conftest import REPO
 
 
 def _setup(config, vocab_size=12):
     model = models.CharRNN.from_config(config.model, vocab_size)
-    state = train.init_state(model, optim.make_optimizer(config), config.train.batch_size, config.seed)
-    return model, state, train.make_train_step(model, config)
+    state = step_lib.init_state(model, optim.make_optimizer(config), config.train.batch_size,
+                                config.seed)
+    return model, state, step_lib.make_train_step(model, config)
 
 
 def _batch(config, vocab_size=12, seed=0):
@@ -78,18 +82,54 @@ def test_train_resumes_from_its_checkpoint(smoke_config, tmp_path):
     assert train_steps == [5, 10, 15, 20]  # continued from 10, not from 0
     val = [r for r in records if r["split"] == "val"]
     assert {"whh_spectral_radius/0", "whh_top_singular/0"} <= set(val[-1])
-    config, vocab, _, params, step = train.load_checkpoint(workdir)
+    config, vocab, _, params, step = restore.load_checkpoint(workdir)
     assert step == 20 and config.train.num_steps == 20 and vocab.size > 10
 
 
-def test_launch_trains_and_evaluates(text_file, tmp_path):
+def test_launch_says_what_it_trains_and_what_to_do_next(text_file, tmp_path):
+    """From another directory: the header, the closing commands (run as printed), the record."""
     workdir = str(tmp_path / "run")
-    base = [sys.executable, os.path.join(REPO, "launch.py"), f"--workdir={workdir}"]
-    out = subprocess.run(base + [f"--config={REPO}/experiments/configs/default.py:smoke",
-                                 f"--config.data.path={text_file}", "--config.train.num_steps=6"],
-                         capture_output=True, text=True, cwd=REPO)
+    config_arg = f"{REPO}/experiments/configs/default.py:smoke"
+    argv = [os.path.join(REPO, "launch.py"), f"--workdir={workdir}", f"--config={config_arg}",
+            f"--config.data.path={text_file}", "--config.train.num_steps=6"]
+    out = subprocess.run([sys.executable] + argv, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "step 5/6 | loss" in out.stdout and "val bpc" in out.stdout
-    out = subprocess.run(base + ["--mode=eval"], capture_output=True, text=True, cwd=REPO)
+    lines = out.stdout.splitlines()
+    # The smoke model: LSTM 1x32, embedding 16, V characters. Parameters: embedding V*16,
+    # LSTM 4*(16*32 + 32*32 + 32), head 32*V + V.
+    text = open(text_file).read()
+    vocab, n = len(set(text)), len(text)
+    params = vocab * 16 + 4 * (16 * 32 + 32 * 32 + 32) + 32 * vocab + vocab
+    n_val = round(n * 0.05)  # the smoke config holds out 5% for val and 5% for test
+    assert lines[:5] == [
+        f"charrnn: lstm 1x32 (embedding 16), {params:,} parameters",
+        f"  corpus   {text_file}: {n:,} characters, vocabulary {vocab}; "
+        f"train/val/test {n - 2 * n_val:,}/{n_val:,}/{n_val:,}",
+        "  batch    B x T = 4 x 16, 6 steps",
+        "  devices  1 x cpu (cpu)",
+        f"  workdir  {workdir}"]
+    on_path = shutil.which("python")
+    python = "python" if on_path and os.path.samefile(on_path, sys.executable) else sys.executable
+    assert lines[-4:-1] == [
+        f"trained model in {workdir}; next:",
+        f"  sample:       {python} {REPO}/launch.py --mode=sample --workdir=run --length=500",
+        f"  evaluate:     {python} {REPO}/launch.py --mode=eval --workdir=run"]
+    assert lines[-1] == "  TensorBoard:  tensorboard --logdir run/tensorboard"
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+    (record,) = [json.loads(line) for line in open(os.path.join(workdir, "launches.jsonl"))]
+    assert set(record) == {"start_step", "started", "config_arg", "argv", "hardware", "software"}
+    assert record["start_step"] == 0 and record["config_arg"] == config_arg
+    assert record["argv"] == argv and record["started"].endswith("+00:00")
+    assert set(record["hardware"]) == {"host", "cpu", "cpu_count", "platform", "device_count",
+                                       "device_kind"}
+    assert record["hardware"]["platform"] == "cpu" and record["hardware"]["device_count"] == 1
+    assert set(record["software"]) == {"python", "jax", "jaxlib", "flax", "optax",
+                                       "orbax-checkpoint", "charrnn_commit"}
+    assert record["software"]["jax"] == jax.__version__
+
+    evaluate = shlex.split(lines[-2].split(":", 1)[1])  # run exactly as printed
+    out = subprocess.run(evaluate, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "step 6 | val loss" in out.stdout and "test bpc" in out.stdout

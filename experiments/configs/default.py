@@ -6,7 +6,9 @@
 
 Variants: smoke (tiny and fast, for tests), rnn, gru, lstm, tinyshakespeare,
 tinyshakespeare_fast (10-minute budget), tinyshakespeare_long, tinyshakespeare_wide,
-tinyshakespeare_xl.
+tinyshakespeare_xl (QUALITY.md has their runs; docs/design-notes.md the measurements
+that chose them). ``variant_names()`` lists them, for the pages that check which
+variant a run is.
 """
 
 import ml_collections
@@ -28,16 +30,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.hidden_size = 256
     config.model.num_layers = 2
     config.model.embed_dim = 64
-    # N(0, std²) initial embeddings. 1 (PyTorch's nn.Embedding default): with 0.1, layer 0's
-    # pre-activations start ~10x smaller and an LSTM 2x512 on tiny shakespeare sat on the
-    # unigram plateau ~150 steps longer (val 2.23 vs 1.85 after 300 steps).
+    # N(0, std²) initial embeddings. 1 (PyTorch's nn.Embedding default): smaller embeddings
+    # shrink layer 0's pre-activations and slow the escape from the unigram plateau
+    # (docs/design-notes.md, "Embedding initialisation").
     config.model.embed_init_std = 1.0
     config.model.dropout = 0.0  # on every layer's output, training only
     config.model.weight_drop = 0.0  # DropConnect on each W_hh (one mask per window), training only
     config.model.fast_vjp = True  # hand-written backward pass (charrnn.fused); False: autodiff
     config.model.remat = False  # recompute activations in the backward pass: memory ~√T, not T
     # operand type of the matmuls (float32 accumulation, float32 parameters):
-    # bfloat16 is 2-3x faster on GPUs, TPUs and CPUs with AMX/AVX512-BF16
+    # bfloat16 is faster on GPUs, TPUs and CPUs with AMX/AVX512-BF16
     config.model.matmul_dtype = "float32"
 
     config.train = ml_collections.ConfigDict()
@@ -77,6 +79,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return config
 
 
+def variant_names() -> tuple[str, ...]:
+    """The names ``get_config`` accepts after the colon (``None`` is the default itself)."""
+    return tuple(_VARIANTS)
+
+
 def _smoke(c):
     c.model.hidden_size, c.model.num_layers, c.model.embed_dim = 32, 1, 16
     c.train.batch_size, c.train.seq_len, c.train.num_steps = 4, 16, 20
@@ -102,11 +109,11 @@ def _tinyshakespeare(c):
     c.data.name = "tinyshakespeare"
     c.data.val_fraction, c.data.test_fraction = 0.1, 0.0
     c.model.cell, c.model.hidden_size, c.model.num_layers = "lstm", 512, 2
-    # A 30-minute budget on 2 CPU cores is ~4000 steps of B*T = 4096 characters
-    # (LSTM 2x512 trains at 8-9k chars/s there in float32, BENCHMARKS.md), ~15 passes over the
-    # 1 MB of training text. A PyTorch LSTM 2x512 with dropout 0.25 overfit within
-    # that budget (val 1.445 at best, train 1.17): more dropout, and the cosine
-    # schedule ends with the budget. Val every 250 steps to catch the best point.
+    # Sized for a 30-minute budget on 2 CPU cores: ~15 passes over the 1 MB of training
+    # text in steps of B*T = 4096 characters. A PyTorch LSTM 2x512 with dropout 0.25
+    # overfit within that budget: more dropout, and the cosine schedule ends with the
+    # budget. Val every 250 steps to catch the best point. The measurements behind every
+    # tinyshakespeare variant: docs/design-notes.md, "Tiny-shakespeare recipes".
     c.model.dropout = 0.35
     c.train.num_steps = 4000
     c.train.eval_every = 250
@@ -115,9 +122,8 @@ def _tinyshakespeare(c):
 
 def _tinyshakespeare_fast(c):
     # Lowest val loss within 10 minutes on a 2-core Xeon with AMX: bfloat16 products
-    # (about 1.5x the float32 step there), the cosine schedule ending with the budget
-    # (~1600 steps of 4096 characters at ~12k chars/s with evals), dropout as in the
-    # PyTorch reference (0.25).
+    # (faster than float32 there), the cosine schedule ending with the budget, dropout as
+    # in the PyTorch reference (0.25).
     _tinyshakespeare(c)
     c.model.matmul_dtype = "bfloat16"
     c.model.dropout = 0.25
@@ -126,11 +132,9 @@ def _tinyshakespeare_fast(c):
 
 
 def _tinyshakespeare_long(c):
-    # About 50 minutes on the same machine: more capacity per step (3 layers, 8k chars/s
-    # measured); 6000 steps = 24.6M characters, ~27 passes over the training text. With
-    # dropout 0.4 alone this overfit after step 4000 (best val 1.4406, train 1.17), so the
-    # recurrence is regularised too: DropConnect on W_hh and decoupled weight decay (best
-    # val 1.4312 at step 6000, QUALITY.md).
+    # More capacity per step (3 layers) and ~27 passes over the training text. With
+    # dropout 0.4 alone this overfit, so the recurrence is regularised too: DropConnect
+    # on W_hh and decoupled weight decay.
     _tinyshakespeare_fast(c)
     c.model.num_layers = 3
     c.model.dropout = 0.4
@@ -140,11 +144,8 @@ def _tinyshakespeare_long(c):
 
 
 def _tinyshakespeare_wide(c):
-    # 70-80 minutes on the same machine: the 3x512 recipe above no longer overfit (val
-    # flat at 1.431-1.433 over its last 750 steps) but stayed above 1.40, so more width
-    # (1.5x, ~2.2x the compute per step: 4.9k chars/s measured) and a little more dropout,
-    # in 5000 steps: best val 1.4137 (QUALITY.md). Continued to 7500 steps (a warm restart
-    # of the cosine, README): best 1.4076 at step 7000, then overfitting (1.4105 at 7500).
+    # The 3x512 recipe above no longer overfit but its val loss went flat, so more width
+    # (1.5x, ~2.2x the compute per step) and a little more dropout.
     _tinyshakespeare_long(c)
     c.model.hidden_size = 768
     c.model.dropout = 0.45
@@ -152,11 +153,9 @@ def _tinyshakespeare_wide(c):
 
 
 def _tinyshakespeare_xl(c):
-    # About 90 minutes on the same machine (3.4k chars/s measured): the wide recipe gained
-    # little from a second cycle and then overfit, so 4/3 the width again (~1.8x the compute
-    # per step) with more dropout between layers and on W_hh, in one shorter cosine cycle:
-    # best val 1.4129 at step 4000 (QUALITY.md), ahead of tinyshakespeare_wide at every
-    # step until 3000 but level with its single cycle at the end, behind its continuation.
+    # The wide recipe gained little from a second cosine cycle and then overfit, so 4/3
+    # the width again (~1.8x the compute per step) with more dropout between layers and
+    # on W_hh, in one shorter cosine cycle.
     _tinyshakespeare_wide(c)
     c.model.hidden_size = 1024
     c.model.dropout, c.model.weight_drop = 0.5, 0.3

@@ -1,6 +1,6 @@
 """Generation speed: the one-scan sampler against a per-character loop driven from Python.
 
-    python experiments/bench_sample.py --outdir=runs/bench_sample [--smoke]
+    python experiments/bench/bench_sample.py --outdir=runs/bench_sample [--smoke]
 
 For LSTM 1x128 and LSTM 2x512 (vocabulary 65, embedding 64, random weights:
 speed does not depend on training), at batch 1 and 64, it times

@@ -1,9 +1,9 @@
 """Training-step throughput with each clipping rule, against global_norm, in one process.
 
-    python experiments/bench_clip.py --outdir=DIR [--smoke] [--cell=lstm --hidden_size=128]
+    python experiments/bench/bench_clip.py --outdir=DIR [--smoke] [--cell=lstm --hidden_size=128]
 
 Every rule registered in charrnn/clipping.py, at its default settings, runs
-the real training step (:func:`charrnn.train.make_train_step`: jitted, state
+the real training step (:func:`charrnn.step.make_train_step`: jitted, state
 donated) of the same model on the same pre-made batches; compilation is
 excluded. Timing windows alternate between the rules and each keeps its best
 window, so a machine shared with other jobs biases no rule.
@@ -20,7 +20,8 @@ import time
 
 from absl import app, flags
 
-import cli  # experiments/cli.py, beside this script
+from experiments import cli
+from experiments.configs import default as default_config
 
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for bench_clip.json.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
@@ -38,7 +39,7 @@ _VOCAB = 65
 
 def _config(rule: str, smoke: bool):
     """default.py's run config (Adam) with this model, batch and clipping rule."""
-    config = cli.config_module("default").get_config()
+    config = default_config.get_config()
     config.model.cell, config.model.num_layers = _CELL.value, _LAYERS.value
     config.model.hidden_size, config.model.embed_dim = (16, 8) if smoke else (_HIDDEN.value, 64)
     config.train.batch_size, config.train.seq_len = (4, 16) if smoke else (
@@ -51,7 +52,8 @@ def measure(smoke: bool, steps: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from charrnn import clipping, models, optim, train
+    from charrnn import clipping, models, optim
+    from charrnn import step as step_lib
 
     configs = {rule: _config(rule, smoke) for rule in clipping.RULES}
     first = configs["global_norm"]
@@ -72,8 +74,8 @@ def measure(smoke: bool, steps: int, repeats: int) -> dict:
 
     runs, states, times = {}, {}, {}
     for rule, config in configs.items():
-        runs[rule] = timed(train.make_train_step(model, config))
-        state = train.init_state(model, optim.make_optimizer(config), B, config.seed)
+        runs[rule] = timed(step_lib.make_train_step(model, config))
+        state = step_lib.init_state(model, optim.make_optimizer(config), B, config.seed)
         states[rule] = runs[rule](state)  # compile and warm up
         times[rule] = []
     for _ in range(repeats):

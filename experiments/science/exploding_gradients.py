@@ -12,11 +12,11 @@ of ln-norm against k:
   diag(1 - h_t²) W_hhᵀ with |tanh'| ≤ γ = 1, so ρ^k is an upper bound and the
   slope is at most ln ρ (Pascanu, Mikolov & Bengio 2013, §2.1).
 
-    python experiments/exploding_gradients.py --outdir=DIR [--rhos=0.5,0.9,1.0,1.1,1.5] [--smoke]
+    python experiments/science/exploding_gradients.py --outdir=DIR [--rhos=0.5,0.9,1.0,1.1,1.5] [--smoke]
 
 Writes to DIR: jacobian_norms.csv (one row per ρ, cell and k), jacobian_slopes.csv
 and jacobian_slopes.md (the fitted slopes beside ln ρ), jacobian_norms.png and
-exploding_gradients.json (everything, for experiments/report.py).
+exploding_gradients.json (everything, for experiments/pages/report.py).
 """
 
 import csv
@@ -26,7 +26,7 @@ import os
 
 from absl import app, flags
 
-import cli  # experiments/cli.py, beside this script
+from experiments import cli
 
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for the tables and the figure.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")

@@ -1,10 +1,11 @@
 """Sections 2.1 and 2.2 of REPORT.md: the clipping ablation and the sweep benchmark.
 
-Written from the JSON of experiments/clip_ablation.py and experiments/bench_sweep.py;
+Written from the JSON of experiments/science/clip_ablation.py and experiments/bench/bench_sweep.py;
 every number comes from ``results``. Used by report_sections.render.
 """
 
-from report_sections import _by, _cell_name, _f, _mult
+from experiments.pages.report_format import (by as _by, cell_name as _cell_name, fmt as _f,
+                                              multiple as _mult)
 
 
 def _labels(rows):
@@ -53,7 +54,7 @@ def section_ablation(results, fig) -> str:
 
 Pascanu, Mikolov & Bengio (2013) found that plain SGD on a tanh RNN without clipping hits
 gradient spikes and fails, while thresholds between about 0.5× and 10× the average
-gradient norm train well. `experiments/clip_ablation.py` runs that experiment here: cells
+gradient norm train well. `experiments/science/clip_ablation.py` runs that experiment here: cells
 {', '.join(sw['cells'])} ({m['num_layers']}×{m['hidden_size']}, embedding {m['embed_dim']}),
 optimizers {', '.join(sw['optimizers'])} (SGD lr {lrs['sgd']}, Adam lr {lrs['adam']},
 constant), seeds {', '.join(str(s) for s in sw['seeds'])}, B = {t['batch_size']},
@@ -160,7 +161,7 @@ def section_bench(results) -> str:
     return f"""
 ### 2.2 Many runs in one program
 
-`experiments/bench_sweep.py` times {b['num_runs']} runs of one model
+`experiments/bench/bench_sweep.py` times {b['num_runs']} runs of one model
 ({_cell_name(b['cell'])} {b['num_layers']}×{b['hidden_size']}, B = {b['batch_size']},
 T = {b['seq_len']}) on
 {b['backend']}: one after another with the plain jitted train step

@@ -1,6 +1,7 @@
-"""The contenders of experiments/benchmark.py, each hosted by a worker process.
+"""The contenders of experiments/bench/benchmark.py, each hosted by a worker process.
 
-One worker process per framework (``python bench_workers.py jax|torch|numpy``):
+One worker process per framework
+(``python -m experiments.bench.bench_workers jax|torch|numpy``):
 PyTorch's OpenMP threads and OpenBLAS's never share a process with XLA's, so
 no contender inherits another's spinning threads, and the parent interleaves
 timing windows across processes. A worker holds named tasks and reads JSON
@@ -22,8 +23,8 @@ import sys
 import time
 import traceback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-VOCAB, EMBED = 65, 64
+from experiments.bench.task import EMBED, VOCAB, Task, random_tokens as _random_tokens
+
 TEMPERATURE = 1.0
 
 
@@ -35,7 +36,6 @@ def serve(framework: str, commands, replies):
     reads OPENBLAS_NUM_THREADS=1, which the parent sets); ``jax_2dev`` sees two
     CPU devices (XLA_FLAGS, set by the parent), one per core.
     """
-    sys.path[:0] = [HERE, os.path.join(HERE, "configs")]
     tasks = {}
     base = framework.split("_")[0]
     if framework == "jax_1thread":
@@ -60,23 +60,6 @@ def serve(framework: str, commands, replies):
             reply = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
-
-
-class Task:
-    """Something timed in windows: ``run_units(n)`` does n units of work, finished."""
-    unit_size = 1  # characters (or FLOPs) per unit
-
-    def run_units(self, n: int):
-        raise NotImplementedError
-
-    def window(self, seconds: float) -> dict:
-        """Repeat units until ``seconds`` have passed; counts what finished."""
-        n, wall0, cpu0 = 0, time.perf_counter(), time.process_time()
-        while time.perf_counter() - wall0 < seconds or n == 0:
-            self.run_units(1)
-            n += 1
-        return {"units": n * self.unit_size, "wall": time.perf_counter() - wall0,
-                "cpu": time.process_time() - cpu0}
 
 
 # ----------------------------------------------------------------------------------
@@ -105,7 +88,7 @@ def _jax_tasks():
 
 def charrnn_config(spec):
     """The default run config with the benchmark's sizes (B, T, model) and Adam, clip 1.0."""
-    import default
+    from experiments.configs import default
     config = default.get_config()
     config.model.cell, config.model.hidden_size = spec["cell"], spec["hidden"]
     config.model.num_layers, config.model.embed_dim = spec["layers"], EMBED
@@ -117,13 +100,8 @@ def charrnn_config(spec):
     return config
 
 
-def _random_tokens(shape, seed=0):
-    import numpy as np
-    return np.random.default_rng(seed).integers(0, VOCAB, shape, dtype=np.int32)
-
-
 class JaxTrain(Task):
-    """charrnn's real training step: ``train.make_train_step`` (jitted, state donated).
+    """charrnn's real training step: ``step.make_train_step`` (jitted, state donated).
 
     With several devices (the ``jax_2dev`` worker: two CPU devices), the step
     runs as ``train_and_evaluate`` runs it there: ``parallel.DataParallel``,
@@ -134,14 +112,15 @@ class JaxTrain(Task):
         import functools
         import jax
         import numpy as np
-        from charrnn import models, optim, parallel, train
+        from charrnn import models, optim, parallel
+        from charrnn import step as step_lib
         config = charrnn_config(spec)
         self.model = models.CharRNN.from_config(config.model, VOCAB)
         dp = parallel.DataParallel.create(spec["batch"])
         self.state = dp.create_state(functools.partial(
-            train.init_state, self.model, optim.make_optimizer(config), spec["batch"],
+            step_lib.init_state, self.model, optim.make_optimizer(config), spec["batch"],
             config.seed))
-        self.step = dp.wrap_step(train.make_train_step(self.model, config, dp.mesh))
+        self.step = dp.wrap_step(step_lib.make_train_step(self.model, config, dp.mesh))
         shape = (spec["batch"], spec["seq_len"])
         self.batch = {"x": _random_tokens(shape, 1), "y": _random_tokens(shape, 2),
                       "reset": np.bool_(False)}
@@ -231,10 +210,10 @@ class JaxSampleScan(Task):
 
 
 class JaxSampleLoop(JaxSampleScan):
-    """One jitted step per character driven from Python (experiments/bench_sample.make_loop)."""
+    """One jitted step per character driven from Python (experiments/bench/bench_sample.make_loop)."""
 
     def __init__(self, spec):
-        import bench_sample
+        from experiments.bench import bench_sample
         self.model, self.params, self.carry, self.logits = _sampling_model(spec)
         loop = bench_sample.make_loop(self.model, TEMPERATURE, sync=False)
         self.fn = lambda params, carry, logits, key: loop(params, carry, logits, key,
@@ -368,7 +347,7 @@ class TorchSample(Task):
 
 
 def _numpy_tasks():
-    from numpy_rnn import NumpyRNNTrain
+    from experiments.bench.numpy_rnn import NumpyRNNTrain
     return {"train": NumpyRNNTrain, "gemm": NumpyGemm}
 
 

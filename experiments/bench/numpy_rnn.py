@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench_workers import EMBED, VOCAB, Task, _random_tokens
+from experiments.bench.task import EMBED, VOCAB, Task, random_tokens as _random_tokens
 
 
 class NumpyRNNTrain(Task):

@@ -1,17 +1,23 @@
 """Regenerate REPORT.md: the seed's three questions answered with charrnn's own measurements.
 
-    python experiments/report.py          # full: REPORT.md + report/*.png (~15 min CPU)
-    python experiments/report.py --smoke --outdir=/tmp/r --report=/tmp/r/REPORT.md   # ~1 minute
+    python experiments/pages/report.py                      # full: REPORT.md + report/*.png
+    python experiments/pages/report.py --smoke --outdir=DIR # tiny: DIR/REPORT.md + DIR/*.png
+
+Only the full run with the default --outdir writes the committed REPORT.md (and
+report/); a smoke run, or any run given another --outdir, writes its Markdown
+beside its figures in that outdir (a smoke run without --outdir: runs/report_smoke),
+so trying the pipeline never overwrites the committed page. The page states
+its own wall time.
 
 Runs, each as its own process (the experiment scripts are the source of every number):
 
-1. experiments/exploding_gradients.py: ||∂h_T/∂h_{T-k}|| for W_hh = ρQ;
+1. experiments/science/exploding_gradients.py: ||∂h_T/∂h_{T-k}|| for W_hh = ρQ;
 2. launch.py: trains a small LSTM language model (its metrics.jsonl and
    TensorBoard files are the telemetry shown), then, in this process, measures
    the clipping cosine on one of its real gradients, the BPTT Jacobian of its
    trained layer, and draws a sample with charrnn.sampling;
-3. experiments/clip_ablation.py: the threshold × optimizer × cell grid;
-4. experiments/bench_sweep.py: one-program sweep against sequential runs.
+3. experiments/science/clip_ablation.py: the threshold × optimizer × cell grid;
+4. experiments/bench/bench_sweep.py: one-program sweep against sequential runs.
 
 Code shown in the report is read from the source files when the report is
 generated, with its line numbers. Nothing in REPORT.md is typed by hand.
@@ -31,14 +37,17 @@ import time
 
 from absl import app, flags
 
-import cli  # experiments/cli.py, beside this script
+from experiments import cli
+from experiments.configs import clip_ablation as ablation_config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(_HERE)
+REPO = os.path.dirname(os.path.dirname(_HERE))
 
-_OUTDIR = flags.DEFINE_string("outdir", os.path.join(REPO, "report"),
-                              "Figures and tables referenced by the report.")
-_REPORT = flags.DEFINE_string("report", os.path.join(REPO, "REPORT.md"), "The Markdown file.")
+DEFAULT_OUTDIR = os.path.join(REPO, "report")
+DEFAULT_REPORT = os.path.join(REPO, "REPORT.md")
+_OUTDIR = flags.DEFINE_string("outdir", None, "Figures and tables referenced by the report, and "
+                              "(unless this is the full run into report/) the Markdown itself. "
+                              "Default: report/ (full run), runs/report_smoke (--smoke).")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Checkpoints and run histories (default: a "
                                "temporary directory, removed at the end).")
 _REUSE = flags.DEFINE_bool("reuse", False, "Reuse finished steps found in --workdir.")
@@ -94,36 +103,37 @@ def _data_flags() -> list:
     return [f"--config.data.path={os.path.abspath(_DATA_PATH.value)}"]
 
 
-def _script_result(work: str, sub: str, script: str, smoke: bool,
+def _script_result(work: str, sub: str, module: str, smoke: bool,
                    extra=(), stale: str | None = None) -> dict:
-    """Run experiments/<script>.py into work/sub (unless --reuse finds its JSON result
-    there) and return that result; ``stale``: a subdirectory to clear before running."""
+    """Run ``python -m experiments.<module>`` into work/sub (unless --reuse finds its JSON
+    result there) and return that result; ``stale``: a subdirectory to clear before running."""
     out = os.path.join(work, sub)
+    script = module.rpartition(".")[2]
     path = os.path.join(out, f"{script}.json")
     if not (_REUSE.value and os.path.exists(path)):
         if stale and os.path.isdir(os.path.join(out, stale)):
             shutil.rmtree(os.path.join(out, stale))
-        run_script([f"experiments/{script}.py", f"--outdir={out}"]
+        run_script(["-m", f"experiments.{module}", f"--outdir={out}"]
                    + (["--smoke"] if smoke else []) + list(extra), script)
     with open(path) as f:
         return json.load(f)
 
 
 def exploding(work: str, smoke: bool) -> dict:
-    return _script_result(work, "exploding", "exploding_gradients", smoke)
+    return _script_result(work, "exploding", "science.exploding_gradients", smoke)
 
 
 def ablation(work: str, smoke: bool) -> dict:
     # runs/ cleared first: a stale grid must not mix in
-    result = _script_result(work, "ablation", "clip_ablation", smoke, extra=_data_flags(),
+    result = _script_result(work, "ablation", "science.clip_ablation", smoke, extra=_data_flags(),
                             stale="runs")
-    result["config"] = cli.config_module("clip_ablation").get_config(
+    result["config"] = ablation_config.get_config(
         "smoke" if smoke else None).to_dict()
     return result
 
 
 def bench(work: str, smoke: bool) -> dict:
-    return _script_result(work, "bench", "bench_sweep", smoke)
+    return _script_result(work, "bench", "bench.bench_sweep", smoke)
 
 
 def train_lm(work: str, smoke: bool) -> str:
@@ -163,16 +173,18 @@ def measure_lm(lm: str, outdir: str, smoke: bool) -> dict:
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
-    from charrnn import data, diagnostics, metrics, optim, train
+    from charrnn import data, diagnostics, metrics, optim
+    from charrnn import restore
+    from charrnn import step as step_lib
 
-    config, vocab, model, params, step = train.load_checkpoint(lm)
+    config, vocab, model, params, step = restore.load_checkpoint(lm)
     records = metrics.read_metrics(lm)
     text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
     _, val_ids, _ = data.split(vocab.encode(text), config.data.val_fraction,
                                config.data.test_fraction)
     B, T = 2, min(config.train.seq_len, 64)
     x = jnp.asarray(val_ids[:B * (T + 1)].reshape(B, T + 1))
-    loss = lambda p: train.loss_fn(p, model, model.initial_carry(B), x[:, :-1], x[:, 1:])[0]
+    loss = lambda p: step_lib.loss_fn(p, model, model.initial_carry(B), x[:, :-1], x[:, 1:])[0]
     grads = jax.grad(loss)(params)
     g = float(optim.global_norm(grads))
     flat = np.concatenate([np.abs(np.ravel(a)) for a in jax.tree.leaves(grads)])
@@ -242,10 +254,22 @@ def collect_figures(work: str, outdir: str) -> None:
             shutil.copy(src, os.path.join(outdir, name))
 
 
+def destinations(outdir: str | None, smoke: bool) -> tuple[str, str]:
+    """(figure directory, Markdown file): the committed REPORT.md only for the full run
+    into the default report/; otherwise REPORT.md beside the figures."""
+    if outdir is None:
+        outdir = DEFAULT_OUTDIR if not smoke else os.path.join(REPO, "runs", "report_smoke")
+    outdir = os.path.abspath(outdir)
+    if not smoke and outdir == DEFAULT_OUTDIR:
+        return outdir, DEFAULT_REPORT
+    return outdir, os.path.join(outdir, "REPORT.md")
+
+
 def main(argv):
     cli.start(argv)
-    import report_sections
-    smoke, outdir = _SMOKE.value, os.path.abspath(_OUTDIR.value)
+    from experiments.pages import report_sections
+    smoke = _SMOKE.value
+    outdir, report_path = destinations(_OUTDIR.value, smoke)
     os.makedirs(outdir, exist_ok=True)
     work = os.path.abspath(_WORKDIR.value) if _WORKDIR.value else tempfile.mkdtemp("-report")
     _load_timings(work)
@@ -267,11 +291,11 @@ def main(argv):
             shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = sum(_TIMINGS.values())
     results["timings"] = dict(_TIMINGS)
-    report_dir = os.path.dirname(os.path.abspath(_REPORT.value))
+    report_dir = os.path.dirname(report_path)
     markdown = report_sections.render(results, os.path.relpath(outdir, report_dir))
-    with open(_REPORT.value, "w") as f:
+    with open(report_path, "w") as f:
         f.write(markdown)
-    print(f"wrote {_REPORT.value} and the figures in {outdir} "
+    print(f"wrote {report_path} and the figures in {outdir} "
           f"({results['seconds']:.0f} s)")
 
 

@@ -6,11 +6,11 @@ Three ways to run it, with the same numbers:
 
     # the whole grid, one jitted program per (rule, cell, optimizer), its runs split
     # over the devices (on a CPU: one device per core; --devices=1 for one):
-    python experiments/clip_ablation.py --outdir=DIR
+    python experiments/science/clip_ablation.py --outdir=DIR
     # one run per process (a cluster array job), then collect:
-    python experiments/clip_ablation.py --outdir=DIR --list_runs
-    python experiments/clip_ablation.py --outdir=DIR --run_index=$TASK_ID
-    python experiments/clip_ablation.py --outdir=DIR --aggregate
+    python experiments/science/clip_ablation.py --outdir=DIR --list_runs
+    python experiments/science/clip_ablation.py --outdir=DIR --run_index=$TASK_ID
+    python experiments/science/clip_ablation.py --outdir=DIR --aggregate
 
 Each run writes DIR/runs/<name>.json (its per-step history and its row).
 Collecting writes DIR/clip_ablation.csv (one row per run, its rule named),
@@ -30,11 +30,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-import cli  # experiments/cli.py, beside this script
+from experiments import cli
+from experiments.configs import clip_ablation as ablation_config
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "clip_ablation.py"),
+    "config", ablation_config.__file__,
     "Ablation config (base run + grid).")
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for runs/, tables and figures.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "The config's smoke variant on top: tiny and fast.")
@@ -178,7 +178,7 @@ def markdown(table: list) -> str:
 
 def aggregate(outdir: str) -> dict:
     """Tables, figures and clip_ablation.json from DIR/runs/*.json."""
-    import ablation_plots
+    from experiments.science import ablation_plots
     records = load_runs(outdir)
     rows = [r["row"] for r in records]
     with open(os.path.join(outdir, "clip_ablation.csv"), "w", newline="") as f:
@@ -207,15 +207,14 @@ def main(argv):
         sys.exit(1)
     if _DEVICES.value != 1 and _RUN_INDEX.value < 0 and not (_LIST.value or _AGGREGATE.value):
         # One device per core: each steps its share of a group's runs on one core, with no
-        # communication (LSTM 1x128, 8 runs, 2 cores: 321k chars/s vs 211k on one device,
-        # BENCHMARKS.md).
+        # communication (measured faster than one device: docs/design-notes.md).
         cli.split_host_into_devices(_DEVICES.value or cli.usable_cores())
     from charrnn import sweep
     from charrnn.errors import UserError
 
     config = _CONFIG.value
     if _SMOKE.value:  # the variant first, then the command line's --config.* overrides again
-        cli.config_module("clip_ablation").apply_variant(config, "smoke")
+        ablation_config.apply_variant(config, "smoke")
         for path, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
             *parents, name = path.split(".")
             node = config

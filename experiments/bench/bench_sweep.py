@@ -1,9 +1,9 @@
 """Throughput of one R-run sweep program against the same R runs one after another.
 
-    python experiments/bench_sweep.py --outdir=DIR [--smoke] [--cell=lstm --hidden_size=128]
+    python experiments/bench/bench_sweep.py --outdir=DIR [--smoke] [--cell=lstm --hidden_size=128]
 
 Sequential: R runs, each with its own state, stepped by the plain jitted
-:func:`charrnn.train.make_train_step` (the training path of one run).
+:func:`charrnn.step.make_train_step` (the training path of one run).
 Sweep: :func:`charrnn.sweep.make_group_step` stepping all R runs at once, for
 each ``--runs_per_chunk`` C (0 = all R runs vmapped; 1 = one run at a time
 inside the program). Both see the same pre-made batches; compilation is
@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags
 
-import cli  # experiments/cli.py, beside this script
+from experiments import cli
 
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for bench_sweep.json.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
@@ -58,7 +58,8 @@ def measure(config, num_runs: int, chunks: list, steps: int, repeats: int) -> di
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from charrnn import models, optim, sweep, train
+    from charrnn import models, optim, sweep
+    from charrnn import step as step_lib
 
     B, T = config.train.batch_size, config.train.seq_len
     model = models.CharRNN.from_config(config.model, _VOCAB)
@@ -69,7 +70,7 @@ def measure(config, num_runs: int, chunks: list, steps: int, repeats: int) -> di
                "reset": jnp.zeros((num_runs,), bool)}
     run_batch = [jax.tree.map(lambda a: a[r], batches) for r in range(num_runs)]
     seeds = [_with_seed(config, s) for s in range(num_runs)]
-    step_one = train.make_train_step(model, seeds[0])
+    step_one = step_lib.make_train_step(model, seeds[0])
     key = jax.random.key(0)
 
     def sequential(states):
@@ -79,7 +80,7 @@ def measure(config, num_runs: int, chunks: list, steps: int, repeats: int) -> di
         jax.block_until_ready(m)
         return states
 
-    variants = {"sequential": ([train.init_state(model, optim.make_optimizer(c), B, c.seed)
+    variants = {"sequential": ([step_lib.init_state(model, optim.make_optimizer(c), B, c.seed)
                                 for c in seeds], sequential)}
     taus = jnp.ones((num_runs,), jnp.float32)
     for chunk in chunks:

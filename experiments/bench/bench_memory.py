@@ -1,9 +1,9 @@
 """Memory of one training step, and time to the first step, each in a fresh process.
 
-Used by experiments/benchmark.py; also runnable alone:
+Used by experiments/bench/benchmark.py; also runnable alone:
 
-    python experiments/bench_memory.py --first_step_config=:smoke   # JSON line
-    python experiments/bench_memory.py --measure='{"cell": "lstm", "hidden": 512, "layers": 2,
+    python experiments/bench/bench_memory.py --first_step_config=:smoke   # JSON line
+    python experiments/bench/bench_memory.py --measure='{"cell": "lstm", "hidden": 512, "layers": 2,
         "batch": 32, "seq_len": 1024, "remat": true}'                 # JSON line
 
 :func:`measure` (called in a fresh process per variant) builds the model and
@@ -17,12 +17,9 @@ own count of the step's temporary buffers.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 
 _START = time.perf_counter()
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _status_kb(field: str) -> int:
@@ -41,13 +38,12 @@ def _reset_peak() -> bool:
 
 def measure(spec: dict) -> dict:
     """Peak growth of the resident set (MB) during one training step of ``spec``."""
-    sys.path[:0] = [HERE, os.path.join(HERE, "configs")]
     result = {}
     if spec.get("torch"):
-        from bench_workers import TorchTrain
+        from experiments.bench.bench_workers import TorchTrain
         task = TorchTrain({**spec, "kind": "train"})
     else:
-        from bench_workers import JaxTrain
+        from experiments.bench.bench_workers import JaxTrain
         task = JaxTrain({**spec, "kind": "train"})
         compiled = task.step.lower(task.state, task.batch, task.key).compile()
         stats = compiled.memory_analysis()
@@ -69,17 +65,17 @@ def measure(spec: dict) -> dict:
 
 def first_step(config_arg: str) -> dict:
     """Import, build the default config's model and state, and run one step (timed)."""
-    sys.path[:0] = [os.path.join(HERE, "configs")]
-    import default
+    from experiments.configs import default
     import jax
     import numpy as np
-    from charrnn import models, optim, train
+    from charrnn import models, optim
+    from charrnn import step as step_lib
     imported = time.perf_counter()
     config = default.get_config(config_arg or None)
     model = models.CharRNN.from_config(config.model, 65)
-    state = train.init_state(model, optim.make_optimizer(config), config.train.batch_size,
+    state = step_lib.init_state(model, optim.make_optimizer(config), config.train.batch_size,
                              config.seed)
-    step = train.make_train_step(model, config)
+    step = step_lib.make_train_step(model, config)
     rng = np.random.default_rng(0)
     shape = (config.train.batch_size, config.train.seq_len)
     batch = {"x": rng.integers(0, 65, shape, dtype=np.int32),
@@ -95,7 +91,7 @@ def first_step(config_arg: str) -> dict:
 
 if __name__ == "__main__":
     from absl import app, flags
-    _ARG = flags.DEFINE_string("first_step_config", None, "Variant of configs/default.py to "
+    _ARG = flags.DEFINE_string("first_step_config", None, "Variant of experiments/configs/default.py to "
                                "time the first step of ('' or ':smoke').")
     _MEASURE = flags.DEFINE_string("measure", None, "JSON spec of a training step to measure "
                                    "the memory of (see measure()).")

@@ -1,6 +1,6 @@
 """How fast is charrnn on this machine, against PyTorch eager and NumPy?
 
-    python experiments/benchmark.py --outdir=runs/bench [--quick | --smoke]
+    python experiments/bench/benchmark.py --outdir=runs/bench [--quick | --smoke]
         [--json=PATH] [--markdown=BENCHMARKS.md]
 
 Measured in one run, as ratios within the run (a shared machine is noisy):
@@ -8,9 +8,9 @@ Measured in one run, as ratios within the run (a shared machine is noisy):
 - training chars/s and time to the first finished step (compilation
   included), B=32, T=128, vocabulary 65, embedding 64, Adam, global-norm clip
   1.0: tanh RNN 1x512, LSTM 2x512, LSTM 1x128 — charrnn's training step
-  (``train.make_train_step``; also with ``model.fast_vjp=False``, plain
+  (``step.make_train_step``; also with ``model.fast_vjp=False``, plain
   autodiff) vs PyTorch eager (nn.RNN/nn.LSTM, clip_grad_norm_, Adam) vs a
-  hand-written NumPy tanh RNN (experiments/numpy_rnn.py, first config). Each
+  hand-written NumPy tanh RNN (experiments/bench/numpy_rnn.py, first config). Each
   runs with its library's default threads and on one thread (``_1thread``;
   on a shared machine one thread can be much faster), charrnn also on two
   CPU devices (``_2dev``: its data-parallel path, one device per core): a
@@ -30,7 +30,7 @@ Measured in one run, as ratios within the run (a shared machine is noisy):
   rematerialisation (``model.remat``), each in a fresh process;
 - time to the first step of the default config in a fresh process.
 
-Contenders run in one worker process per framework (experiments/bench_workers.py);
+Contenders run in one worker process per framework (experiments/bench/bench_workers.py);
 timing windows rotate over the contenders of a group, repetition after
 repetition, and the median window counts. Prints a table; --json writes the
 results (each comparison with both throughputs and their ratio), --markdown a
@@ -48,6 +48,9 @@ import time
 
 from absl import app, flags
 
+from experiments import cli
+from experiments.bench import bench_report
+
 _OUTDIR = flags.DEFINE_string("outdir", "runs/benchmark", "Directory for benchmark.json.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes, same pipeline: about a minute.")
 _QUICK = flags.DEFINE_bool("quick", False, "Full sizes, fewer and shorter windows.")
@@ -56,11 +59,6 @@ _MARKDOWN = flags.DEFINE_string("markdown", None, "Write the tables as a Markdow
 _REPEATS = flags.DEFINE_integer("repeats", None, "Windows per contender (default 5; quick 3).")
 _WINDOW = flags.DEFINE_float("window", None, "Seconds per timing window (default 2; quick 1).")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE]
-
-import bench_report  # noqa: E402  (needs HERE on sys.path)
-import cli  # noqa: E402
 
 TRAIN_CONFIGS = {"rnn_1x512": ("rnn", 512, 1), "lstm_2x512": ("lstm", 512, 2),
                  "lstm_1x128": ("lstm", 128, 1)}
@@ -81,7 +79,6 @@ class Workers:
 
     def __init__(self, frameworks):
         import subprocess
-        script = os.path.join(HERE, "bench_workers.py")
         env = {"_1thread": {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
                "_2dev": {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
                                        " --xla_force_host_platform_device_count=2").strip()}}
@@ -89,7 +86,7 @@ class Workers:
         for fw in frameworks:
             extra = next((v for k, v in env.items() if fw.endswith(k)), {})
             self.procs[fw] = subprocess.Popen(
-                [sys.executable, script, fw], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                [sys.executable, "-m", "experiments.bench.bench_workers", fw], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 text=True, env={**os.environ, **extra})
 
     def ask(self, framework, message):
@@ -250,7 +247,7 @@ def first_step_default(smoke):
 def _fresh_process(flag):
     """Run bench_memory.py with one flag in a new interpreter; its last stdout line is JSON."""
     import subprocess
-    out = subprocess.run([sys.executable, os.path.join(HERE, "bench_memory.py"), flag],
+    out = subprocess.run([sys.executable, "-m", "experiments.bench.bench_memory", flag],
                          capture_output=True, text=True)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
@@ -286,7 +283,7 @@ def main(argv):
     start = time.perf_counter()
     out = run_benchmark(smoke, repeats, window, log)
     out["settings"]["total_s"] = time.perf_counter() - start
-    out["settings"]["command"] = " ".join(["python", "experiments/benchmark.py"] + sys.argv[1:])
+    out["settings"]["command"] = " ".join(["python", "experiments/bench/benchmark.py"] + sys.argv[1:])
     print(bench_report.text_tables(out))
     os.makedirs(_OUTDIR.value, exist_ok=True)
     paths = [os.path.join(_OUTDIR.value, "benchmark.json")] + ([_JSON.value] if _JSON.value else [])

@@ -1,0 +1,184 @@
+"""The command line behind ``launch.py``: its modes, process joining, and errors as one line.
+
+``launch.py`` defines the flags and hands their values here:
+
+    train   (default) train_and_evaluate, resuming from the workdir's latest checkpoint
+    eval    val and test loss of a checkpoint
+    sample  text from a checkpoint
+
+A :class:`~charrnn.errors.UserError` anywhere (a bad flag, config field, data
+file, checkpoint) becomes one line ``error: ...`` on stderr and exit status 1;
+absl's and ml_collections' own parse errors are rewritten into the same form
+(:func:`run`). Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from charrnn.errors import UserError
+
+MODES = ("train", "eval", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The values of launch.py's flags (one field per flag, same name; see launch.py)."""
+    mode: str = "train"
+    workdir: str | None = None
+    fresh: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    distributed: bool = False
+    prompt: str = ""
+    length: int = 500
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int = 0
+    output: str | None = None
+
+    @classmethod
+    def from_flags(cls, flag_values=flags.FLAGS) -> "Options":
+        return cls(**{f.name: flag_values[f.name].value for f in dataclasses.fields(cls)})
+
+
+def define_config(default_path: str, help_string: str):
+    """``--config`` (a ``get_config(arg)`` file, ``--config.FIELD=V`` overrides).
+
+    Returns (the flag holder, or None; the error of an unknown ``--config.FIELD``,
+    or None): ml_collections applies the overrides while the flag is defined, so
+    a misspelt field raises here, before absl has parsed anything; :func:`run`
+    reports it.
+    """
+    try:
+        return config_flags.DEFINE_config_file("config", default_path, help_string,
+                                               lock_config=True), None
+    except (AttributeError, KeyError) as error:
+        return None, error
+
+
+def run(main, config_error=None) -> None:
+    """``app.run(main)`` with user errors turned into one line on stderr and exit status 1."""
+    try:
+        if config_error is not None:
+            raise _unknown_field(config_error, sys.argv)
+        app.run(main, flags_parser=_parse_flags)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before training began (then it saves and exits 0)
+        print("interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
+
+
+def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
+    """One launch: check the flags, join the processes, run the mode.
+
+    ``config_flag``: the ``--config`` holder (read only for training, so that eval
+    and sample never load a config file); ``launcher``: the path of launch.py, for
+    the commands printed at the end of a training run.
+    """
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if options.mode not in MODES:
+        raise UserError(f"unknown --mode={options.mode!r}; choose from {', '.join(MODES)}")
+    if not options.workdir:
+        raise UserError("--workdir is required")
+    if options.fresh and options.mode != "train":
+        raise UserError("--fresh starts a training run again; it means nothing with "
+                        f"--mode={options.mode}")
+    config = _checked_config(config_flag) if options.mode == "train" else None
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    _join_processes(options)
+    if options.mode == "train":
+        from charrnn import runinfo, train  # imported after flag parsing: a bad flag fails fast
+        flag = flags.FLAGS[config_flag.name]
+        launch = {"config_arg": flag.config_filename if flag.present else None,
+                  "argv": list(sys.argv)}
+        train.train_and_evaluate(config, options.workdir, fresh=options.fresh, launch=launch)
+        print(runinfo.next_commands(options.workdir, launcher), flush=True)
+    elif options.mode == "eval":
+        from charrnn import restore
+        restore.evaluate_workdir(options.workdir)
+    else:
+        _sample(options)
+
+
+def _sample(options: Options) -> None:
+    """Print the samples (each begins with its prompt); --output also writes them."""
+    from charrnn import sampling
+    texts = sampling.sample(
+        options.workdir, prompt=options.prompt, length=options.length,
+        temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+        num_samples=options.num_samples, seed=options.seed)
+    text = sampling.format_samples(texts)
+    if options.output:
+        try:
+            with open(options.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise UserError(f"cannot write --output={options.output}: {e.strerror or e}") from None
+    sys.stdout.write(text)
+
+
+def _join_processes(options: Options) -> None:
+    """jax.distributed.initialize when asked to; then only process 0 prints progress."""
+    from charrnn import parallel
+    if parallel.initialize(options.coordinator_address, options.num_processes,
+                           options.process_id, auto=options.distributed):
+        import jax
+        if jax.process_index() != 0:
+            sys.stdout = open(os.devnull, "w")  # errors still reach stderr
+
+
+def _checked_config(config_flag):
+    """The --config value, validated (charrnn.config) before JAX is even imported."""
+    from charrnn import config as config_lib
+    try:
+        config = config_flag.value
+        config_lib.validate(config)
+    except OSError as e:  # ml_collections raises a load failure of the file on first use
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        path = config_flags.get_config_filename(flags.FLAGS[config_flag.name])
+        raise UserError(f"cannot load --config={path}: {lines[-1]}") from None
+    return config
+
+
+def _parse_flags(argv):
+    """absl's flag parsing; its errors, and ml_collections', as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        # A --config file that raised embeds its traceback: keep the first and last lines.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(" ".join(lines[:1] + lines[1:][-1:])) from None
+    except (AttributeError, KeyError) as e:  # --config.FIELD names no field of the config
+        raise _unknown_field(e, argv) from None
+
+
+def _unknown_field(error, argv) -> UserError:
+    """One line naming the --config.FIELD override whose field does not exist."""
+    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError)
+        error = error.args[0]
+    message = str(error.args[0]) if error.args else ""
+    name = message.splitlines()[0].strip("'\"") if message else "?"
+    overrides = [arg.split("=", 1)[0][len("--config."):] for arg in argv
+                 if arg.startswith("--config.")]
+    path = next((p for p in overrides if name in p.split(".")), name)
+    hint = re.search(r'Did you mean "([^"]+)"', message)
+    suggestion = "see the config file for its fields"
+    if hint:
+        parts = path.split(".")
+        parts[parts.index(name) if name in parts else -1] = hint.group(1)
+        suggestion = f"did you mean {'.'.join(parts)}?"
+    return UserError(f"unknown config field '{path}' (--config.{path}); {suggestion}")

@@ -1,0 +1,151 @@
+"""What a run says about itself: the header, the closing commands, ``launches.jsonl``.
+
+A training run begins by printing what it trains (:func:`header`) and ends with
+the commands that use its result (:func:`next_commands`). Each launch also
+appends one JSON line to ``<workdir>/launches.jsonl`` (:func:`launch_record`),
+so that a page built from the workdir can say on what hardware and software
+every stretch of the run was trained:
+
+    {"start_step": int, "started": ISO-8601 UTC, "config_arg": --config as given or null,
+     "argv": [...],
+     "hardware": {"host", "cpu", "cpu_count", "platform" (cpu|gpu|tpu), "device_count",
+                  "device_kind"},
+     "software": {"python", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
+                  "charrnn_commit" (git HEAD of the package's checkout, or null)}}
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+LAUNCHES = "launches.jsonl"
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
+
+
+def header(config, workdir: str, *, params, text_chars: int, vocab_size: int, splits,
+           start_step: int, checkpoints: str) -> str:
+    """The lines a training run prints before its first step.
+
+    ``params``: the model's parameter pytree; ``splits``: the (train, val, test)
+    id arrays; ``checkpoints``: the directory a resumed run continues from.
+    """
+    import jax
+    m, t = config.model, config.train
+    num_params = sum(int(np.size(p)) for p in jax.tree.leaves(params))
+    devices = jax.devices()
+    corpus = os.path.abspath(config.data.path) if config.data.path else config.data.name
+    n_train, n_val, n_test = (len(ids) for ids in splits)
+    kinds = sorted({d.device_kind for d in devices})
+    lines = [
+        f"charrnn: {m.cell} {m.num_layers}x{m.hidden_size} "
+        f"(embedding {m.embed_dim}), {num_params:,} parameters",
+        f"  corpus   {corpus}: {text_chars:,} characters, vocabulary {vocab_size}; "
+        f"train/val/test {n_train:,}/{n_val:,}/{n_test:,}",
+        f"  batch    B x T = {t.batch_size} x {t.seq_len}, {t.num_steps:,} steps",
+        f"  devices  {len(devices)} x {', '.join(kinds)} ({devices[0].platform})",
+        f"  workdir  {os.path.abspath(workdir)}",
+    ]
+    if start_step:
+        lines.append(f"  resuming from step {start_step} ({checkpoints})")
+    return "\n".join(lines)
+
+
+def next_commands(workdir: str, launcher: str) -> str:
+    """The commands to sample from, evaluate and view the run in ``workdir``.
+
+    ``launcher``: the path of launch.py; both paths are written as they work from
+    the current directory.
+    """
+    python = "python" if _same_file(shutil.which("python"), sys.executable) else sys.executable
+    launch = f"{shlex.quote(python)} {shlex.quote(_short(launcher))}"
+    work = shlex.quote(_short(workdir))
+    tb = shlex.quote(os.path.join(_short(workdir), "tensorboard"))
+    return "\n".join([
+        f"trained model in {os.path.abspath(workdir)}; next:",
+        f"  sample:       {launch} --mode=sample --workdir={work} --length=500",
+        f"  evaluate:     {launch} --mode=eval --workdir={work}",
+        f"  TensorBoard:  tensorboard --logdir {tb}",
+    ])
+
+
+def launch_record(start_step: int, config_arg: str | None, argv: list[str]) -> dict:
+    """This launch as one ``launches.jsonl`` record (see the module docstring)."""
+    import jax
+    devices = jax.devices()
+    return {
+        "start_step": int(start_step),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config_arg": config_arg,
+        "argv": list(argv),
+        "hardware": {"host": socket.gethostname(), "cpu": _cpu_model(),
+                     "cpu_count": os.cpu_count() or 0, "platform": devices[0].platform,
+                     "device_count": len(devices), "device_kind": devices[0].device_kind},
+        "software": {"python": platform.python_version(),
+                     **{name: _version(name) for name in _PACKAGES},
+                     "charrnn_commit": _package_commit()},
+    }
+
+
+def append_launch(workdir: str, record: dict) -> None:
+    """Append ``record`` as one line of ``<workdir>/launches.jsonl``."""
+    with open(os.path.join(workdir, LAUNCHES), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _short(path: str) -> str:
+    """``path`` relative to the current directory when it lies below it, else absolute."""
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path)
+    return path if rel.startswith(os.pardir) else rel
+
+
+def _same_file(a: str | None, b: str) -> bool:
+    try:
+        return a is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _package_commit() -> str | None:
+    """git HEAD of the checkout that holds this package; None when installed elsewhere."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(package_dir)
+    try:
+        out = subprocess.run(["git", "-C", repo, "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or not _same_file(lines[0], repo):
+        return None  # site-packages inside some other repository is not our commit
+    return lines[1]

@@ -1,0 +1,186 @@
+"""The step maths: the loss, one jitted train step, and evaluation of a split.
+
+One training iteration, in the order the seed describes it:
+
+1. forward pass over a window of T characters (teacher forcing: the input at
+   t is the true character x[t]), carrying the hidden state from the previous
+   window (truncated BPTT);
+2. loss: mean cross-entropy against the next characters, in nats/char;
+3. backward pass (BPTT through the scan): raw gradients g;
+4. clipping: ``clip.update(g)`` — exactly between the backward pass and the
+   optimizer (see :func:`train_step`);
+5. optimizer step: Adam (or SGD) on the clipped gradient.
+
+Everything here is a pure function of arrays (plus the jit wrappers that bind
+a model and an optimizer); the host loop that feeds it is :mod:`charrnn.train`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from charrnn import clipping, data, diagnostics, hostmem, models, optim, parallel
+
+LN2 = math.log(2.0)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes; a pytree of arrays (saved as-is in checkpoints)."""
+    step: jax.Array  # int32 []: steps taken (skipped non-finite steps included)
+    params: dict
+    opt_state: Any  # (clip state, optimizer state), as optax.chain keeps it
+    carry: tuple  # hidden state carried into the next window, [B, H] per layer
+    rng: jax.Array  # uint32 key data; dropout key of step s = fold_in(key, s)
+    nonfinite_run: jax.Array  # int32 []: consecutive skipped steps so far
+    nonfinite_total: jax.Array  # int32 []: all skipped steps
+
+
+def init_state(model: models.CharRNN, tx: optax.GradientTransformation, batch_size: int,
+               seed: int) -> TrainState:
+    init_key, dropout_key = jax.random.split(jax.random.key(seed))
+    params = model.init(init_key)
+    zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
+    return TrainState(step=zero(), params=params, opt_state=tx.init(params),
+                      carry=model.initial_carry(batch_size),
+                      rng=jax.random.key_data(dropout_key), nonfinite_run=zero(), nonfinite_total=zero())
+
+
+def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_rows=None):
+    """Mean cross-entropy in nats/char of targets y [B, T] given inputs x [B, T].
+
+    Returns (loss, carry after the window). ``batch_rows``: see ``CharRNN.__call__``.
+    """
+    carry, logits = model(params, carry, x, dropout_key, batch_rows=batch_rows)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), carry
+
+
+def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
+               clip: optax.GradientTransformation, optimizer: optax.GradientTransformation,
+               schedule, axis_name: str | None = None,
+               clip_threshold=None) -> tuple[TrainState, dict]:
+    """One update: forward, loss, gradient, clip, optimizer step.
+
+    batch: ``x``, ``y`` int [B, T] and ``reset`` bool [] (start of an epoch:
+    the carried hidden state restarts from zeros). key: dropout key of this step.
+    A step whose loss, gradient or update is not finite changes neither the
+    parameters nor the optimizer state; it is counted instead. (An update whose
+    norm overflows float32, e.g. Adam with a learning rate of 1e20, counts too:
+    applying it would leave finite but meaningless weights, and the next loss inf.)
+
+    ``axis_name``: run per device under ``jax.shard_map`` over the batch rows
+    (:func:`make_train_step` with a mesh): the loss and the gradient are averaged
+    over that axis right after the backward pass (equal shares, so this is the
+    whole batch's mean and its gradient), and everything after, clipping
+    included, sees exactly what one device would.
+
+    ``clip_threshold``: clip state after the update -> the threshold in force
+    (``clipping.Clip.threshold``), logged as ``clip_threshold``; None logs none.
+    """
+    carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), state.carry)
+    rows = None
+    if axis_name is not None:
+        local = batch["x"].shape[0]
+        rows = (jax.lax.axis_index(axis_name) * local, local * jax.lax.axis_size(axis_name))
+    (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, model, carry, batch["x"], batch["y"], key, rows)
+    if axis_name is not None:
+        loss, grads = jax.lax.pmean((loss, grads), axis_name)
+
+    grad_norm = optim.global_norm(grads)  # g = ||∇θ L||_2, before clipping
+    clip_state, opt_state = state.opt_state
+    # Gradient clipping sits here: after the backward pass, before the optimizer.
+    clipped, clip_state = clip.update(grads, clip_state, state.params)
+    updates, opt_state = optimizer.update(clipped, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optim.global_norm(updates)))
+    keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    nonfinite_run = jnp.where(finite, 0, state.nonfinite_run + 1)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep_new(params, state.params),
+        opt_state=keep_new((clip_state, opt_state), state.opt_state),
+        carry=keep_new(new_carry, jax.tree.map(jnp.zeros_like, new_carry)),
+        rng=state.rng, nonfinite_run=nonfinite_run,
+        nonfinite_total=state.nonfinite_total + (1 - finite.astype(jnp.int32)))
+
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "grad_norm_clipped": optim.global_norm(clipped),
+        # cos∠(g, clip(g)): 1 for global-norm clipping, below 1 when a rule turns g.
+        "clip_cosine": diagnostics.tree_cosine(grads, clipped),
+        "clipped": jnp.any(jnp.array([jnp.any(a != b) for a, b in
+                                      zip(jax.tree.leaves(clipped), jax.tree.leaves(grads))])),
+        "nonfinite": 1 - finite.astype(jnp.int32),
+        "lr": schedule(state.step),
+    }
+    if clip_threshold is not None:
+        metrics["clip_threshold"] = clip_threshold(clip_state)
+    for layer, w_grad in enumerate(models.recurrent_weights(grads)):
+        metrics[f"whh_grad_norm/{layer}"] = jnp.linalg.norm(w_grad)
+    return new_state, metrics
+
+
+def make_train_step(model, config, mesh=None):
+    """``train_step`` bound to this run's model and optimizer, jitted once, state donated.
+
+    With a data ``mesh`` (:class:`parallel.DataParallel`'s) each device steps its
+    rows of the batch and carry under ``jax.shard_map``, with one all-reduce of
+    the gradient (``train_step``'s ``axis_name``); the parameters, optimizer
+    state and metrics are the same on every device. Feed it batches placed by
+    ``DataParallel.wrap_step``.
+    """
+    hostmem.keep_freed_memory()  # on CPU, stops every step page-faulting its buffers in again
+    axis = None if mesh is None else mesh.axis_names[0]
+    clip = clipping.from_config(config.optim)
+    step = functools.partial(
+        train_step, model=model, clip=clip.transform, clip_threshold=clip.threshold,
+        optimizer=optim.make_base_optimizer(config.optim, config.train.num_steps),
+        schedule=optim.make_schedule(config.optim, config.train.num_steps), axis_name=axis)
+    if mesh is not None:
+        rows, whole = parallel.P(axis), parallel.P()
+        state = TrainState(step=whole, params=whole, opt_state=whole, carry=rows, rng=whole,
+                           nonfinite_run=whole, nonfinite_total=whole)
+        batch = {"x": rows, "y": rows, "reset": whole}
+        # check_vma=False: the hand-written VJPs (charrnn.fused) do not type their
+        # cotangents by device variance; train_step averages the gradient itself.
+        step = jax.shard_map(step, mesh=mesh, in_specs=(state, batch, whole),
+                             out_specs=(state, whole), check_vma=False)
+    return jax.jit(step, donate_argnums=0)
+
+
+def eval_step(params, carry, x, y, mask, *, model):
+    """Summed cross-entropy (nats) over the unmasked positions of one window."""
+    carry, logits = model(params, carry, x)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return carry, jnp.sum(nll * mask)
+
+
+def make_eval_step(model):
+    return jax.jit(functools.partial(eval_step, model=model))
+
+
+def evaluate(eval_fn, model, params, ids: np.ndarray, batch_size: int, seq_len: int) -> dict:
+    """Loss over a whole split, the hidden state carried from window to window.
+
+    Returns ``{"loss": nats/char, "bpc": bits/char}``.
+    """
+    carry = model.initial_carry(batch_size)
+    total, count = 0.0, 0
+    for x, y, mask in data.eval_windows(ids, batch_size, seq_len):
+        carry, nll = eval_fn(params, carry, x, y, mask)
+        total += nll  # stays on device until the end
+        count += int(mask.sum())
+    loss = float(total) / count
+    return {"loss": loss, "bpc": loss / LN2}

@@ -1,0 +1,1 @@
+"""Speed and memory: the benchmark, its worker processes and contenders, and the focused benches."""

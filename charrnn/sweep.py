@@ -1,26 +1,32 @@
-"""Clipping-threshold sweeps: many training runs as one jitted program.
+"""Clipping sweeps: many training runs as one jitted program.
 
-A sweep is a grid, written as data: cells × optimizers × seeds × thresholds.
-A threshold is ``none`` (no clipping, τ = ∞), an absolute τ (``"2.5"``) or a
-multiple of the run's reference norm (``"0.5x"``): the mean unclipped global
-gradient norm over its first ``warmup_steps`` training windows, measured at
-the initial parameters (Pascanu, Mikolov & Bengio 2013 set τ from the
-average norm).
+A sweep is a grid, written as data: cells × optimizers × clipping rules ×
+seeds × each rule's strengths. The rules are those of :mod:`charrnn.clipping`
+(``sweep.rules``; ``sweep.strengths.<rule>`` lists a rule's strength labels).
+The rule ``none`` has the one label ``none``. A label is an absolute strength
+(``"2.5"``: τ, a bound, λ, a percentile or a z-score, whatever the rule's
+strength is) or, for a rule whose strength is a global-norm threshold
+(``global_norm``), a multiple of the run's reference norm (``"0.5x"``): the
+mean unclipped global gradient norm over its first ``warmup_steps`` training
+windows, measured at the initial parameters (Pascanu, Mikolov & Bengio 2013
+set τ from the average norm).
 
 Two ways to run a grid, with the same numbers:
 
 - :func:`run_single`: one run, the plain jitted :func:`step.train_step`
   (one process per run, e.g. one task of a cluster array job);
-- :func:`run_group`: every run of one (cell, optimizer) — they share
-  parameter shapes — in one program. The state, the batch and τ get a leading
+- :func:`run_group`: every run of one (rule, cell, optimizer) — they share
+  parameter and rule-state shapes — in one program. The state, the batch and
+  the strength τ get a leading
   run axis [R, ...] and the step is :func:`step.train_step` under
   ``jax.vmap`` (in chunks, see :func:`make_group_step`), its runs split
   over the devices of a mesh if given (:func:`group_mesh`). τ is a runtime
-  array, so one compiled step serves every threshold; ``inf`` never clips.
+  array, so one compiled step serves every strength of the rule.
 
 Both record, per run and step, the loss (nats/char), the global gradient norm
-before and after clipping, whether the step clipped and whether it was
-non-finite, plus the val loss every ``eval_every`` steps (step 0 included).
+before and after clipping, the threshold in force, whether the step clipped
+and whether it was non-finite, plus the val loss every ``eval_every`` steps
+(step 0 included).
 """
 
 from __future__ import annotations
@@ -36,32 +42,37 @@ import ml_collections
 import numpy as np
 import optax
 
-from charrnn import data, models, optim, parallel
+from charrnn import clipping, data, models, optim, parallel
 from charrnn import step as step_lib
 from charrnn.errors import UserError
 
-STEP_METRICS = ("loss", "grad_norm", "grad_norm_clipped", "clipped", "nonfinite")
+STEP_METRICS = ("loss", "grad_norm", "grad_norm_clipped", "clip_threshold", "clipped",
+                "nonfinite")
 
 
 class SweepError(UserError):
-    """A malformed grid (threshold label, cell, optimizer) or run index."""
+    """A malformed grid (rule, strength label, cell, optimizer) or run index."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One point of the grid. ``threshold``: 'none', '0.5x' (relative) or '2.5' (absolute)."""
+    """One point of the grid. ``threshold``: the rule's strength label: 'none' (rule
+    none), '0.5x' (relative, norm-type rules) or '2.5' (absolute)."""
     cell: str
     optimizer: str
     seed: int
     threshold: str
+    rule: str = "global_norm"
 
     @property
     def name(self) -> str:
-        return f"{self.cell}-{self.optimizer}-seed{self.seed}-tau_{self.threshold}"
+        clip = "none" if self.rule == "none" else f"{self.rule}_{self.threshold}"
+        return f"{self.cell}-{self.optimizer}-seed{self.seed}-{clip}"
 
     @property
     def group(self) -> tuple:
-        return (self.cell, self.optimizer)
+        """Runs of one group share one compiled program."""
+        return (self.rule, self.cell, self.optimizer)
 
 
 def parse_threshold(label: str) -> tuple[str, float]:
@@ -80,8 +91,35 @@ def parse_threshold(label: str) -> tuple[str, float]:
     return kind, value
 
 
+def parse_strength(rule: str, label: str) -> tuple[str, float]:
+    """A strength label of ``rule``: 'none' only for the rule none; 'Nx' only where the
+    rule's strength is a global-norm threshold; else a positive number."""
+    if clipping.RULES[rule].strength is None:
+        if str(label).strip().lower() != "none":
+            raise SweepError(f"the rule none takes no strength; its label is 'none', got {label!r}")
+        return "none", math.inf
+    kind, value = parse_threshold(label)
+    if kind == "none":
+        raise SweepError(f"strength 'none' of rule {rule}: put the rule none in sweep.rules")
+    if kind == "relative" and not clipping.RULES[rule].norm_threshold:
+        norm_rules = [n for n, r in clipping.RULES.items() if r.norm_threshold]
+        raise SweepError(f"strength {label!r} of rule {rule}: multiples of the reference norm "
+                         f"are for the norm thresholds of {', '.join(norm_rules)}")
+    return kind, value
+
+
+def _strength_labels(sweep_config, rule: str) -> tuple:
+    if clipping.RULES[rule].strength is None:
+        return ("none",)
+    labels = sweep_config.strengths.get(rule) if "strengths" in sweep_config else None
+    if not labels:
+        raise SweepError(f"sweep.strengths has no labels for rule {rule!r}")
+    return tuple(str(t) for t in labels)
+
+
 def make_grid(sweep_config) -> list[Run]:
-    """All runs in a fixed order (cell, optimizer, seed, threshold); ``--run_index`` indexes it."""
+    """All runs in a fixed order (cell, optimizer, rule, seed, strength); ``--run_index``
+    indexes it."""
     for cell in sweep_config.cells:
         if cell not in models.CELLS:
             raise SweepError(f"unknown cell {cell!r}; choose from {models.CELLS}")
@@ -90,28 +128,35 @@ def make_grid(sweep_config) -> list[Run]:
             raise SweepError(f"unknown optimizer {name!r}; choose from {optim.OPTIMIZERS}")
         if name not in sweep_config.learning_rate:
             raise SweepError(f"sweep.learning_rate has no entry for optimizer {name!r}")
-    for label in sweep_config.thresholds:
-        parse_threshold(label)
-    runs = [Run(c, o, int(s), str(t)) for c in sweep_config.cells for o in sweep_config.optimizers
-            for s in sweep_config.seeds for t in sweep_config.thresholds]
+    for rule in sweep_config.rules:
+        if rule not in clipping.RULES:
+            raise SweepError(f"unknown clipping rule {rule!r} in sweep.rules; choose from "
+                             f"{', '.join(clipping.RULES)}")
+        for label in _strength_labels(sweep_config, rule):
+            parse_strength(rule, label)
+    runs = [Run(c, o, int(s), t, rule) for c in sweep_config.cells
+            for o in sweep_config.optimizers for rule in sweep_config.rules
+            for s in sweep_config.seeds for t in _strength_labels(sweep_config, rule)]
     if not runs:
-        raise SweepError("the grid is empty: give at least one cell, optimizer, seed and threshold")
+        raise SweepError("the grid is empty: give at least one cell, optimizer, rule and seed")
     return runs
 
 
 def run_config(config, run: Run, tau: float = math.inf) -> ml_collections.ConfigDict:
     """The full training config of one run: the base config with the run's choices.
 
-    The learning rate comes from ``config.sweep.learning_rate[optimizer]``.
-    τ = inf becomes ``clip_mode='none'``.
+    The learning rate comes from ``config.sweep.learning_rate[optimizer]``; the
+    rule's strength field (``clipping.Rule.strength``) is set to τ.
     """
     c = ml_collections.ConfigDict(config.to_dict())
     c.seed = run.seed
     c.model.cell = run.cell
     c.optim.name = run.optimizer
     c.optim.learning_rate = float(config.sweep.learning_rate[run.optimizer])
-    c.optim.clip_mode = "none" if math.isinf(tau) else "global_norm"
-    c.optim.clip_norm = float(tau) if not math.isinf(tau) else c.optim.clip_norm
+    rule = clipping.RULES[run.rule]
+    c.optim.clip_mode = run.rule
+    if rule.strength is not None and not math.isinf(tau):
+        c.optim[rule.strength.field] = float(tau)
     return c
 
 
@@ -178,7 +223,7 @@ def reference_norm(config, run: Run, corpus: Corpus) -> float:
     trained at a learning rate that explodes would measure the explosion. Every
     way of running the grid calls this, so all get the same τ.
     """
-    c = run_config(config, run, math.inf)
+    c = run_config(config, dataclasses.replace(run, rule="none", threshold="none"))
     model = models.CharRNN.from_config(c.model, corpus.vocab_size)
     state = step_lib.init_state(model, optax.chain(optax.identity(), optax.set_to_zero()),
                              c.train.batch_size, c.seed)
@@ -210,11 +255,11 @@ def thresholds(config, runs: list[Run], corpus: Corpus) -> tuple[list[float], di
     refs = {}
     for run in runs:
         key = (run.cell, run.optimizer, run.seed)
-        if parse_threshold(run.threshold)[0] == "relative" and key not in refs:
+        if parse_strength(run.rule, run.threshold)[0] == "relative" and key not in refs:
             refs[key] = reference_norm(config, run, corpus)
     taus = []
     for run in runs:
-        kind, value = parse_threshold(run.threshold)
+        kind, value = parse_strength(run.rule, run.threshold)
         taus.append(value * refs[(run.cell, run.optimizer, run.seed)] if kind == "relative"
                     else value)
     return taus, refs
@@ -227,8 +272,9 @@ def thresholds(config, runs: list[Run], corpus: Corpus) -> tuple[list[float], di
 def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh=None):
     """The jitted step of R runs: (states[R], batches[R], taus[R]) -> (states, metrics[R]).
 
-    Each run's step is :func:`step.train_step` with ``clip_by_global_norm(τ_r)``
-    (τ a traced scalar; inf never clips). ``runs_per_chunk`` C sets the layout:
+    Each run's step is :func:`step.train_step` with the rule ``optim.clip_mode``
+    of ``config`` at strength τ_r, a traced scalar (:func:`clipping.from_config`;
+    ignored by the rule none). ``runs_per_chunk`` C sets the layout:
     runs are vectorized C at a time by ``jax.vmap`` and the R / C chunks run one
     after another inside the same program (``jax.lax.map``). 0 (or ≥ R) vmaps
     all runs at once, the layout for a GPU or TPU that one small model leaves
@@ -238,8 +284,8 @@ def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh
     over them (``jax.shard_map``: each device steps its R/N runs, laid out as
     above, with no communication); inputs come placed by
     :func:`parallel.shard_runs`.
-    ``config`` is any run config of the group (optimizer and learning rate are
-    shared). The dropout key of run r at step s is ``fold_in(key(rng_r), s)``,
+    ``config`` is any run config of the group (optimizer, learning rate, rule and
+    its secondary settings are shared). The dropout key of run r at step s is ``fold_in(key(rng_r), s)``,
     as in :func:`run_single`.
     """
     num_steps = config.train.num_steps
@@ -250,8 +296,9 @@ def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh
 
     def one_run(state, batch, tau):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        return step_lib.train_step(state, batch, key, model=model,
-                                clip=optax.clip_by_global_norm(tau), optimizer=optimizer,
+        clip = clipping.from_config(config.optim, strength=tau)
+        return step_lib.train_step(state, batch, key, model=model, clip=clip.transform,
+                                clip_threshold=clip.threshold, optimizer=optimizer,
                                 schedule=schedule)
 
     def group(states, batches, taus):
@@ -306,10 +353,10 @@ def evaluate_group(eval_fn, model, params, ids, batch_size: int, seq_len: int,
 
 def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: int | None = None,
               num_steps: int | None = None, *, mesh=None) -> list[dict]:
-    """Train R runs of one (cell, optimizer) in one program; one history per run.
+    """Train R runs of one (rule, cell, optimizer) in one program; one history per run.
 
-    configs: run configs differing only in seed (and clip settings, which
-    ``taus`` replaces: inf = no clipping). ``runs_per_chunk``: see
+    configs: run configs differing only in seed and the rule's strength, which
+    ``taus`` gives. ``runs_per_chunk``: see
     :func:`make_group_step` (None: :func:`default_runs_per_chunk`). Returns
     what :func:`run_single` returns, for each run, in order. ``mesh``
     (:func:`parallel.make_mesh`): the run axis split over its N devices, each
@@ -400,8 +447,9 @@ def summarize(run: Run, tau: float, history: dict, reference: float | None = Non
     nonfinite = int(history["nonfinite"].sum())
     grad = history["grad_norm"][np.isfinite(history["grad_norm"])]
     return {
-        "cell": run.cell, "optimizer": run.optimizer, "seed": run.seed,
+        "cell": run.cell, "optimizer": run.optimizer, "seed": run.seed, "rule": run.rule,
         "threshold": run.threshold, "tau": tau, "reference_norm": reference,
+        "mean_clip_threshold": _finite_mean(history.get("clip_threshold")),
         "final_val_bpc": final / step_lib.LN2, "best_val_bpc": float(finite_val.min()) / step_lib.LN2
         if finite_val.size else float("nan"),
         "initial_val_bpc": initial / step_lib.LN2,
@@ -412,3 +460,12 @@ def summarize(run: Run, tau: float, history: dict, reference: float | None = Non
         "nonfinite_steps": nonfinite,
         "steps": int(history["loss"].size),
     }
+
+
+def _finite_mean(values) -> float:
+    """Mean of the finite values (a threshold is inf without clipping or in a warm-up)."""
+    if values is None:
+        return float("nan")
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("inf")

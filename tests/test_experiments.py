@@ -90,16 +90,18 @@ def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp
 def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
     base = ["experiments/science/clip_ablation.py", f"--outdir={tmp_path}", "--smoke",
             f"--config.data.path={text_file}", "--config.sweep.cells=('rnn',)",
-            "--config.sweep.optimizers=('sgd',)", "--config.sweep.thresholds=('none','1x')"]
+            "--config.sweep.optimizers=('sgd',)", "--config.sweep.rules=('none','global_norm')",
+            "--config.sweep.strengths.global_norm=('1x',)"]
     listed = _run(base + ["--list_runs"])
-    assert listed.stdout.split() == ["0", "rnn-sgd-seed0-tau_none", "1", "rnn-sgd-seed0-tau_1x"]
+    assert listed.stdout.split() == ["0", "rnn-sgd-seed0-none", "1",
+                                     "rnn-sgd-seed0-global_norm_1x"]
     one = _run(base + ["--run_index=1"])
     assert one.returncode == 0, one.stderr[-2000:]
-    assert os.listdir(tmp_path / "runs") == ["rnn-sgd-seed0-tau_1x.json"]
+    assert os.listdir(tmp_path / "runs") == ["rnn-sgd-seed0-global_norm_1x.json"]
     collected = _run(base + ["--aggregate"])
     assert collected.returncode == 0, collected.stderr[-2000:]
     rows = (tmp_path / "clip_ablation.csv").read_text().splitlines()
-    assert len(rows) == 2 and rows[1].startswith("rnn,sgd,0,1x,")
+    assert len(rows) == 2 and rows[1].startswith("rnn,sgd,0,global_norm,1x,")
     bad = _run(base + ["--run_index=5"])
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
     bad = _run(base + ["--devices=-1"])

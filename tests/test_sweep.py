@@ -1,6 +1,7 @@
 """Threshold sweeps: the grid, the reference norm, and one program equal to separate runs."""
 
 import math
+import re
 
 import jax
 import numpy as np
@@ -35,16 +36,46 @@ def test_bad_threshold_labels_are_user_errors(label):
 
 def test_the_grid_is_a_fixed_order_product(ablation_config):
     s = ablation_config.sweep
+    assert {"global_norm", "autoclip", "zclip"} <= set(s.rules)  # the smoke grid
     runs = sweep.make_grid(s)
-    assert len(runs) == len(s.cells) * len(s.optimizers) * len(s.seeds) * len(s.thresholds)
-    assert runs[0] == sweep.Run(s.cells[0], s.optimizers[0], s.seeds[0], s.thresholds[0])
-    assert runs[1].threshold == s.thresholds[1]  # thresholds vary fastest
+    per_cell_opt = sum(1 if r == "none" else len(s.strengths[r]) for r in s.rules)
+    assert len(runs) == len(s.cells) * len(s.optimizers) * len(s.seeds) * per_cell_opt
+    assert runs[0] == sweep.Run(s.cells[0], s.optimizers[0], s.seeds[0], "none", "none")
+    assert [r.rule for r in runs[:per_cell_opt]] == [r for r in s.rules for _ in (
+        ["none"] if r == "none" else s.strengths[r])]  # strengths vary fastest, then rules
+    assert len({r.name for r in runs}) == len(runs)
     s.cells = ("rnn", "transformer")
     with pytest.raises(sweep.SweepError, match="unknown cell"):
         sweep.make_grid(s)
     s.cells, s.optimizers = ("rnn",), ("adam", "adamw")  # adamw has no learning rate there
     with pytest.raises(sweep.SweepError, match="no entry for optimizer 'adamw'"):
         sweep.make_grid(s)
+
+
+@pytest.mark.parametrize("rules,strengths,message", [
+    (("clip_by_magic",), {}, "unknown clipping rule 'clip_by_magic' in sweep.rules; choose "
+                             "from none, global_norm, value, agc, block_rms, autoclip, zclip"),
+    (("autoclip",), {"autoclip": ("2x",)}, "multiples of the reference norm are for the norm "
+                                           "thresholds of global_norm"),
+    (("global_norm",), {"global_norm": ("none",)}, "put the rule none in sweep.rules"),
+    (("zclip",), {"zclip": ("-1",)}, "bad threshold '-1'"),
+    (("value",), {"value": ()}, "sweep.strengths has no labels for rule 'value'"),
+])
+def test_bad_rules_and_strengths_are_user_errors(ablation_config, rules, strengths, message):
+    s = ablation_config.sweep
+    s.rules = rules
+    for rule, labels in strengths.items():
+        s.strengths[rule] = labels
+    with pytest.raises(sweep.SweepError, match=re.escape(message)):
+        sweep.make_grid(s)
+
+
+def test_a_run_config_sets_its_rule_and_strength(ablation_config):
+    c = sweep.run_config(ablation_config, sweep.Run("lstm", "adam", 3, "90", "autoclip"), 90.0)
+    assert (c.optim.clip_mode, c.optim.autoclip_percentile, c.seed) == ("autoclip", 90.0, 3)
+    assert c.optim.name == "adam" and c.model.cell == "lstm"
+    c = sweep.run_config(ablation_config, sweep.Run("rnn", "sgd", 0, "none", "none"))
+    assert c.optim.clip_mode == "none"
 
 
 def test_reference_norm_is_the_mean_norm_at_the_initial_parameters(ablation_config):
@@ -64,29 +95,48 @@ def test_reference_norm_is_the_mean_norm_at_the_initial_parameters(ablation_conf
                                                                                rel=1e-5)
 
 
-def test_one_program_sweep_equals_separate_runs(ablation_config):
+@pytest.mark.parametrize("rule,labels", [
+    ("global_norm", ("0.3x", "100")), ("none", ("none",)), ("zclip", ("0.5", "3")),
+    ("autoclip", ("10", "100"))])
+def test_one_program_sweep_equals_separate_runs(ablation_config, rule, labels):
+    """R runs of a rule in one program (vmapped, or one by one) = each trained alone with
+    the plain train step; for zclip too, whose state (EMA statistics) each run keeps."""
+    ablation_config.optim.zclip_warmup = 2  # z-scores from step 3 of 5
     corpus = sweep.Corpus.from_config(ablation_config)
-    runs = [sweep.Run("rnn", "sgd", 0, "none"), sweep.Run("rnn", "sgd", 1, "0.3x")]
+    runs = [sweep.Run("rnn", "sgd", seed, label, rule) for seed, label in enumerate(labels)]
     taus, refs = sweep.thresholds(ablation_config, runs, corpus)
-    assert math.isinf(taus[0]) and taus[1] == pytest.approx(0.3 * refs[("rnn", "sgd", 1)])
     configs = [sweep.run_config(ablation_config, r, t) for r, t in zip(runs, taus)]
     steps = 5
     vmapped = sweep.run_group(configs, taus, corpus, runs_per_chunk=0, num_steps=steps)
     one_by_one = sweep.run_group(configs, taus, corpus, runs_per_chunk=1, num_steps=steps)
     for config, got, other in zip(configs, vmapped, one_by_one):
         alone = sweep.run_single(config, corpus, num_steps=steps)
-        for key in ("loss", "grad_norm", "grad_norm_clipped", "val_loss"):
+        for key in ("loss", "grad_norm", "grad_norm_clipped", "clip_threshold", "val_loss"):
             np.testing.assert_allclose(got[key], alone[key], rtol=2e-5, err_msg=key)
             np.testing.assert_allclose(other[key], alone[key], rtol=2e-5, err_msg=key)
         np.testing.assert_array_equal(got["clipped"], alone["clipped"])
-    assert not vmapped[0]["clipped"].any() and vmapped[1]["clipped"].all()
-    np.testing.assert_allclose(vmapped[1]["grad_norm_clipped"], taus[1], rtol=1e-5)
-    assert list(vmapped[1]["val_steps"]) == [0, 5]  # eval_every 6 > 5 steps: start and end
+    assert list(vmapped[0]["val_steps"]) == [0, 5]  # eval_every 6 > 5 steps: start and end
+    if rule == "global_norm":
+        assert taus[0] == pytest.approx(0.3 * refs[("rnn", "sgd", 0)]) and taus[1] == 100.0
+        assert vmapped[0]["clipped"].all() and not vmapped[1]["clipped"].any()
+        np.testing.assert_allclose(vmapped[0]["grad_norm_clipped"], taus[0], rtol=1e-5)
+        np.testing.assert_allclose(vmapped[0]["clip_threshold"], taus[0], rtol=1e-6)
+    if rule == "none":
+        assert not vmapped[0]["clipped"].any() and np.isinf(vmapped[0]["clip_threshold"]).all()
+    if rule == "zclip":  # thresholds from the EMA statistics after the warm-up, per z
+        assert np.isinf(vmapped[0]["clip_threshold"][:2]).all()
+        assert np.isfinite(vmapped[0]["clip_threshold"][2:]).all()
+        assert (vmapped[0]["clip_threshold"][2:] < vmapped[1]["clip_threshold"][2:]).all()
+    if rule == "autoclip":  # p = 100: the history's max, this norm included: never clips
+        assert vmapped[0]["clipped"].any() and not vmapped[1]["clipped"].any()
+        assert not vmapped[0]["clipped"][0]  # the first step never clips
+        assert len(set(vmapped[0]["clip_threshold"])) > 1
 
 
 def _history(val_loss, nonfinite=0):
     steps = 4
     return {"loss": np.ones(steps), "grad_norm": np.array([1.0, 2.0, 3.0, np.nan]),
+            "clip_threshold": np.array([np.inf, 2.0, 4.0, 3.0]),
             "grad_norm_clipped": np.ones(steps), "clipped": np.array([0, 1, 1, 0]),
             "nonfinite": np.array([0, 0, 0, nonfinite]), "val_steps": np.arange(len(val_loss)),
             "val_loss": np.array(val_loss, float)}
@@ -97,6 +147,7 @@ def _history(val_loss, nonfinite=0):
     ([4.0, 3.0, 2.0], 1, True)])
 def test_summary_row(val_loss, nonfinite, diverged):
     row = sweep.summarize(sweep.Run("rnn", "sgd", 0, "1x"), 0.7, _history(val_loss, nonfinite))
-    assert row["diverged"] is diverged
+    assert row["diverged"] is diverged and row["rule"] == "global_norm"
+    assert row["mean_clip_threshold"] == 3.0  # over the finite thresholds
     assert row["clip_fraction"] == 0.5 and row["max_grad_norm"] == 3.0
     assert row["final_val_bpc"] == pytest.approx(val_loss[-1] / math.log(2), nan_ok=True)

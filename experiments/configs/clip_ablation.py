@@ -1,7 +1,9 @@
-"""The clipping-threshold ablation: a base run config plus the grid, as data.
+"""The clipping ablation: a base run config plus the grid, as data.
 
     python experiments/science/clip_ablation.py --outdir=DIR [--smoke]
     python experiments/science/clip_ablation.py --outdir=DIR --config.sweep.seeds=0,1,2
+    python experiments/science/clip_ablation.py --outdir=DIR \
+        --config.sweep.rules="('none','agc')" --config.sweep.strengths.agc="('0.01','0.1')"
 
 Fields outside ``sweep`` are those of default.py (model.cell and optim.name
 are set per run from the grid). Variant: smoke (tiny, seconds).
@@ -32,8 +34,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sweep.cells = ("rnn", "lstm")
     config.sweep.optimizers = ("sgd", "adam")
     config.sweep.seeds = (0, 1)
-    # 'none', absolute τ ('2.5'), or multiples of the warm-up mean norm ('0.5x').
-    config.sweep.thresholds = ("none", "0.1x", "0.5x", "1x", "2x", "5x", "10x")
+    # Rules of charrnn/clipping.py; each but 'none' is swept over its strengths below.
+    config.sweep.rules = ("none", "global_norm")
+    # Strength labels per rule: absolute ('2.5': τ, bound, λ, percentile, z-score) or, for
+    # global_norm, multiples of the warm-up mean norm ('0.5x'). Every rule has an entry
+    # (its default strength) so that any can be put in sweep.rules from the command line.
+    config.sweep.strengths = ml_collections.ConfigDict(_default_strengths())
+    config.sweep.strengths.global_norm = ("0.1x", "0.5x", "1x", "2x", "5x", "10x")
+    config.sweep.strengths.autoclip = ("10", "50", "90")  # percentiles
+    config.sweep.strengths.zclip = ("1.5", "2.5", "3.5")  # z-score thresholds
     config.sweep.warmup_steps = 20  # windows whose mean grad norm at init is the reference
     config.sweep.eval_every = 100  # steps between val evaluations (and at step 0 and the end)
     config.sweep.eval_chars = 32768  # val characters evaluated (0 = the whole val split)
@@ -43,6 +52,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg:
         apply_variant(config, arg)
     return config
+
+
+def _default_strengths() -> dict:
+    """rule -> (its default strength,) for every registered rule that has one."""
+    from charrnn import clipping
+    return {name: (f"{rule.strength.default:g}",) for name, rule in clipping.RULES.items()
+            if rule.strength is not None}
 
 
 def apply_variant(config: ml_collections.ConfigDict, name: str) -> None:
@@ -57,7 +73,11 @@ def _smoke(c):
     c.train.batch_size, c.train.seq_len, c.train.num_steps = 4, 16, 12
     c.train.eval_batch_size = 8
     c.sweep.seeds = (0,)
-    c.sweep.thresholds = ("none", "0.5x", "2x")
+    c.sweep.rules = ("none", "global_norm", "autoclip", "zclip")
+    c.sweep.strengths.global_norm = ("0.5x", "2x")
+    c.sweep.strengths.autoclip = ("50",)
+    c.sweep.strengths.zclip = ("1",)
+    c.optim.zclip_warmup = 4  # 12 steps: the z-scores start at step 5
     c.sweep.warmup_steps, c.sweep.eval_every, c.sweep.eval_chars = 4, 6, 2000
 
 

@@ -111,7 +111,7 @@ gate blocks) and top singular value {_f(lm['whh']['whh_top_singular/0'])}. {_tra
 
 def section_clipping(results) -> str:
     import optax
-    from charrnn import optim
+    from charrnn import clipping
     rows = "\n".join(
         f"| {c['mode']} | {c['setting'].replace('|', chr(92) + '|')} ({_f(c['bound'])}) "
         f"| {_f(c['norm_before'])} "
@@ -128,9 +128,9 @@ def section_clipping(results) -> str:
    otherwise leave the gradient unchanged.
 4. The optimizer receives $\\hat g$.
 
-In this codebase `optim.make_clip` chooses the rule (`optim.clip_mode`, τ = `optim.clip_norm`):
+In this codebase `charrnn/clipping.py` registers the rules (`optim.clip_mode`); this one's τ is `optim.clip_norm`:
 
-{quote(optim.make_clip, 'if mode == "global_norm"', 'return optax.clip_by_global_norm')}
+{quote(clipping.global_norm, '@register("global_norm"', 'return optax.clip_by_global_norm')}
 and the rescaling itself is optax's (no ε: PyTorch's `clip_grad_norm_` divides by
 $g + 10^{{-6}}$, TensorFlow by $\\max(g, \\tau)$):
 
@@ -185,7 +185,7 @@ One iteration of `charrnn.step.train_step` (jitted once, state donated):
 The lines that do 3–5, read from the source now:
 
 {quote(step_lib.train_step, 'jax.value_and_grad', 'optax.apply_updates')}
-`clip` is `optim.make_clip(config.optim)` and `optimizer` the Adam/SGD link
+`clip` is the rule `optim.clip_mode` of `charrnn/clipping.py` and `optimizer` the Adam/SGD link
 (`step.make_train_step`); `grad_norm` is $g$ before clipping and is logged.
 
 **Telemetry of a real run.** The report trained its language model

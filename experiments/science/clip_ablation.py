@@ -1,9 +1,10 @@
-"""Clipping-threshold ablation: thresholds × seeds × optimizer {sgd, adam} × cell {rnn, lstm}.
+"""Clipping ablation: rules × their strengths × seeds × optimizer {sgd, adam} × cell {rnn, lstm}.
 
-The grid and the base run are the config (experiments/configs/clip_ablation.py).
+The grid and the base run are the config (experiments/configs/clip_ablation.py);
+the rules are charrnn/clipping.py's (sweep.rules, strengths in sweep.strengths).
 Three ways to run it, with the same numbers:
 
-    # the whole grid, one jitted program per (cell, optimizer), its runs split
+    # the whole grid, one jitted program per (rule, cell, optimizer), its runs split
     # over the devices (on a CPU: one device per core; --devices=1 for one):
     python experiments/science/clip_ablation.py --outdir=DIR
     # one run per process (a cluster array job), then collect:
@@ -12,9 +13,11 @@ Three ways to run it, with the same numbers:
     python experiments/science/clip_ablation.py --outdir=DIR --aggregate
 
 Each run writes DIR/runs/<name>.json (its per-step history and its row).
-Collecting writes DIR/clip_ablation.csv (one row per run), DIR/clip_ablation.md
-(mean over seeds per cell, optimizer and threshold), DIR/clip_ablation.json and
-the figures val_bpc_vs_threshold.png, loss_curves.png and grad_norm_traces.png.
+Collecting writes DIR/clip_ablation.csv (one row per run, its rule named),
+DIR/clip_ablation.md (mean over seeds per cell, optimizer, rule and strength),
+DIR/clip_ablation.json and the figures val_bpc_vs_threshold.png, loss_curves.png
+and grad_norm_traces.png (those three: the runs without clipping or with a
+global-norm threshold τ, the Pascanu et al. experiment).
 """
 
 import csv
@@ -36,7 +39,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for runs/, tables and figures.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "The config's smoke variant on top: tiny and fast.")
 _RUN_INDEX = flags.DEFINE_integer("run_index", -1, "Run only this grid index (see --list_runs); "
-                                  "-1 runs the whole grid, one program per (cell, optimizer).")
+                                  "-1 runs the whole grid, one program per (rule, cell, optimizer).")
 _LIST = flags.DEFINE_bool("list_runs", False, "Print the grid with run indices and exit.")
 _AGGREGATE = flags.DEFINE_bool("aggregate", False, "Only collect DIR/runs/*.json into tables.")
 _CHUNK = flags.DEFINE_integer("runs_per_chunk", -1, "Runs vmapped together on each device in "
@@ -64,7 +67,7 @@ def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None,
     groups = {}
     for run, tau in zip(selected, taus):
         groups.setdefault(run.group, []).append((run, tau))
-    for (cell, name), members in groups.items():
+    for members in groups.values():
         configs = [sweep.run_config(config, run, tau) for run, tau in members]
         if run_index >= 0:
             histories = [sweep.run_single(configs[0], corpus)]
@@ -76,7 +79,7 @@ def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None,
             ref = refs.get((run.cell, run.optimizer, run.seed))
             row = sweep.summarize(run, tau, history, ref)
             _write_run(outdir, run, row, history)
-            print(f"{run.name}: τ={tau:.4g} final val bpc {row['final_val_bpc']:.3f} "
+            print(f"{run.name}: strength {tau:.4g} final val bpc {row['final_val_bpc']:.3f} "
                   f"(best {row['best_val_bpc']:.3f}) clipped {100 * row['clip_fraction']:.0f}% "
                   f"max grad norm {row['max_grad_norm']:.3g}"
                   + (" DIVERGED" if row["diverged"] else ""), flush=True)
@@ -104,22 +107,32 @@ def load_runs(outdir: str) -> list:
     return out
 
 
-def _threshold_key(label: str) -> float:
-    from charrnn import sweep
-    return sweep.parse_threshold(label)[1]
+def _order(cell, opt, rule, label) -> tuple:
+    """Table order: cell, optimizer, rule as registered ('none' first), increasing strength."""
+    from charrnn import clipping, sweep
+    return (cell, opt, list(clipping.RULES).index(rule), sweep.parse_strength(rule, label)[1])
+
+
+def is_threshold_row(row) -> bool:
+    """A run of the τ experiment: no clipping, or a global-norm threshold (a norm-type rule)."""
+    from charrnn import clipping
+    rule = clipping.RULES[row.get("rule", "global_norm")]
+    return rule.strength is None or rule.norm_threshold
 
 
 def grouped(rows: list) -> list:
-    """Mean over seeds per (cell, optimizer, threshold): 'none' first, then increasing τ."""
+    """Mean over seeds per (cell, optimizer, rule, strength): 'none' first, then by rule
+    and increasing strength."""
     import numpy as np
     out = {}
     for r in rows:
-        out.setdefault((r["cell"], r["optimizer"], r["threshold"]), []).append(r)
+        out.setdefault((r["cell"], r["optimizer"], r.get("rule", "global_norm"),
+                        r["threshold"]), []).append(r)
     table = []
-    for (cell, opt, label), rs in sorted(out.items(), key=lambda kv: (  # 'none' first
-            kv[0][0], kv[0][1], -1.0 if kv[0][2] == "none" else _threshold_key(kv[0][2]))):
+    for (cell, opt, rule, label), rs in sorted(out.items(), key=lambda kv: _order(*kv[0])):
         mean = lambda k: float(np.mean([r[k] for r in rs]))
-        table.append({"cell": cell, "optimizer": opt, "threshold": label, "seeds": len(rs),
+        table.append({"cell": cell, "optimizer": opt, "rule": rule, "threshold": label,
+                      "seeds": len(rs),
                       "tau": mean("tau"), "final_val_bpc": mean("final_val_bpc"),
                       "best_val_bpc": mean("best_val_bpc"),
                       "diverged": sum(r["diverged"] for r in rs),
@@ -151,12 +164,12 @@ def adam_contrast(table: list) -> list:
 
 
 def markdown(table: list) -> str:
-    lines = ["| cell | optimizer | threshold | τ | final val bpc | best val bpc | diverged "
-             "| clip fraction | max grad norm |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| cell | optimizer | rule | strength | value | final val bpc | best val bpc "
+             "| diverged | clip fraction | max grad norm |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
         tau = "∞" if math.isinf(r["tau"]) else f"{r['tau']:.3g}"
-        lines.append(f"| {r['cell']} | {r['optimizer']} | {r['threshold']} | {tau} "
+        lines.append(f"| {r['cell']} | {r['optimizer']} | {r['rule']} | {r['threshold']} | {tau} "
                      f"| {r['final_val_bpc']:.3f} | {r['best_val_bpc']:.3f} "
                      f"| {r['diverged']}/{r['seeds']} | {r['clip_fraction']:.2f} "
                      f"| {r['max_grad_norm']:.3g} |")
@@ -172,12 +185,15 @@ def aggregate(outdir: str) -> dict:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    table = grouped(rows)
-    md = markdown(table)
+    rules_table = grouped(rows)
+    md = markdown(rules_table)
     with open(os.path.join(outdir, "clip_ablation.md"), "w") as f:
         f.write(md)
-    ablation_plots.plot_all(outdir, records, table)
-    summary = {"rows": rows, "table": table, "markdown": md, "contrast": adam_contrast(table),
+    # The τ experiment (figures, table, Adam contrast): the runs of no clipping and of τ.
+    table = [r for r in rules_table if is_threshold_row(r)]
+    ablation_plots.plot_all(outdir, [r for r in records if is_threshold_row(r["row"])], table)
+    summary = {"rows": rows, "table": table, "rules_table": rules_table, "markdown": md,
+               "contrast": adam_contrast(table),
                "seconds": sum(r["seconds"] for r in records)}
     with open(os.path.join(outdir, "clip_ablation.json"), "w") as f:
         json.dump(summary, f, indent=1)

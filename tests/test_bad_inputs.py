@@ -34,7 +34,6 @@ def _steps(workdir):
 
 
 def test_choice_names_match_the_modules_they_configure():
-    assert config_lib.CELLS == models.CELLS
     assert config_lib.OPTIMIZERS == optim.OPTIMIZERS
     assert config_lib.SCHEDULES == optim.SCHEDULES
     assert config_lib.CLIP_MODES == optim.CLIP_MODES
@@ -113,7 +112,8 @@ def _catalogue(d, corpus, trained):
         ("clip_norm <= 0", work + ["--config.optim.clip_norm=-1"],
          "optim.clip_norm must be a positive number with optim.clip_mode=global_norm"),
         ("unknown cell", work + ["--config.model.cell=transformer"],
-         "unknown model.cell 'transformer'; choose from rnn, gru, lstm"),
+         "unknown model.cell 'transformer'; choose from gru, irnn, lstm, mgu, rnn or name your "
+         "own cell as package.module:Class"),
         ("unknown optimizer", work + ["--config.optim.name=lion"],
          "unknown optim.name 'lion'; choose from adam, adamw, sgd"),
         ("negative weight decay", work + ["--config.optim.name=adamw",

@@ -224,3 +224,23 @@ def test_fresh_sets_the_old_run_aside_intact(catalogue):
     assert _tree_digest(moved) == catalogue["before"]
     assert _steps(trained) == [2] and _steps(moved) == [10]
     assert [r["step"] for r in metrics.read_metrics(trained) if r["split"] == "train"] == [2]
+
+
+def test_a_bad_cell_name_gets_one_clear_line(tmp_path):
+    """model.cell names that do not resolve to a usable cell (charrnn.cells)."""
+    work = [f"--workdir={tmp_path}/new", f"--config={SMOKE}"]
+    cases = [("no_such_module:Cell", "model.cell 'no_such_module:Cell': cannot import module "
+              "'no_such_module'"),
+             ("json:loads", "model.cell 'json:loads': loads is not a subclass of charrnn.cells.Cell"),
+             ("charrnn.cells.base:Cell", "num_gates must be a positive integer, got 0"),
+             ("charrnn:nope", "model.cell 'charrnn:nope': module 'charrnn' has no 'nope'")]
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "launch_forks.py")],
+                         input=json.dumps([work + [f"--config.model.cell={name}"]
+                                           for name, _ in cases]),
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr
+    for (name, expected), result in zip(cases, json.loads(out.stdout)):
+        assert result["returncode"] == 1, result
+        assert result["stderr"].count("\n") == 1 and "Traceback" not in result["stderr"], result
+        assert result["stderr"].startswith("error: ") and expected in result["stderr"], result
+    assert not os.path.exists(f"{tmp_path}/new")

@@ -62,6 +62,11 @@ class CellModule(nn.Module):
         return self.cell.init_carry(batch_size, self.hidden_size)
 
 
+def cell_module(name: str, hidden_size: int, matmul_dtype: str = "float32") -> CellModule:
+    """The Flax module of the cell registered as ``name`` (e.g. ``cell_module("rnn", 64)``)."""
+    return CellModule(cell_registry.get(name), hidden_size=hidden_size, matmul_dtype=matmul_dtype)
+
+
 def unroll(step: Callable, carry, xs, unroll_steps: int = 1):
     """The one time loop: ``jax.lax.scan`` of ``step(carry, x_t) -> (carry, y_t)``.
 

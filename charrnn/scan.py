@@ -126,6 +126,9 @@ def _forward_saving(cell, mode, extras, carry, zx_t, zh_t, varying):
         return cell.tuned_forward(extras, carry, zx_t, zh_t)
     (carry, y), pullback = jax.vjp(cell.update, extras, carry, zx_t, zh_t)
     leaves = jax.tree.leaves(pullback)
+    if len(leaves) != len(varying):  # a pullback shaped unlike the probe's: never seen
+        raise RuntimeError(f"{cell!r}: the update's pullback has {len(leaves)} residuals in "
+                           f"the loop but {len(varying)} when probed")
     return carry, y, [leaf for leaf, v in zip(leaves, varying) if v]
 
 
@@ -147,7 +150,12 @@ def _pullback_layout(cell, extras, carry, width):
     σ(x) = ½ tanh(x/2) + ½) are computed here once instead of stacked T times.
     """
     z = jnp.zeros(jax.tree.leaves(carry)[0].shape[:1] + (width,))
-    pullback_leaves = lambda c, zx, zh: jax.tree.leaves(jax.vjp(cell.update, extras, c, zx, zh)[1])
+    tree = {}
+
+    def pullback_leaves(c, zx, zh):
+        leaves, tree["def"] = jax.tree.flatten(jax.vjp(cell.update, extras, c, zx, zh)[1])
+        return leaves
+
     closed = jax.make_jaxpr(pullback_leaves)(carry, z, z)
     depends = set(closed.jaxpr.invars)
     for eqn in closed.jaxpr.eqns:
@@ -155,9 +163,8 @@ def _pullback_layout(cell, extras, carry, width):
             depends.update(eqn.outvars)
     varying = tuple(not isinstance(v, jax_core.Literal) and v in depends
                     for v in closed.jaxpr.outvars)
-    _, pullback = jax.vjp(cell.update, extras, carry, z, z)
-    leaves, treedef = jax.tree.flatten(pullback)
-    return treedef, varying, [leaf for leaf, v in zip(leaves, varying) if not v]
+    leaves = jax_core.jaxpr_as_fun(closed)(*jax.tree.leaves((carry, z, z)))
+    return tree["def"], varying, [leaf for leaf, v in zip(leaves, varying) if not v]
 
 
 # --- one layer: forward scan, backward scan, weight gradients as GEMMs ------------

@@ -32,6 +32,15 @@ def _random_params(cell, key=0, scale=0.7):
                                              for k, x in zip(keys, leaves)])
 
 
+def _problem(cell):
+    """(module, random params, a random carry, inputs xs [T, B, E]) for gradient checks."""
+    module, p = _random_params(cell, scale=0.5)
+    xs = jax.random.normal(jax.random.key(3), (T, B, E))
+    carry = jax.tree.map(lambda a: 0.3 * jax.random.normal(jax.random.key(4), a.shape),
+                         cell.init_carry(B, H))
+    return module, p, carry, xs
+
+
 def _run(step, carry, xs):
     return jax.lax.scan(step, carry, xs)
 
@@ -99,10 +108,7 @@ def test_irnn_is_a_relu_rnn_starting_from_the_identity():
 def test_fast_path_gradients_equal_autodiff_of_the_module(name):
     """Per leaf ||g_scan - g_autodiff|| <= 1e-5 ||g_autodiff||, float32."""
     cell = cells.get(name)
-    module, p = _random_params(cell, scale=0.5)
-    xs = jax.random.normal(jax.random.key(3), (T, B, E))
-    carry = jax.tree.map(lambda a: 0.3 * jax.random.normal(jax.random.key(4), a.shape),
-                         cell.init_carry(B, H))
+    module, p, carry, xs = _problem(cell)
 
     def loss(run, p, carry, xs):
         last, ys = run(p, carry, xs)
@@ -120,10 +126,7 @@ def test_fast_path_gradients_equal_autodiff_of_the_module(name):
 @pytest.mark.parametrize("name", [n for n in cells.names() if cells.get(n).tuned_forward])
 def test_hand_tuned_backward_equals_the_derived_one(name):
     cell = cells.get(name)
-    _, p = _random_params(cell, scale=0.5)
-    xs = jax.random.normal(jax.random.key(3), (T, B, E))
-    carry = jax.tree.map(lambda a: 0.3 * jax.random.normal(jax.random.key(4), a.shape),
-                         cell.init_carry(B, H))
+    _, p, carry, xs = _problem(cell)
 
     def loss(derived, p, c, xs):
         last, ys = scan.recurrence(cell, p, c, xs, derived=derived)

@@ -149,7 +149,10 @@ def _pullback_layout(cell, extras, carry, width):
     (dependence read from the jaxpr); the others (e.g. the constant 0.5 of
     σ(x) = ½ tanh(x/2) + ½) are computed here once instead of stacked T times.
     """
-    z = jnp.zeros(jax.tree.leaves(carry)[0].shape[:1] + (width,))
+    h = jax.tree.leaves(carry)[0]
+    # zeros of the carry's JAX type (under shard_map: varying over the same mesh axes), so
+    # that the probe's pullback expects the cotangents the loop will give it
+    z = jnp.broadcast_to(0.0 * h[..., :1], h.shape[:1] + (width,))
     tree = {}
 
     def pullback_leaves(c, zx, zh):

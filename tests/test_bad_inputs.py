@@ -34,7 +34,6 @@ def _steps(workdir):
 
 
 def test_choice_names_match_the_modules_they_configure():
-    assert config_lib.CELLS == models.CELLS
     assert config_lib.OPTIMIZERS == optim.OPTIMIZERS
     assert config_lib.SCHEDULES == optim.SCHEDULES
     assert config_lib.CORPORA == data.BUILTIN_CORPORA
@@ -111,7 +110,8 @@ def _catalogue(d, corpus, trained):
         ("clip_norm <= 0", work + ["--config.optim.clip_norm=-1"],
          "optim.clip_norm must be a positive number with optim.clip_mode=global_norm"),
         ("unknown cell", work + ["--config.model.cell=transformer"],
-         "unknown model.cell 'transformer'; choose from rnn, gru, lstm"),
+         "unknown model.cell 'transformer'; choose from gru, irnn, lstm, mgu, rnn or name your "
+         "own cell as package.module:Class"),
         ("unknown optimizer", work + ["--config.optim.name=lion"],
          "unknown optim.name 'lion'; choose from adam, adamw, sgd"),
         ("negative weight decay", work + ["--config.optim.name=adamw",
@@ -316,3 +316,23 @@ def test_fresh_sets_the_old_run_aside_intact(catalogue):
 def test_bad_inputs_left_the_other_workdirs_unchanged(catalogue):
     for workdir, (before, after) in catalogue["untouched"].items():
         assert before == after, workdir
+
+
+def test_a_bad_cell_name_gets_one_clear_line(tmp_path):
+    """model.cell names that do not resolve to a usable cell (charrnn.cells)."""
+    work = [f"--workdir={tmp_path}/new", f"--config={SMOKE}"]
+    cases = [("no_such_module:Cell", "model.cell 'no_such_module:Cell': cannot import module "
+              "'no_such_module'"),
+             ("json:loads", "model.cell 'json:loads': loads is not a subclass of charrnn.cells.Cell"),
+             ("charrnn.cells.base:Cell", "num_gates must be a positive integer, got 0"),
+             ("charrnn:nope", "model.cell 'charrnn:nope': module 'charrnn' has no 'nope'")]
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "launch_forks.py")],
+                         input=json.dumps([work + [f"--config.model.cell={name}"]
+                                           for name, _ in cases]),
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr
+    for (name, expected), result in zip(cases, json.loads(out.stdout)):
+        assert result["returncode"] == 1, result
+        assert result["stderr"].count("\n") == 1 and "Traceback" not in result["stderr"], result
+        assert result["stderr"].startswith("error: ") and expected in result["stderr"], result
+    assert not os.path.exists(f"{tmp_path}/new")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn import cells, data, diagnostics, models, sampling, scan, train
+from charrnn import cells, data, diagnostics, models, restore, sampling, scan, train
 from charrnn.cells.base import Cell
 from conftest import REPO
 
@@ -248,7 +248,7 @@ def test_a_cell_defined_in_the_test_module_trains_and_samples(smoke_config, tmp_
     smoke_config.train.num_steps = 10
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(smoke_config, workdir)
-    config, vocab, model, params, _ = train.load_checkpoint(workdir)
+    config, vocab, model, params, _ = restore.load_checkpoint(workdir)
     assert config.model.cell == "test_cells:Leaky" and model.fast_vjp
     assert set(params["layer_0"]) == {"W_xh", "W_hh", "b", "a_logit"}
     assert not np.allclose(params["layer_0"]["a_logit"], 0)  # its extra parameter trained

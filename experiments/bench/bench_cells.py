@@ -1,7 +1,10 @@
 """A/B of the training step per cell: this checkout's scan vs an older fused.py, one process.
 
-    git show a787547:charrnn/fused.py > /tmp/fused_base.py
-    python experiments/bench_cells.py --old=/tmp/fused_base.py [--rounds=5 --steps=5]
+    mkdir -p /tmp/ab && git show a787547:charrnn/fused.py > /tmp/ab/fused_base.py
+    PYTHONPATH=/tmp/ab python experiments/bench/bench_cells.py --old=fused_base [--rounds=5 --steps=5]
+
+``--old`` names an importable module (the older file, put on the import path by
+the caller), so the script loads no code by file path.
 
 Times ``jax.value_and_grad`` of the mean cross-entropy of a CharRNN (forward +
 backward, jitted; B=32, T=128, E=64, V=65) for each model and contender:
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
+import importlib
 import statistics
 import time
 
@@ -69,16 +72,14 @@ def step_fn(cell, hidden, layers, impl):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", help="path of an older charrnn/fused.py to compare with")
+    parser.add_argument("--old", help="module name of an older charrnn/fused.py to compare with")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
     parser.add_argument("--models", default=",".join(MODELS))
     args = parser.parse_args()
     old = None
     if args.old:
-        spec = importlib.util.spec_from_file_location("fused_old", args.old)
-        old = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(old)
+        old = importlib.import_module(args.old)
     print(f"| model | contender | chars/s (median of {args.rounds}) | ratio to old | best | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in args.models.split(","):

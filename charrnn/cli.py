@@ -108,6 +108,8 @@ def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
         raise UserError("--step=N picks the checkpoint to evaluate or sample; training resumes "
                         "from the latest (--init_from=WORKDIR --init_step=N starts from another)")
     config = _checked_config(config_flag) if options.mode == "train" else None
+    if config is not None and not (options.distributed or options.coordinator_address):
+        _split_cpu(config)
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     _join_processes(options)
@@ -145,6 +147,18 @@ def _sample(options: Options) -> None:
         except OSError as e:
             raise UserError(f"cannot write --output={options.output}: {e.strerror or e}") from None
     sys.stdout.write(text)
+
+
+def _split_cpu(config) -> None:
+    """``train.cpu_devices``: present the host as that many CPU devices (charrnn.cpu_devices).
+
+    Runs before JAX creates a device; a multi-process run keeps its own layout.
+    """
+    from charrnn import cells, cpu_devices
+    count = cpu_devices.choose(
+        config.train.get("cpu_devices", "auto"), hidden_size=config.model.hidden_size,
+        num_gates=cells.get(config.model.cell).num_gates, batch_size=config.train.batch_size)
+    cpu_devices.apply(count)
 
 
 def _join_processes(options: Options) -> None:

@@ -48,7 +48,8 @@ _RANGES = {
 # Fields added after the first release, with the value a config without them means
 # (configs saved in older checkpoints lack them).
 _OPTIONAL = {"model.embed_init_std": 1.0, "model.weight_drop": 0.0,
-             "model.matmul_dtype": "float32", "optim.weight_decay": 0.0}
+             "model.matmul_dtype": "float32", "optim.weight_decay": 0.0,
+             "train.cpu_devices": "auto"}
 
 
 class ConfigError(UserError, ValueError):
@@ -82,6 +83,9 @@ def validate(config) -> None:
     std = _get(config, "model.embed_init_std", problems)
     if std is not _MISSING and not (_is_number(std) and std > 0 and math.isfinite(std)):
         problems.append(f"model.embed_init_std must be a positive number, got {std!r}")
+    devices = _get(config, "train.cpu_devices", problems)
+    if devices is not _MISSING and not _is_device_count(devices):
+        problems.append(f"train.cpu_devices must be 'auto' or a positive integer, got {devices!r}")
     seed = _get(config, "seed", problems)
     if seed is not _MISSING and not _is_int(seed):
         problems.append(f"seed must be an integer, got {seed!r}")
@@ -89,6 +93,15 @@ def validate(config) -> None:
         problems += _cross_field_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _is_device_count(value) -> bool:
+    from charrnn import cpu_devices
+    try:
+        cpu_devices.parse(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _cell_problems(name) -> list[str]:

@@ -52,6 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.eval_batch_size = 64  # streams used to sweep the whole val/test split
     config.train.max_consecutive_nonfinite = 20  # stop after this many skipped steps in a row
     config.train.keep_checkpoints = 3  # how many recent checkpoints to keep
+    # CPU devices the host is split into: "auto" (one per core for small models, see
+    # charrnn/cpu_devices.py) or a count; XLA_FLAGS naming a count wins. No effect on GPU/TPU.
+    config.train.cpu_devices = "auto"
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adam"  # adam, adamw (adam + decoupled weight decay) or sgd

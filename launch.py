@@ -1,8 +1,9 @@
 """charrnn's command line: train, evaluate or sample a character-level RNN.
 
     python launch.py --workdir=DIR [--config=experiments/configs/default.py[:ARG]] [--config.FIELD=V]
-    python launch.py --mode=eval --workdir=DIR
-    python launch.py --mode=sample --workdir=DIR --prompt="The cat " --length=500 \
+    python launch.py --mode=eval --workdir=DIR [--step=N]
+    python launch.py --workdir=NEW --init_from=DIR [--init_step=N] [--config.data.path=new.txt]
+    python launch.py --mode=sample --workdir=DIR [--step=N] --prompt="The cat " --length=500 \
         [--temperature=0.8 --top_k=0 --top_p=1.0 --num_samples=1 --seed=0 --output=FILE]
 
 This file only defines the flags; charrnn/cli.py runs the modes. Errors in the
@@ -23,6 +24,11 @@ _CONFIG, _CONFIG_ERROR = cli.define_config(
     "directory. Default: experiments/configs/default.py beside launch.py.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
 flags.DEFINE_string("mode", "train", f"One of {cli.MODES}.")
+flags.DEFINE_string(
+    "init_from", None, "--mode=train: start a new run from the weights of this workdir's "
+    "checkpoint (fine-tuning; the model fields must match, the optimizer starts afresh).")
+flags.DEFINE_integer("init_step", None, "The checkpoint of --init_from (default: its latest).")
+flags.DEFINE_integer("step", None, "--mode=eval/sample: the checkpoint (default: the latest).")
 flags.DEFINE_bool(
     "fresh", False, "--mode=train: move the workdir's previous run (checkpoints, metrics, "
     "config.json, tensorboard, launches.jsonl) into <workdir>/previous-<time>/ and start "

@@ -16,7 +16,9 @@ run before the process exits.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -51,11 +53,51 @@ def decode_step_metrics(encoded: dict | None) -> list[dict]:
     return [{k: np.asarray(v, dtype=dtypes[k]) for k, v in m.items()} for m in encoded["steps"]]
 
 
+def _quiet_closed_loop_callbacks() -> None:
+    """Drop the reports of tensorstore reads that finish after a failed restore.
+
+    When one array of a checkpoint cannot be read, orbax's restore raises and
+    closes its asyncio event loop while tensorstore still completes the other
+    reads; each completion callback then raises RuntimeError('Event loop is
+    closed'), which Python prints on stderr as an unraisable exception, dozens
+    of tracebacks around the one-line error (even before it: they race it). They say nothing that
+    error does not, so this hook drops exactly those and passes anything else on.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "charrnn_quiet", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+    hook.charrnn_quiet = True
+    sys.unraisablehook = hook
+
+
+class _DamagedMetadataFilter(logging.Filter):
+    """Drops orbax's log records of a checkpoint metadata file it cannot read.
+
+    orbax logs them (file content included: a damaged file prints its bytes) and
+    carries on without that optional file; when the checkpoint itself cannot be
+    read, :meth:`Checkpointer._unreadable` says so in one line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith(("Failed to read Metadata file",
+                                                "Failed to json parse Metadata file"))
+                    and "orbax" in record.pathname)
+
+
 class Checkpointer:
     """Save and restore (state, meta) pairs in ``<workdir>/checkpoints``."""
 
     def __init__(self, workdir: str, keep: int = 3, create: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        _quiet_closed_loop_callbacks()  # before any read that might fail
+        absl_logger = logging.getLogger("absl")
+        if not any(isinstance(f, _DamagedMetadataFilter) for f in absl_logger.filters):
+            absl_logger.addFilter(_DamagedMetadataFilter())
         if not create and not os.path.isdir(self.directory):
             self._manager = None
             return
@@ -68,6 +110,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return None if self._manager is None else self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return [] if self._manager is None else sorted(self._manager.all_steps())
+
     def save(self, step: int, state, meta: dict) -> None:
         """Start an asynchronous save of ``state`` and ``meta`` at ``step``."""
         self._manager.save(step, args=ocp.args.Composite(
@@ -79,9 +124,12 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore()))
+            meta = restored["meta"]
         except Exception as e:  # a damaged file: orbax, tensorstore and json raise many kinds
             raise self._unreadable(step, e) from None
-        return step, restored["meta"]
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise self._unreadable(step, ValueError("its metadata is not a JSON object"))
+        return step, meta
 
     def restore_state(self, step: int, like):
         """The state saved at ``step``, restored into the structure and shapes of ``like``.
@@ -98,18 +146,31 @@ class Checkpointer:
         return restored["state"]
 
     def _unreadable(self, step, error) -> CheckpointError:
+        """One line: which checkpoint, why, and the earlier ones that remain."""
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return CheckpointError(
-            f"cannot restore checkpoint {step} in {self.directory} ({first_line}); it is "
-            f"damaged or does not fit this config: move {os.path.join(self.directory, str(step))} "
-            "aside to resume from the checkpoint before it, or start over with --fresh")
+        if len(first_line) > 200:
+            first_line = first_line[:200] + "…"
+        earlier = [s for s in self.all_steps() if s < step]
+        where = os.path.join(self.directory, str(step))
+        if earlier:
+            remedy = (f"earlier steps present: {', '.join(map(str, earlier))}; move {where} "
+                      f"aside to resume from step {earlier[-1]}, or pass --step={earlier[-1]} "
+                      "to --mode=eval or --mode=sample")
+        else:
+            remedy = "no earlier step is present; start over with --fresh"
+        return CheckpointError(f"checkpoint {step} in {self.directory} is damaged or does not "
+                               f"fit this config ({first_line}); {remedy}")
 
     def _require_step(self, step):
-        if step is None:
-            step = self.latest_step()
-        if step is None:
+        if self._manager is None or not self.all_steps():
             raise CheckpointError(f"no checkpoint in {self.directory}; train one first "
                                   "(--mode=train with this --workdir)")
+        if step is None:
+            return self.latest_step()
+        if step not in self.all_steps():
+            raise CheckpointError(
+                f"no checkpoint at step {step} in {self.directory}; steps present: "
+                f"{', '.join(map(str, self.all_steps()))}")
         return step
 
     def wait(self) -> None:

@@ -45,6 +45,9 @@ class Options:
     num_samples: int = 1
     seed: int = 0
     output: str | None = None
+    init_from: str | None = None
+    init_step: int | None = None
+    step: int | None = None
 
     @classmethod
     def from_flags(cls, flag_values=flags.FLAGS) -> "Options":
@@ -96,6 +99,14 @@ def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
     if options.fresh and options.mode != "train":
         raise UserError("--fresh starts a training run again; it means nothing with "
                         f"--mode={options.mode}")
+    if options.init_from is not None and options.mode != "train":
+        raise UserError(f"--init_from starts a training run; it means nothing with "
+                        f"--mode={options.mode} (--step=N picks a checkpoint)")
+    if options.init_step is not None and options.init_from is None:
+        raise UserError("--init_step=N picks the checkpoint of --init_from=WORKDIR; pass both")
+    if options.step is not None and options.mode == "train":
+        raise UserError("--step=N picks the checkpoint to evaluate or sample; training resumes "
+                        "from the latest (--init_from=WORKDIR --init_step=N starts from another)")
     config = _checked_config(config_flag) if options.mode == "train" else None
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -105,20 +116,25 @@ def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
         flag = flags.FLAGS[config_flag.name]
         launch = {"config_arg": flag.config_filename if flag.present else None,
                   "argv": list(sys.argv)}
-        train.train_and_evaluate(config, options.workdir, fresh=options.fresh, launch=launch)
+        train.train_and_evaluate(config, options.workdir, fresh=options.fresh, launch=launch,
+                                 init_from=options.init_from, init_step=options.init_step)
         print(runinfo.next_commands(options.workdir, launcher), flush=True)
     elif options.mode == "eval":
         from charrnn import restore
-        restore.evaluate_workdir(options.workdir)
+        restore.evaluate_workdir(options.workdir, options.step)
     else:
         _sample(options)
 
 
 def _sample(options: Options) -> None:
     """Print the samples (each begins with its prompt); --output also writes them."""
-    from charrnn import sampling
+    from charrnn import restore, sampling
+    sampling.check_options(length=options.length, temperature=options.temperature,
+                           top_k=options.top_k, top_p=options.top_p,
+                           num_samples=options.num_samples)
+    _, vocab, model, params, _ = restore.load_checkpoint(options.workdir, options.step)
     texts = sampling.sample(
-        options.workdir, prompt=options.prompt, length=options.length,
+        params, vocab, model, prompt=options.prompt, length=options.length,
         temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
         num_samples=options.num_samples, seed=options.seed)
     text = sampling.format_samples(texts)

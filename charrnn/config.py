@@ -7,9 +7,11 @@ flag parsing (before JAX is imported) and :func:`charrnn.train.train_and_evaluat
 calls it again for library users.
 
 The names of the choices are repeated here rather than imported from
-``models``/``optim`` so that validating needs no JAX; ``tests/test_robustness.py``
-checks that the copies match. The clipping rules and their fields are read from
-the registry in ``charrnn.clipping`` (imported only after the plain checks pass).
+``optim`` so that validating needs no JAX; ``tests/test_robustness.py``
+checks that the copies match. Cell names are read from the cell registry
+(:mod:`charrnn.cells`), which lists the built-in ones without importing JAX;
+the clipping rules and their fields from the registry in ``charrnn.clipping``
+(imported only after the plain checks pass).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import math
 
 from charrnn.errors import UserError
 
-CELLS = ("rnn", "gru", "lstm")  # models.CELLS
 OPTIMIZERS = ("adam", "adamw", "sgd")  # optim.OPTIMIZERS
 SCHEDULES = ("constant", "cosine")  # optim.SCHEDULES
 CORPORA = ("shakespeare", "tinyshakespeare")  # data.BUILTIN_CORPORA
@@ -30,7 +31,7 @@ _POSITIVE_INTS = (
     "train.batch_size", "train.seq_len", "train.num_steps", "train.log_every",
     "train.eval_every", "train.checkpoint_every", "train.eval_batch_size",
     "train.max_consecutive_nonfinite", "train.keep_checkpoints")
-_CHOICES = {"model.cell": CELLS, "optim.name": OPTIMIZERS, "optim.schedule": SCHEDULES,
+_CHOICES = {"optim.name": OPTIMIZERS, "optim.schedule": SCHEDULES,
             "model.matmul_dtype": MATMUL_DTYPES}
 # field: (low, high, high included); checked only where the field matters (see _applies).
 _RANGES = {
@@ -75,6 +76,9 @@ def validate(config) -> None:
         if not (_is_number(value) and low <= value and (value <= high if closed else value < high)):
             problems.append(f"{field} must be in [{low:g}, {high:g}{']' if closed else ')'}, "
                             f"got {value!r}")
+    cell = _get(config, "model.cell", problems)
+    if cell is not _MISSING:
+        problems += _cell_problems(cell)
     std = _get(config, "model.embed_init_std", problems)
     if std is not _MISSING and not (_is_number(std) and std > 0 and math.isfinite(std)):
         problems.append(f"model.embed_init_std must be a positive number, got {std!r}")
@@ -85,6 +89,17 @@ def validate(config) -> None:
         problems += _cross_field_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _cell_problems(name) -> list[str]:
+    """model.cell: a built-in name of the cell registry, or a user's
+    ``package.module:Class`` (imported and checked)."""
+    from charrnn import cells
+    try:
+        cells.validate(name)
+    except cells.CellError as error:
+        return [str(error)]
+    return []
 
 
 def _cross_field_problems(config) -> list[str]:

@@ -262,6 +262,11 @@ def _download(url: str, target: str, sha256: str) -> None:
 # Splits and batching
 
 
+def text_sha256(text: str) -> str:
+    """sha256 of the text as read (its UTF-8 encoding), to tell a changed text on resume."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def split(ids: np.ndarray, val_fraction: float,
           test_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Contiguous (train, val, test) views of ids [N], in that order."""
@@ -365,35 +370,50 @@ class Batcher:
         self._epoch, self._window = epoch, window
 
 
-def eval_windows(ids: np.ndarray, batch_size: int,
-                 seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+# Characters each eval stream reads, unscored, before its first scored one (see eval_windows).
+EVAL_BURN_IN = 256
+
+
+def eval_windows(ids: np.ndarray, batch_size: int, seq_len: int, burn_in: int = EVAL_BURN_IN
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yields (x int32 [B, T], y int32 [B, T], mask float32 [B, T]) over a whole split.
 
     Every prediction ids[i] -> ids[i+1] appears exactly once with mask 1. The
-    N-1 pairs are cut into B contiguous streams of ceil((N-1)/B), padded at the
-    tail (mask 0) to whole windows; the caller carries the hidden state from one
-    window to the next, starting from zeros. Shapes never change, so one jitted
-    eval function serves every window and every split.
+    N-1 pairs are cut into B contiguous streams of L = ceil((N-1)/B); stream b
+    scores pairs [b*L, (b+1)*L). The caller carries the hidden state from one
+    window to the next, starting from zeros, so B independent streams would
+    each pay for a cold start and the loss would grow with B. Instead row b
+    first reads the ``burn_in`` pairs before its start, unscored (mask 0):
+
+        row b reads pairs [r_b, r_b + W), r_b = max(0, b*L - burn_in),
+        mask 1 on [b*L, (b+1)*L), 0 on the burn-in and on the padded tail,
+
+    so every scored character is predicted from a state that has read at least
+    ``burn_in`` characters of the text before it (or all of them, from the
+    split's start, like one stream through the whole split). Row 0 starts at
+    the split's start from zeros, exactly as that single stream does; B = 1 is
+    that single stream. W = burn_in + L rounded up to whole windows; shapes
+    never change, so one jitted eval function serves every window and split.
+    Cost: (burn_in + L) / L times that of the streams without burn-in.
     """
     _check_positive(batch_size=batch_size, seq_len=seq_len)
+    if int(burn_in) != burn_in or burn_in < 0:
+        raise DataError(f"burn_in must be an integer >= 0, got {burn_in}")
     ids = _as_ids(ids)
     if len(ids) < 2:
         raise DataError(f"a split needs at least 2 characters to evaluate, got {len(ids)}")
     b, t = int(batch_size), int(seq_len)
     n_pairs = len(ids) - 1
     stream_len = -(-n_pairs // b)
-    n_windows = -(-stream_len // t)
-
-    def layout(values: np.ndarray, dtype) -> np.ndarray:
-        """[n_pairs] -> [B, n_windows*T]: B streams, zero padded at each tail."""
-        flat = np.zeros(b * stream_len, dtype)
-        flat[:n_pairs] = values
-        out = np.zeros((b, n_windows * t), dtype)
-        out[:, :stream_len] = flat.reshape(b, stream_len)
-        return out
-
-    x, y = layout(ids[:-1], np.int32), layout(ids[1:], np.int32)
-    mask = layout(np.ones(n_pairs, np.float32), np.float32)
+    starts = np.arange(b) * stream_len  # first scored pair of each row
+    reads = np.maximum(starts - int(burn_in), 0)  # first pair each row reads
+    width = int((starts - reads).max()) + stream_len
+    n_windows = -(-width // t)
+    pos = reads[:, None] + np.arange(n_windows * t)[None, :]  # pair index of each cell
+    mask = ((pos >= starts[:, None]) & (pos < starts[:, None] + stream_len)
+            & (pos < n_pairs)).astype(np.float32)
+    pos = np.minimum(pos, n_pairs - 1)  # padding reads the last pair, masked
+    x, y = ids[pos], ids[pos + 1]
     for w in range(n_windows):
         cols = slice(w * t, (w + 1) * t)
         yield x[:, cols], y[:, cols], mask[:, cols]

@@ -1,6 +1,8 @@
-"""Recurrent cells and the character-level language model.
+"""The character-level language model: embedding -> stacked cells -> logits.
 
-Every cell keeps its recurrent weights in one parameter named ``W_hh`` (shape
+A cell is defined once in :mod:`charrnn.cells` (its parameters, carry and
+update); :class:`CellModule` is the Flax module derived from it. Every cell
+keeps its recurrent weights in one parameter named ``W_hh`` (shape
 ``[H, G*H]``, G gates) so that diagnostics can find it by name, its input
 weights in ``W_xh`` (``[E, G*H]``) and its bias in ``b`` (``[G*H]``). One
 matmul per weight per step computes all gates at once.
@@ -8,9 +10,9 @@ matmul per weight per step computes all gates at once.
 The time loop is :func:`unroll`, one ``jax.lax.scan`` over a step function;
 training, evaluation, priming and sampling all go through it. For training
 speed, :meth:`CharRNN.__call__` by default runs each layer as one
-``jax.lax.scan`` whose gradient is written by hand (:mod:`charrnn.fused`); the
-same equations, so ``fast_vjp=False`` (plain autodiff of :func:`unroll` over
-the Flax cells) gives the same numbers and stays available for debugging.
+``jax.lax.scan`` whose backward pass is derived from the cell's update
+(:mod:`charrnn.scan`); ``fast_vjp=False`` (plain autodiff of :func:`unroll`
+over the Flax modules) gives the same numbers and is the reference.
 """
 
 from __future__ import annotations
@@ -24,107 +26,45 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from charrnn import fused
+from charrnn import cells as cell_registry
+from charrnn import scan
 
-CELLS = ("rnn", "gru", "lstm")
+CELLS = cell_registry.names()  # the built-in cell names (the registry's)
 
-Carry = Any  # one array [B, H] per layer (rnn, gru) or a (c, h) pair (lstm)
-
-
-class _Cell(nn.Module):
-    """Shared parameters of the cells: z_t = x_t W_xh + h_{t-1} W_hh + b."""
-    hidden_size: int
-    num_gates: int = 1
-    forget_bias: float = 0.0
-    matmul_dtype: str = "float32"  # operand type of the products (see fused.matmul)
-
-    def gates(self, x, h):
-        """Pre-activations [B, G*H] for input x [B, E] and previous state h [B, H]."""
-        H, G = self.hidden_size, self.num_gates
-        w_xh = self.param("W_xh", nn.initializers.glorot_uniform(), (x.shape[-1], G * H))
-        # Orthogonal per gate block: each block starts with all singular values 1.
-        w_hh = self.param("W_hh", _blockwise_orthogonal(G), (H, G * H))
-        b = self.param("b", self._bias_init, (G * H,))
-        return self.matmul(x, w_xh) + self.matmul(h, w_hh) + b
-
-    def matmul(self, a, b):
-        return fused.matmul(a, b, jnp.dtype(self.matmul_dtype))
-
-    def _bias_init(self, key, shape):
-        del key
-        b = jnp.zeros(shape)
-        if self.forget_bias:  # the second gate block is the LSTM's forget gate
-            b = b.at[self.hidden_size:2 * self.hidden_size].set(self.forget_bias)
-        return b
-
-    def initial_carry(self, batch_size: int) -> Carry:
-        return jnp.zeros((batch_size, self.hidden_size))
+Carry = Any  # one carry per layer: [B, H] (rnn, irnn, gru, mgu) or a (c, h) pair (lstm)
 
 
-def _blockwise_orthogonal(num_blocks):
-    def init(key, shape, dtype=jnp.float32):
-        H = shape[0]
-        keys = jax.random.split(key, num_blocks)
-        return jnp.concatenate([nn.initializers.orthogonal()(k, (H, H), dtype) for k in keys], axis=1)
-    return init
+class CellModule(nn.Module):
+    """The Flax module of a cell definition: its parameters and one step.
 
-
-class RNNCell(_Cell):
-    """Elman tanh RNN: h_t = tanh(x_t W_xh + h_{t-1} W_hh + b)."""
-
-    @nn.compact
-    def __call__(self, h, x):
-        h = jnp.tanh(self.gates(x, h))
-        return h, h
-
-
-class LSTMCell(_Cell):
-    """LSTM (Hochreiter & Schmidhuber 1997; forget gate Gers et al. 2000).
-
-    Gate order in the G=4 blocks: input, forget, candidate, output. The forget
-    bias starts at 1 (Jozefowicz et al. 2015).
+    ``__call__(carry, x [B, E]) -> (carry, y [B, H])`` with zx = x W_xh + b and
+    zh = recurrent_input(carry) W_hh. Parameters are made in the order W_xh,
+    W_hh, b, extras (the order fixes which random draw each one gets).
     """
-    num_gates: int = 4
-    forget_bias: float = 1.0
+    cell: Any  # a charrnn.cells.base.Cell
+    hidden_size: int
+    matmul_dtype: str = "float32"  # operand type of the products (see scan.matmul)
 
     @nn.compact
     def __call__(self, carry, x):
-        c, h = carry
-        i, f, g, o = jnp.split(self.gates(x, h), 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
-        return (c, h), h
+        H, G, cell = self.hidden_size, self.cell.num_gates, self.cell
+        w_xh = self.param("W_xh", cell.input_init, (x.shape[-1], G * H))
+        w_hh = self.param("W_hh", cell.recurrent_init, (H, G * H))
+        b = self.param("b", cell.bias_init, (G * H,))
+        extras = {name: self.param(name, init, shape)
+                  for name, (shape, init) in cell.extra_params(H).items()}
+        dtype = jnp.dtype(self.matmul_dtype)
+        zx = scan.matmul(x, w_xh, dtype) + b
+        zh = scan.matmul(cell.recurrent_input(carry), w_hh, dtype)
+        return cell.update(extras, carry, zx, zh)
 
-    def initial_carry(self, batch_size):
-        shape = (batch_size, self.hidden_size)
-        return (jnp.zeros(shape), jnp.zeros(shape))  # two buffers: carries are donated
-
-
-class GRUCell(_Cell):
-    """GRU (Cho et al. 2014), reset gate applied after the recurrent matmul.
-
-    Gate order: reset, update, candidate. ``b_hn`` is the recurrent bias of the
-    candidate, which the reset gate scales together with h W_hh.
-    """
-    num_gates: int = 3
-
-    @nn.compact
-    def __call__(self, h, x):
-        H = self.hidden_size
-        w_xh = self.param("W_xh", nn.initializers.glorot_uniform(), (x.shape[-1], 3 * H))
-        w_hh = self.param("W_hh", _blockwise_orthogonal(3), (H, 3 * H))
-        b = self.param("b", nn.initializers.zeros, (3 * H,))
-        b_hn = self.param("b_hn", nn.initializers.zeros, (H,))
-        xr, xz, xn = jnp.split(self.matmul(x, w_xh) + b, 3, axis=-1)
-        hr, hz, hn = jnp.split(self.matmul(h, w_hh), 3, axis=-1)
-        r = jax.nn.sigmoid(xr + hr)
-        z = jax.nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * (hn + b_hn))
-        h = (1.0 - z) * n + z * h
-        return h, h
+    def initial_carry(self, batch_size: int) -> Carry:
+        return self.cell.init_carry(batch_size, self.hidden_size)
 
 
-CELL_CLASSES = {"rnn": RNNCell, "gru": GRUCell, "lstm": LSTMCell}
+def cell_module(name: str, hidden_size: int, matmul_dtype: str = "float32") -> CellModule:
+    """The Flax module of the cell registered as ``name`` (e.g. ``cell_module("rnn", 64)``)."""
+    return CellModule(cell_registry.get(name), hidden_size=hidden_size, matmul_dtype=matmul_dtype)
 
 
 def unroll(step: Callable, carry, xs, unroll_steps: int = 1):
@@ -144,8 +84,10 @@ class CharRNN:
     'head': {'kernel': [H, V], 'bias': [V]}}``. Dropout (rate ``dropout``) is
     applied to the output of every layer while training.
 
-    ``fast_vjp``: run the layers with the hand-written VJP of
-    :mod:`charrnn.fused` (default) instead of autodiff of :func:`unroll`.
+    ``cell``: a registered name (:func:`charrnn.cells.names`) or
+    ``package.module:Class`` naming a user's :class:`charrnn.cells.Cell` subclass.
+    ``fast_vjp``: run the layers with the derived scan VJP of
+    :mod:`charrnn.scan` (default) instead of autodiff of :func:`unroll`.
     ``remat``: rematerialise in the backward pass (``jax.checkpoint`` over
     chunks of about √T steps) so that activation memory stays small at long T
     (config ``model.remat``; it changes memory and time, not results).
@@ -183,8 +125,14 @@ class CharRNN:
                               weight_drop=model_config.get("weight_drop", 0.0))
 
     @property
+    def cell_def(self):
+        """The cell definition (:class:`charrnn.cells.base.Cell`) named by ``cell``."""
+        return cell_registry.get(self.cell)
+
+    @property
     def cells(self):
-        return [CELL_CLASSES[self.cell](hidden_size=self.hidden_size, matmul_dtype=self.matmul_dtype)
+        cell = self.cell_def
+        return [CellModule(cell, hidden_size=self.hidden_size, matmul_dtype=self.matmul_dtype)
                 for _ in range(self.num_layers)]
 
     def init(self, key) -> dict:
@@ -254,28 +202,25 @@ class CharRNN:
         if not self.fast_vjp:
             return unroll(self.cell_step(params, layer), carry, xs, unroll_steps)
         p = params[f"layer_{layer}"]
-        if xs.ndim == 2:  # tokens of layer 0: each step looks up a row of embed W_xh + b
-            return fused.recurrence(self.cell, p, carry, xs, table=_input_table(params),
-                                    unroll=unroll_steps, matmul_dtype=self.matmul_dtype)
-        return fused.recurrence(self.cell, p, carry, xs, unroll=unroll_steps,
-                                matmul_dtype=self.matmul_dtype)
+        table = _input_table(params) if xs.ndim == 2 else None  # layer 0 reads token ids
+        return scan.recurrence(self.cell_def, p, carry, xs, table=table, unroll=unroll_steps,
+                               matmul_dtype=self.matmul_dtype)
 
     def step_weights(self, params) -> dict:
         """What every inference step reads, prepared once before a sampling loop.
 
-        Per layer, ``rec``: W_hh cast to the products' operand type (GRU: and
-        b_hn); the input side: for layer 0 the table P = embed W_xh + b [V, G*H]
-        of training's fast path (row token_t is x_t W_xh + b, so a step does one
-        product fewer), for the others W_xh (cast) and b. The head's kernel
-        (cast) and bias. Sampling an LSTM 1x128 at batch 1 on this project's
-        2-core Xeon: 1.23-1.26x the characters/s of stepping the Flax cells from
-        the parameters (2x512, bound by reading the weights: 0.97-1.10x, noise).
+        Per layer, ``rec``: W_hh cast to the products' operand type and the
+        cell's extras; the input side: for layer 0 the table P = embed W_xh + b
+        [V, G*H] of training's fast path (row token_t is x_t W_xh + b, so a step
+        does one product fewer), for the others W_xh (cast) and b. The head's
+        kernel (cast) and bias. (Measured: docs/design-notes.md, "step_weights".)
         """
         dtype = jnp.dtype(self.matmul_dtype)
         layers = []
         for layer in range(self.num_layers):
             p = params[f"layer_{layer}"]
-            rec = (p["W_hh"].astype(dtype),) + ((p["b_hn"],) if self.cell == "gru" else ())
+            w_hh, extras, _ = scan.split_params(p)
+            rec = (w_hh.astype(dtype), extras)
             inputs = ((_input_table(params),) if layer == 0
                       else (p["W_xh"].astype(dtype), p["b"]))
             layers.append((rec, inputs))
@@ -285,22 +230,23 @@ class CharRNN:
     def step(self, weights, carry, token):
         """One character through all layers (inference): token int [B] -> (carry, logits [B, V]).
 
-        weights: :meth:`step_weights` of the parameters, made once per loop. The
-        equations of :mod:`charrnn.fused`'s forward loops (those of the cells).
+        weights: :meth:`step_weights` of the parameters, made once per loop. Each
+        layer is the cell's update (:func:`charrnn.scan.cell_step`).
         """
+        cell = self.cell_def
         (rec, (table,)), *upper = weights["layers"]
-        c, x = fused.cell_step(self.cell, rec, carry[0], table[token])
+        c, x = scan.cell_step(cell, rec, carry[0], table[token])
         new_carry = [c]
         for layer, (rec, (w_xh, b)) in enumerate(upper, start=1):
-            zx = fused.matmul(x, w_xh, w_xh.dtype) + b
-            c, x = fused.cell_step(self.cell, rec, carry[layer], zx)
+            zx = scan.matmul(x, w_xh, w_xh.dtype) + b
+            c, x = scan.cell_step(cell, rec, carry[layer], zx)
             new_carry.append(c)
         kernel, bias = weights["head"]
-        return tuple(new_carry), fused.matmul(x, kernel, kernel.dtype) + bias
+        return tuple(new_carry), scan.matmul(x, kernel, kernel.dtype) + bias
 
     def _head(self, params, h):
         """Logits [..., V] from the top layer's output h [..., H]."""
-        return fused.matmul(h, params["head"]["kernel"], jnp.dtype(self.matmul_dtype)) \
+        return scan.matmul(h, params["head"]["kernel"], jnp.dtype(self.matmul_dtype)) \
             + params["head"]["bias"]
 
     def _drop_recurrent_weights(self, params, key):
@@ -338,9 +284,7 @@ def keep_mask(key, keep: float, shape, rows=None) -> jax.Array:
     from ``key``: two rounds of Chris Wellons' "lowbias32" mixer (constants
     0x7feb352d, 0x846ca68b), a bijection of 32-bit integers whose output bits
     pass avalanche tests. A few integer operations per element instead of
-    threefry's rounds: a [128, 32, 512] mask takes 0.7 ms instead of 36 ms on
-    this project's 2-core Xeon, where one dropout mask per layer per step had
-    cost more than a tenth of an LSTM 3x512 step.
+    threefry's rounds (timings: docs/design-notes.md, "keep_mask").
 
     ``rows`` (start, total): ``shape[1]`` is rows start.. of an axis of ``total``;
     the result is those rows of the mask of that larger shape, hashing only their

@@ -11,6 +11,9 @@ Sampling imports this module, not the training loop.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import jax
 import numpy as np
 
@@ -21,27 +24,66 @@ from charrnn.checkpoint import CheckpointError, Checkpointer
 
 # Fields whose change makes a checkpoint unusable: parameter or carry shapes,
 # or the optimizer state's structure.
-_RESUME_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
-                  "train.batch_size", "optim.name", "optim.clip_mode")
+_SHAPE_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
+                 "train.batch_size", "optim.name", "optim.clip_mode")
+# Fields whose change would make the resumed run another run: the batcher position
+# means other text under another seq_len, seed or split; the random streams differ.
+_SAME_RUN_FIELDS = ("seed", "train.seq_len", "data.encoding", "data.val_fraction",
+                    "data.test_fraction")
+# The model fields a fine-tuned run (--init_from) must share with its source.
+MODEL_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim")
+_ELSEWHERE = ("use another --workdir, --fresh to set the old run aside and start afresh, or "
+              "--init_from=WORKDIR to start a new run from its weights")
 
 
-def check_resumable(saved: dict, config) -> None:
-    """Raise a CheckpointError naming every field that differs from the checkpoint's."""
-    current = config.to_dict()
-    differing = []
-    for field in _RESUME_FIELDS:
-        group, name = field.split(".")
-        old, new = saved.get(group, {}).get(name), current[group][name]
+def _field(tree: dict, field: str):
+    for name in field.split("."):
+        tree = tree.get(name) if isinstance(tree, dict) else None
+    return tree
+
+
+def differences(saved: dict, current: dict, fields) -> list[str]:
+    """``field old -> new`` for every field of ``fields`` that differs."""
+    out = []
+    for field in fields:
+        old, new = _field(saved, field), _field(current, field)
         if old != new:
-            differing.append(f"{field} {old!r} -> {new!r}")
+            out.append(f"{field} {old!r} -> {new!r}")
+    return out
+
+
+def corpus_of(config: dict) -> tuple[str, str]:
+    """(field, value) naming a config's text: its data.path (absolute) or its data.name."""
+    path = _field(config, "data.path")
+    if path:
+        return "data.path", os.path.abspath(os.path.expanduser(path))
+    return "data.name", _field(config, "data.name")
+
+
+def check_resumable(meta: dict, config, text_sha256: str) -> None:
+    """Raise a CheckpointError naming every field in which ``config`` is another run.
+
+    ``meta``: the checkpoint's metadata (its config, and the sha256 of the text it
+    was trained on, absent in checkpoints written before it was kept).
+    ``text_sha256``: that of the text this run has read.
+    """
+    saved, current = meta["config"], config.to_dict()
+    differing = differences(saved, current, _SHAPE_FIELDS + _SAME_RUN_FIELDS)
     if current["optim"]["name"] == "sgd" and (
             bool(saved["optim"].get("momentum")) != bool(current["optim"]["momentum"])):
         differing.append("optim.momentum (on/off)")  # plain SGD keeps no momentum state
     differing += clipping.resume_problems(saved.get("optim", {}), current["optim"])
+    old, new = corpus_of(saved), corpus_of(current)
+    if old != new:
+        differing.append(f"{new[0]} {old[1]!r} -> {new[1]!r}" if old[0] == new[0] else
+                         f"{old[0]}={old[1]!r} -> {new[0]}={new[1]!r}")
+    elif meta.get("text_sha256") not in (None, text_sha256):
+        differing.append(f"the text of {new[1]} (sha256 {meta['text_sha256'][:12]}… -> "
+                         f"{text_sha256[:12]}…)")
     if differing:
         raise CheckpointError(
-            "the workdir's checkpoint was trained with a different config: " + ", ".join(differing)
-            + " (use another --workdir, or --fresh to set the old run aside and start afresh)")
+            "the workdir's checkpoint was trained with a different config: "
+            + ", ".join(differing) + f" ({_ELSEWHERE})")
 
 
 def encode_resumed(vocab, text: str, checkpoint_dir: str | None) -> np.ndarray:
@@ -53,9 +95,82 @@ def encode_resumed(vocab, text: str, checkpoint_dir: str | None) -> np.ndarray:
             raise
         raise CheckpointError(
             f"the checkpoint in {checkpoint_dir} was trained with another vocabulary: {e} "
-            "(use another --workdir, or --fresh to set the old run aside and start afresh)"
-        ) from None
+            f"({_ELSEWHERE})") from None
 
+
+@dataclasses.dataclass
+class RunStart:
+    """Where a training run starts: step 0, its own checkpoint, or another run's weights.
+
+    ``step``: the checkpoint resumed from (0: none); ``meta``: its metadata;
+    ``vocab`` and ``ids`` (the text encoded with it); ``text_sha256`` of the text;
+    ``init_from``: ``{"workdir", "step"}`` of a fine-tuned run's source, and
+    ``params``: the source's parameters when the run starts from them now.
+    """
+    vocab: data.Vocab
+    ids: np.ndarray
+    text_sha256: str
+    step: int = 0
+    meta: dict | None = None
+    init_from: dict | None = None
+    params: object = None
+
+    @classmethod
+    def find(cls, ckpt: Checkpointer, config, text: str, init_from: str | None = None,
+             init_step: int | None = None) -> "RunStart":
+        """Resume from ``ckpt``'s latest checkpoint if any (it must be the same run),
+        else start from ``init_from``'s weights if given, else from scratch."""
+        sha = data.text_sha256(text)
+        latest = ckpt.latest_step()
+        if latest is not None:
+            _, meta = ckpt.restore_meta(latest)
+            origin = meta.get("init_from")
+            if init_from is not None and not _same_source(origin, init_from, init_step):
+                raise CheckpointError(
+                    f"--init_from starts a new run, but {ckpt.directory} already holds one "
+                    f"(checkpoint {latest}{_describe(origin)}); use another --workdir, or "
+                    "--fresh to set that run aside")
+            check_resumable(meta, config, sha)
+            vocab = data.Vocab.from_json(meta["vocab"])
+            return cls(vocab, encode_resumed(vocab, text, ckpt.directory), sha, latest, meta,
+                       origin)
+        if init_from is None:
+            vocab = data.Vocab.from_text(text)
+            return cls(vocab, vocab.encode(text), sha)
+        source, vocab, params, step = load_init(init_from, init_step, config)
+        try:
+            ids = vocab.encode(text)
+        except data.DataError as e:
+            raise CheckpointError(
+                f"--init_from={init_from}: {e} (the model reads and predicts only the "
+                f"{vocab.size} characters it was trained on; remove them from the text, or "
+                "train a new model)") from None
+        return cls(vocab, ids, sha, init_from={"workdir": source, "step": step}, params=params)
+
+
+def load_init(workdir: str, step: int | None, config):
+    """(absolute workdir, vocab, params, step) of the checkpoint a fine-tuned run starts
+    from; its model fields must be this config's (the parameters' shapes)."""
+    source = os.path.abspath(workdir)
+    try:
+        saved, vocab, _, params, step = load_checkpoint(source, step)
+    except CheckpointError as e:
+        raise CheckpointError(f"--init_from={workdir}: {e}") from None
+    differing = differences(saved.to_dict(), config.to_dict(), MODEL_FIELDS)
+    if differing:
+        raise CheckpointError(
+            f"--init_from={workdir}: its model differs from this config's: "
+            + ", ".join(differing) + " (set these --config.model fields to the checkpoint's)")
+    return source, vocab, params, step
+
+
+def _same_source(origin: dict | None, init_from: str, init_step: int | None) -> bool:
+    return bool(origin) and origin.get("workdir") == os.path.abspath(init_from) and (
+        init_step is None or origin.get("step") == init_step)
+
+
+def _describe(origin: dict | None) -> str:
+    return f", fine-tuned from {origin['workdir']} step {origin['step']}" if origin else ""
 
 
 def load_checkpoint(workdir: str, step: int | None = None):
@@ -84,9 +199,10 @@ def load_checkpoint(workdir: str, step: int | None = None):
     return config, vocab, model, state.params, step
 
 
-def evaluate_workdir(workdir: str) -> dict:
-    """Val and test loss (nats/char) and bpc of a workdir's latest checkpoint; printed."""
-    config, vocab, model, params, step = load_checkpoint(workdir)
+def evaluate_workdir(workdir: str, step: int | None = None) -> dict:
+    """Val and test loss (nats/char) and bpc of a workdir's checkpoint ``step``
+    (default: the latest); printed."""
+    config, vocab, model, params, step = load_checkpoint(workdir, step)
     text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
     _, val_ids, test_ids = data.split(vocab.encode(text), config.data.val_fraction,
                                       config.data.test_fraction)

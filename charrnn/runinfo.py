@@ -34,11 +34,12 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 
 
 def header(config, workdir: str, *, params, text_chars: int, vocab_size: int, splits,
-           start_step: int, checkpoints: str) -> str:
+           start_step: int, checkpoints: str, init_from: dict | None = None) -> str:
     """The lines a training run prints before its first step.
 
     ``params``: the model's parameter pytree; ``splits``: the (train, val, test)
-    id arrays; ``checkpoints``: the directory a resumed run continues from.
+    id arrays; ``checkpoints``: the directory a resumed run continues from;
+    ``init_from``: ``{"workdir", "step"}`` whose weights a fine-tuned run started from.
     """
     import jax
     m, t = config.model, config.train
@@ -56,6 +57,8 @@ def header(config, workdir: str, *, params, text_chars: int, vocab_size: int, sp
         f"  devices  {len(devices)} x {', '.join(kinds)} ({devices[0].platform})",
         f"  workdir  {os.path.abspath(workdir)}",
     ]
+    if init_from:
+        lines.append(f"  fine-tuning the weights of {init_from['workdir']} step {init_from['step']}")
     if start_step:
         lines.append(f"  resuming from step {start_step} ({checkpoints})")
     return "\n".join(lines)

@@ -171,14 +171,19 @@ def make_eval_step(model):
     return jax.jit(functools.partial(eval_step, model=model))
 
 
-def evaluate(eval_fn, model, params, ids: np.ndarray, batch_size: int, seq_len: int) -> dict:
+def evaluate(eval_fn, model, params, ids: np.ndarray, batch_size: int, seq_len: int,
+             burn_in: int = data.EVAL_BURN_IN) -> dict:
     """Loss over a whole split, the hidden state carried from window to window.
 
+    The split is read as ``batch_size`` streams, each of which first reads the
+    ``burn_in`` characters before its start without scoring them
+    (:func:`data.eval_windows`), so the loss is that of one stream carried
+    through the whole split, whatever the batch size.
     Returns ``{"loss": nats/char, "bpc": bits/char}``.
     """
     carry = model.initial_carry(batch_size)
     total, count = 0.0, 0
-    for x, y, mask in data.eval_windows(ids, batch_size, seq_len):
+    for x, y, mask in data.eval_windows(ids, batch_size, seq_len, burn_in):
         carry, nll = eval_fn(params, carry, x, y, mask)
         total += nll  # stays on device until the end
         count += int(mask.sum())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 import sys
@@ -51,20 +52,27 @@ def summarize(step_metrics: list[dict]) -> dict:
     return record
 
 
-def train_and_evaluate(config, workdir: str, *, fresh: bool = False,
-                       launch: dict | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, fresh: bool = False, launch: dict | None = None,
+                       init_from: str | None = None, init_step: int | None = None) -> dict:
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
-    Writes config.json, metrics.jsonl, TensorBoard events and checkpoints.
-    Returns the last val (and test) losses. SIGTERM/SIGINT stop the run after
-    the current step with a checkpoint saved. A bad config raises a UserError
-    before anything is written. One process at a time trains in a workdir (a
-    lock, see :mod:`charrnn.workdir`); ``fresh=True`` moves a previous run's
-    files into ``<workdir>/previous-<time>/`` and starts from step 0.
+    Writes config.json, metrics.jsonl, launches.jsonl, TensorBoard events and
+    checkpoints. Returns the last val (and test) losses. SIGTERM/SIGINT stop the
+    run after the current step with a checkpoint saved. A bad config, or a
+    checkpoint of another run (:func:`restore.check_resumable`), raises a
+    UserError before anything is written. One process at a time trains in a
+    workdir (a lock, see :mod:`charrnn.workdir`); ``fresh=True`` moves a
+    previous run's files into ``<workdir>/previous-<time>/`` and starts from step 0.
+
+    ``init_from``: fine-tuning. A new run starts from the parameters (only) of
+    that workdir's checkpoint ``init_step`` (default: its latest) and its
+    vocabulary, on this config's text; the optimizer state, step count and
+    schedule start afresh. Run again, it resumes like any run.
     ``launch``: ``{"config_arg", "argv"}`` of the command line, for the record
     appended to ``<workdir>/launches.jsonl`` (default: no --config, ``sys.argv``).
     """
     config_lib.validate(config)
+    config = _with_absolute_path(config)
     # Read before the workdir is touched: a bad data file leaves no trace there.
     text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
     num_train, _, _ = data.split_sizes(len(text), config.data.val_fraction,
@@ -79,49 +87,57 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False,
         if fresh and jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("charrnn fresh start")
-        return _train_and_evaluate(config, workdir, text, launch or {})
+        return _train_and_evaluate(config, workdir, text, launch or {}, (init_from, init_step))
 
 
-def _train_and_evaluate(config, workdir: str, text: str, launch: dict) -> dict:
+def _with_absolute_path(config):
+    """A copy of ``config`` whose data.path is absolute, so that config.json and the
+    checkpoints name the text wherever eval or sampling later runs from."""
+    config = config.copy_and_resolve_references()
+    if config.data.path:
+        config.data.path = os.path.abspath(os.path.expanduser(config.data.path))
+    return config
+
+
+def _train_and_evaluate(config, workdir: str, text: str, launch: dict, init) -> dict:
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        _, meta = ckpt.restore_meta(latest)
-        restore.check_resumable(meta["config"], config)
-        vocab = data.Vocab.from_json(meta["vocab"])
-    else:
-        vocab = data.Vocab.from_text(text)
-    train_ids, val_ids, test_ids = data.split(
-        restore.encode_resumed(vocab, text, ckpt.directory if latest is not None else None),
-        config.data.val_fraction, config.data.test_fraction)
+    start = restore.RunStart.find(ckpt, config, text, *init)
+    train_ids, val_ids, test_ids = data.split(start.ids, config.data.val_fraction,
+                                              config.data.test_fraction)
     batcher = data.Batcher(train_ids, config.train.batch_size, config.train.seq_len, config.seed)
-    model = models.CharRNN.from_config(config.model, vocab.size)
+    model = models.CharRNN.from_config(config.model, start.vocab.size)
     # One device: no mesh. Several (or several processes): batch rows over a data mesh.
     dp = parallel.DataParallel.create(config.train.batch_size)
     state = dp.create_state(functools.partial(
         step_lib.init_state, model, optim.make_optimizer(config), config.train.batch_size,
         config.seed))
     pending = []  # per-step metrics since the last train record
-    if latest is not None:
-        state = ckpt.restore_state(latest, state)
-        batcher.load_state_dict(meta["batcher"])
-        pending = decode_step_metrics(meta.get("step_metrics"))
+    if start.step:
+        state = ckpt.restore_state(start.step, state)
+        batcher.load_state_dict(start.meta["batcher"])
+        pending = decode_step_metrics(start.meta.get("step_metrics"))
+    elif start.params is not None:  # fine-tuning: the source's weights, all else new
+        state = dp.place_state(state.replace(params=start.params))
     # After the restore: a checkpoint that cannot be restored leaves the workdir as it was.
     writer = MetricWriter(workdir, enabled=dp.is_main)  # only process 0 writes metrics
     # Records past the checkpoint (or all, with none: a run killed before its first
     # save) are rewritten identically by the steps that follow.
-    writer.truncate_after(latest or 0)
+    writer.truncate_after(start.step)
     if dp.is_main:
+        saved = json.loads(config.to_json_best_effort())
+        if start.init_from:
+            saved["init_from"] = start.init_from
         workdir_lib.write_atomically(os.path.join(workdir, "config.json"),
-                                     config.to_json_best_effort(indent=2) + "\n")
+                                     json.dumps(saved, indent=2) + "\n")
         runinfo.append_launch(workdir, runinfo.launch_record(
-            latest or 0, launch.get("config_arg"), launch.get("argv", sys.argv)))
+            start.step, launch.get("config_arg"), launch.get("argv", sys.argv)))
     print(runinfo.header(config, workdir, params=state.params, text_chars=len(text),
-                         vocab_size=vocab.size, splits=(train_ids, val_ids, test_ids),
-                         start_step=latest or 0, checkpoints=ckpt.directory), flush=True)
+                         vocab_size=start.vocab.size, splits=(train_ids, val_ids, test_ids),
+                         start_step=start.step, checkpoints=ckpt.directory,
+                         init_from=start.init_from), flush=True)
 
-    loop = _Loop(config, model, vocab, batcher, ckpt, writer, (val_ids, test_ids), dp)
+    loop = _Loop(config, model, start, batcher, ckpt, writer, (val_ids, test_ids), dp)
     with _StopOnSignal() as stop:
         try:
             return loop.run(state, stop, pending)
@@ -162,8 +178,9 @@ class _StopOnSignal:
 class _Loop:
     """The host side of training: feeding batches, logging, evaluating, saving."""
 
-    def __init__(self, config, model, vocab, batcher, ckpt, writer, eval_splits, dp=None):
-        self.config, self.model, self.vocab = config, model, vocab
+    def __init__(self, config, model, start, batcher, ckpt, writer, eval_splits, dp=None):
+        """``start``: a :class:`restore.RunStart` (vocabulary, text hash, fine-tuning source)."""
+        self.config, self.model, self.start = config, model, start
         self.batcher, self.ckpt, self.writer = batcher, ckpt, writer
         self.val_ids, self.test_ids = eval_splits
         self.dp = dp or parallel.DataParallel(mesh=None)
@@ -225,6 +242,8 @@ class _Loop:
         return result
 
     def _log_train(self, step, record, eta):
+        if self.start.init_from and step <= self.config.train.log_every:  # the run's first
+            record = {**record, **{f"init_from_{k}": v for k, v in self.start.init_from.items()}}
         self.writer.write({"step": step, "split": "train", **record})
         print(f"step {step}/{self.config.train.num_steps} | loss {record['loss']:.4f} "
               f"| bpc {record['bpc']:.3f} | grad_norm {record['grad_norm']:.3g} "
@@ -274,8 +293,9 @@ class _Loop:
         if not all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(state.params)):
             print(f"step {step}: parameters are not finite; checkpoint not written", flush=True)
             return
-        meta = {"vocab": self.vocab.to_json(), "config": self.config.to_dict(),
+        meta = {"vocab": self.start.vocab.to_json(), "config": self.config.to_dict(),
                 "batcher": self.batcher.state_dict(), "format": 1,
+                "text_sha256": self.start.text_sha256, "init_from": self.start.init_from,
                 "step_metrics": encode_step_metrics(jax.device_get(pending))}
         self.ckpt.save(step, state, meta)
 

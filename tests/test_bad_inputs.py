@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -33,7 +34,6 @@ def _steps(workdir):
 
 
 def test_choice_names_match_the_modules_they_configure():
-    assert config_lib.CELLS == models.CELLS
     assert config_lib.OPTIMIZERS == optim.OPTIMIZERS
     assert config_lib.SCHEDULES == optim.SCHEDULES
     assert config_lib.CORPORA == data.BUILTIN_CORPORA
@@ -110,7 +110,8 @@ def _catalogue(d, corpus, trained):
         ("clip_norm <= 0", work + ["--config.optim.clip_norm=-1"],
          "optim.clip_norm must be a positive number with optim.clip_mode=global_norm"),
         ("unknown cell", work + ["--config.model.cell=transformer"],
-         "unknown model.cell 'transformer'; choose from rnn, gru, lstm"),
+         "unknown model.cell 'transformer'; choose from gru, irnn, lstm, mgu, rnn or name your "
+         "own cell as package.module:Class"),
         ("unknown optimizer", work + ["--config.optim.name=lion"],
          "unknown optim.name 'lion'; choose from adam, adamw, sgd"),
         ("negative weight decay", work + ["--config.optim.name=adamw",
@@ -138,10 +139,54 @@ def _catalogue(d, corpus, trained):
         ("incompatible checkpoint", [f"--workdir={trained}"] + smoke
          + ["--config.model.cell=gru", "--config.model.hidden_size=64"],
          "the workdir's checkpoint was trained with a different config: model.cell 'lstm' -> "
-         "'gru', model.hidden_size 32 -> 64 (use another --workdir, or --fresh"),
-        ("other vocabulary", [f"--workdir={trained}", f"--config={SMOKE}",
-                              f"--config.data.path={d}/other.txt"],
-         "was trained with another vocabulary: text has characters not in the vocabulary: 'Z'"),
+         "'gru', model.hidden_size 32 -> 64 (use another --workdir, --fresh to set the old run "
+         "aside and start afresh, or --init_from=WORKDIR to start a new run from its weights)"),
+        ("resume on another text file", [f"--workdir={trained}", f"--config={SMOKE}",
+                                         f"--config.data.path={d}/other.txt"],
+         f"a different config: data.path '{corpus}' -> '{d}/other.txt' (use another"),
+        ("resume with another seq_len", [f"--workdir={trained}"] + smoke
+         + ["--config.train.seq_len=8"], "a different config: train.seq_len 16 -> 8 ("),
+        ("resume with another seed and split", [f"--workdir={trained}"] + smoke
+         + ["--config.seed=1", "--config.data.val_fraction=0.2"],
+         "a different config: seed 0 -> 1, data.val_fraction 0.05 -> 0.2 ("),
+        ("resume on a changed text", [f"--workdir={d}/edited", f"--config={SMOKE}",
+                                      f"--config.data.path={d}/edited.txt"],
+         f"a different config: the text of {d}/edited.txt (sha256 "),
+        ("fine-tune another model", [f"--workdir={d}/new", f"--init_from={trained}"] + smoke
+         + ["--config.model.hidden_size=64"],
+         f"--init_from={trained}: its model differs from this config's: model.hidden_size "
+         "32 -> 64 (set these --config.model fields to the checkpoint's)"),
+        ("fine-tune on unknown characters", [f"--workdir={d}/new", f"--init_from={trained}",
+                                             f"--config={SMOKE}", f"--config.data.path={d}/other.txt"],
+         f"--init_from={trained}: text has characters not in the vocabulary: 'Z' (the model "),
+        ("fine-tune from nothing", [f"--workdir={d}/new", f"--init_from={d}/nothing"] + smoke,
+         f"--init_from={d}/nothing: no checkpoint in {d}/nothing/checkpoints"),
+        ("fine-tune from an unknown step", [f"--workdir={d}/new", f"--init_from={trained}",
+                                            "--init_step=7"] + smoke,
+         f"no checkpoint at step 7 in {trained}/checkpoints; steps present: 5, 10"),
+        ("fine-tune into a trained workdir", [f"--workdir={trained}", f"--init_from={d}/edited"]
+         + smoke, f"--init_from starts a new run, but {trained}/checkpoints already holds one "
+         "(checkpoint 10); use another --workdir, or --fresh"),
+        ("--init_step alone", work + ["--init_step=5"], "--init_step=N picks the checkpoint of"),
+        ("--init_from with eval", [f"--workdir={trained}", "--mode=eval", f"--init_from={trained}"],
+         "--init_from starts a training run; it means nothing with --mode=eval"),
+        ("--step with train", work + ["--step=5"], "--step=N picks the checkpoint to evaluate"),
+        ("eval of an unknown step", [f"--workdir={trained}", "--mode=eval", "--step=7"],
+         f"no checkpoint at step 7 in {trained}/checkpoints; steps present: 5, 10"),
+        ("sample of an unknown step", [f"--workdir={trained}", "--mode=sample", "--step=70"],
+         f"no checkpoint at step 70 in {trained}/checkpoints; steps present: 5, 10"),
+        ("eval of a checkpoint of random bytes", [f"--workdir={d}/random", "--mode=eval"],
+         f"checkpoint 10 in {d}/random/checkpoints is damaged or does not fit this config ("),
+        ("sample of a checkpoint of random bytes", [f"--workdir={d}/random", "--mode=sample"],
+         f"checkpoint 10 in {d}/random/checkpoints is damaged"),
+        ("train on a checkpoint of random bytes", [f"--workdir={d}/random"] + smoke,
+         f"checkpoint 10 in {d}/random/checkpoints is damaged"),
+        ("eval of a truncated checkpoint", [f"--workdir={d}/truncated", "--mode=eval"],
+         f"checkpoint 10 in {d}/truncated/checkpoints is damaged or does not fit this config ("),
+        ("sample of a truncated checkpoint", [f"--workdir={d}/truncated", "--mode=sample"],
+         "; earlier steps present: 5; move "),
+        ("train on a truncated checkpoint", [f"--workdir={d}/truncated"] + smoke,
+         f"aside to resume from step 5, or pass --step=5 to --mode=eval or --mode=sample"),
         ("eval without checkpoint", [f"--workdir={d}/new", "--mode=eval"],
          f"no checkpoint in {d}/new/checkpoints; train one first"),
         ("sample without checkpoint", [f"--workdir={d}/new", "--mode=sample"],
@@ -182,7 +227,7 @@ def _clipping_cases(d, trained, smoke, work):
         ("changed clip rule on resume", [f"--workdir={trained}"] + smoke
          + ["--config.optim.clip_mode=zclip"],
          "the workdir's checkpoint was trained with a different config: optim.clip_mode "
-         "'global_norm' -> 'zclip' (use another --workdir, or --fresh"),
+         "'global_norm' -> 'zclip' (use another --workdir, --fresh"),
     ]
 
 
@@ -204,10 +249,22 @@ def catalogue(tmp_path_factory):
     corpus = f"{d}/corpus.txt"
     with open(corpus, "w") as f:
         f.write(_SPEECH * 15)
-    trained = f"{d}/trained"  # 10 steps of the smoke config (LSTM 1x32), saved at step 10
+    trained = f"{d}/trained"  # 10 steps of the smoke config (LSTM 1x32), saved at 5 and 10
     config = _smoke_config(corpus)
-    config.train.num_steps = 10
+    config.train.num_steps, config.train.checkpoint_every = 10, 5
     train.train_and_evaluate(config, trained)
+    shutil.copyfile(corpus, f"{d}/edited.txt")  # a run whose text is then edited
+    config.data.path = f"{d}/edited.txt"
+    train.train_and_evaluate(config, f"{d}/edited")
+    with open(f"{d}/edited.txt", "a") as f:
+        f.write(_SPEECH[:100])
+    for name, damage in (("random", lambda f, n: f.write(os.urandom(n))),
+                         ("truncated", lambda f, n: f.truncate(n // 2))):
+        shutil.copytree(trained, f"{d}/{name}")  # every file of checkpoint 10 damaged
+        for root, _, files in os.walk(f"{d}/{name}/checkpoints/10"):
+            for file in files:
+                with open(os.path.join(root, file), "r+b") as f:
+                    damage(f, os.path.getsize(os.path.join(root, file)))
     with open(f"{d}/empty.txt", "w"):
         pass
     with open(f"{d}/short.txt", "w") as f:
@@ -217,6 +274,7 @@ def catalogue(tmp_path_factory):
     with open(f"{d}/other.txt", "w") as f:
         f.write(_SPEECH.replace("a", "Z") * 15)
     before = _tree_digest(trained)
+    untouched = {w: _tree_digest(w) for w in (f"{d}/edited", f"{d}/random", f"{d}/truncated")}
     cases = _catalogue(d, corpus, trained)
     fresh = [f"--workdir={trained}", f"--config={SMOKE}", f"--config.data.path={corpus}",
              "--config.model.cell=gru", "--config.train.num_steps=2", "--fresh"]
@@ -227,7 +285,8 @@ def catalogue(tmp_path_factory):
     results = json.loads(out.stdout)
     return {"results": {case: result for (case, _, _), result in zip(cases, results)},
             "expected": {case: expected for case, _, expected in cases},
-            "fresh": results[-1], "trained": trained, "before": before}
+            "fresh": results[-1], "trained": trained, "before": before,
+            "untouched": {w: (digest, _tree_digest(w)) for w, digest in untouched.items()}}
 
 
 CASES = [case for case, _, _ in _catalogue("D", "C", "T")]
@@ -250,5 +309,30 @@ def test_fresh_sets_the_old_run_aside_intact(catalogue):
     # All the error cases before left the trained workdir exactly as it was; --fresh
     # moved it whole; the new run (a GRU) started from step 0.
     assert _tree_digest(moved) == catalogue["before"]
-    assert _steps(trained) == [2] and _steps(moved) == [10]
+    assert _steps(trained) == [2] and _steps(moved) == [5, 10]
     assert [r["step"] for r in metrics.read_metrics(trained) if r["split"] == "train"] == [2]
+
+
+def test_bad_inputs_left_the_other_workdirs_unchanged(catalogue):
+    for workdir, (before, after) in catalogue["untouched"].items():
+        assert before == after, workdir
+
+
+def test_a_bad_cell_name_gets_one_clear_line(tmp_path):
+    """model.cell names that do not resolve to a usable cell (charrnn.cells)."""
+    work = [f"--workdir={tmp_path}/new", f"--config={SMOKE}"]
+    cases = [("no_such_module:Cell", "model.cell 'no_such_module:Cell': cannot import module "
+              "'no_such_module'"),
+             ("json:loads", "model.cell 'json:loads': loads is not a subclass of charrnn.cells.Cell"),
+             ("charrnn.cells.base:Cell", "num_gates must be a positive integer, got 0"),
+             ("charrnn:nope", "model.cell 'charrnn:nope': module 'charrnn' has no 'nope'")]
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "launch_forks.py")],
+                         input=json.dumps([work + [f"--config.model.cell={name}"]
+                                           for name, _ in cases]),
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr
+    for (name, expected), result in zip(cases, json.loads(out.stdout)):
+        assert result["returncode"] == 1, result
+        assert result["stderr"].count("\n") == 1 and "Traceback" not in result["stderr"], result
+        assert result["stderr"].startswith("error: ") and expected in result["stderr"], result
+    assert not os.path.exists(f"{tmp_path}/new")

@@ -290,11 +290,12 @@ def test_batcher_errors():
 
 # --- eval_windows -----------------------------------------------------------------
 
+@pytest.mark.parametrize("burn_in", [0, 5, 1000])
 @pytest.mark.parametrize("n, b, t", [(2, 1, 1), (2, 4, 3), (100, 4, 8), (101, 4, 8),
                                      (97, 3, 5), (10, 16, 4), (33, 4, 8)])
-def test_eval_windows_cover_every_prediction_once(n, b, t):
+def test_eval_windows_cover_every_prediction_once(n, b, t, burn_in):
     ids = np.arange(n, dtype=np.int32)  # id == position
-    windows = list(data.eval_windows(ids, b, t))
+    windows = list(data.eval_windows(ids, b, t, burn_in))
     covered = np.zeros(n, int)
     for x, y, mask in windows:
         assert x.shape == y.shape == mask.shape == (b, t)
@@ -305,15 +306,31 @@ def test_eval_windows_cover_every_prediction_once(n, b, t):
         np.add.at(covered, y[real], 1)
     assert sum(m.sum() for _, _, m in windows) == n - 1
     assert covered[0] == 0 and np.all(covered[1:] == 1)
-    # Streams are contiguous across windows, so carried state is valid.
+    # Each row reads the text contiguously across windows (so carried state is valid):
+    # first min(burn_in, start) unscored characters, then its scored stream, then padding.
     stream_x = np.concatenate([x for x, _, _ in windows], axis=1)
     stream_m = np.concatenate([m for _, _, m in windows], axis=1)
     for row_x, row_m in zip(stream_x, stream_m):
-        real = row_x[row_m == 1]
-        assert np.array_equal(real, real[:1] + np.arange(len(real)))
-        assert np.all(row_m[:len(real)] == 1)  # padding only at the tail
+        scored = np.flatnonzero(row_m)
+        if not len(scored):
+            continue
+        start = row_x[scored[0]]  # the first scored position of this stream
+        burn = min(burn_in, start)
+        assert scored[0] == burn and row_x[0] == start - burn
+        read = row_x[:scored[-1] + 1]
+        assert np.array_equal(read, read[0] + np.arange(len(read)))
+        assert np.all(row_m[burn:scored[-1] + 1] == 1)
+
+
+def test_eval_windows_without_burn_in_are_b_cold_streams():
+    """burn_in=0: stream b starts at b*ceil((N-1)/B) in column 0, from the zero state."""
+    windows = list(data.eval_windows(np.arange(101, dtype=np.int32), 4, 8, burn_in=0))
+    x = np.concatenate([w[0] for w in windows], axis=1)
+    assert x.shape == (4, 32) and list(x[:, 0]) == [0, 25, 50, 75]
 
 
 def test_eval_windows_too_short():
     with pytest.raises(DataError):
         list(data.eval_windows(np.arange(1), 2, 4))
+    with pytest.raises(DataError):
+        list(data.eval_windows(np.arange(10), 2, 4, burn_in=-1))

@@ -39,7 +39,7 @@ def test_linear_rnn_with_scaled_orthogonal_has_slope_log_rho():
 
 def _tanh_cell(w_hh, H, E, key):
     params = {"W_xh": jax.random.normal(key, (E, H)), "W_hh": w_hh, "b": jnp.zeros(H)}
-    cell = models.RNNCell(hidden_size=H)
+    cell = models.cell_module("rnn", hidden_size=H)
     return params, lambda h, x: cell.apply({"params": params}, h, x)
 
 

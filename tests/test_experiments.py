@@ -188,6 +188,12 @@ def test_quality_refuses_a_run_no_current_variant_produces(tmp_path):
         "variant": "tinyshakespeare_wide", "overrides": {"model.dropout": 0.4}}
     bad = _run(["experiments/pages/quality.py", f"--workdirs={tmp_path / 'nope'}"])
     assert bad.returncode == 1 and "not a training workdir (no metrics.jsonl)" in bad.stderr
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "config.json").write_text("{")
+    (torn / "metrics.jsonl").write_text("")
+    with pytest.raises(provenance.ProvenanceError, match="config.json is not JSON"):
+        quality.summarize(str(torn), 1.5)
 
 
 @pytest.mark.parametrize("argv, fields", [

@@ -126,6 +126,9 @@ def test_weight_drop_is_dropconnect_on_the_recurrent_matrices(cell, fast_vjp):
     keep = 0.7
     model = _model(cell, hidden_size=32, weight_drop=1 - keep, fast_vjp=fast_vjp)
     params = model.init(jax.random.key(0))
+    for layer in range(2):  # no zero in W_hh (irnn's starts as I): a zero means dropped
+        p = params[f"layer_{layer}"]
+        p["W_hh"] = p["W_hh"] + 0.01 * jax.random.normal(jax.random.key(layer), p["W_hh"].shape)
     key = jax.random.key(5)
     dropped = model._drop_recurrent_weights(params, key)
     for layer in range(2):
@@ -149,4 +152,6 @@ def test_weight_drop_is_dropconnect_on_the_recurrent_matrices(cell, fast_vjp):
     for layer in range(2):
         d = np.asarray(dropped[f"layer_{layer}"]["W_hh"])
         expected = np.where(d != 0, np.asarray(g_dropped[f"layer_{layer}"]["W_hh"]) / keep, 0.0)
-        np.testing.assert_allclose(g[f"layer_{layer}"]["W_hh"], expected, rtol=1e-4, atol=1e-6)
+        scale = max(1.0, float(np.abs(expected).max()))  # irnn's grow large: float32 rounding
+        np.testing.assert_allclose(g[f"layer_{layer}"]["W_hh"], expected, rtol=1e-4,
+                                   atol=1e-6 * scale)

@@ -82,6 +82,13 @@ def test_comparisons_take_each_side_at_its_fastest_setting():
                settings={"batch": 32, "seq_len": 128, "sample_length": 1000})
     out["comparisons"], out["targets"] = bench_report.compare(out, 8)
     assert bench_report.failures(out) == ["train lstm_1x128/charrnn_2dev"]
+    # Two devices, when they ran, against the faster one-device setting (not a target).
+    train["contenders"]["charrnn_2dev"] = _result(225.0)
+    rows, targets = bench_report.compare(out, 8)
+    assert [(r["b"], r["ratio"]) for r in rows
+            if r["a"] == "charrnn_2dev" and r["b"].startswith("charrnn")] == [
+        ("charrnn_1thread", pytest.approx(1.5))]
+    assert not [t for t in targets if t["a"] == "charrnn_2dev" and t["b"].startswith("charrnn")]
     assert "NOT MET" in bench_report.text_tables(out)
 
 

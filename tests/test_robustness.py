@@ -321,8 +321,8 @@ def test_a_damaged_checkpoint_is_one_error_and_an_earlier_one_resumes(reference,
             f.write(b"\x00garbage\xff" * (size // 11 + 1))
     before = _snapshot(workdir)
     with pytest.raises(checkpoint.CheckpointError,
-                       match=f"cannot restore checkpoint 20 in {workdir}/checkpoints .*move "
-                             f"{damaged} aside to resume from the checkpoint before it"):
+                       match=f"checkpoint 20 in {workdir}/checkpoints is damaged .*earlier steps "
+                             f"present: 10; move {damaged} aside to resume from step 10"):
         train.train_and_evaluate(_config(corpus, {"train.num_steps": 30}), workdir)
     assert _snapshot(workdir) == before  # nothing written, nothing lost
     # Doing what the message says resumes from step 10, bit-exactly.

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn import metrics, models, optim, restore, train
+from charrnn import data, metrics, models, optim, restore, train
 from charrnn import step as step_lib
 from conftest import REPO
 
@@ -85,13 +85,35 @@ def test_train_resumes_from_its_checkpoint(smoke_config, tmp_path):
     config, vocab, _, params, step = restore.load_checkpoint(workdir)
     assert step == 20 and config.train.num_steps == 20 and vocab.size > 10
 
+    # Fine-tuning: a new run from those weights on another text (a subset of the
+    # vocabulary), with a fresh optimizer. After 2 steps a fresh model is still near
+    # ln V; this one starts from what 20 steps learnt.
+    new_text = tmp_path / "new.txt"
+    new_text.write_text("All:\nSpeak, speak. Resolved, resolved.\n\n" * 60)
+    tuned = str(tmp_path / "tuned")
+    smoke_config.data.path, smoke_config.train.num_steps = str(new_text), 2
+    smoke_config.train.log_every = smoke_config.train.eval_every = 2
+    result = train.train_and_evaluate(smoke_config, tuned, init_from=workdir, init_step=20)
+    model = models.CharRNN.from_config(smoke_config.model, vocab.size)
+    val_ids = data.split(vocab.encode(new_text.read_text()), 0.1, 0.1)[1]
+    fresh = step_lib.evaluate(step_lib.make_eval_step(model), model,
+                              model.init(jax.random.key(0)), val_ids, 8, 16)["loss"]
+    assert result["val"]["loss"] < fresh - 0.2
+    with open(os.path.join(tuned, "config.json")) as f:
+        assert json.load(f)["init_from"] == {"workdir": workdir, "step": 20}
+    first = metrics.read_metrics(tuned)[0]
+    assert (first["step"], first["init_from_workdir"], first["init_from_step"]) == (2, workdir, 20)
+    tuned_config, tuned_vocab, _, _, _ = restore.load_checkpoint(tuned)
+    assert tuned_vocab == vocab and tuned_config.data.path == str(new_text)
+
 
 def test_launch_says_what_it_trains_and_what_to_do_next(text_file, tmp_path):
     """From another directory: the header, the closing commands (run as printed), the record."""
     workdir = str(tmp_path / "run")
-    config_arg = f"{REPO}/experiments/configs/default.py:smoke"
+    # --config and --config.data.path relative to the current directory (tmp_path).
+    config_arg = os.path.relpath(f"{REPO}/experiments/configs/default.py", tmp_path) + ":smoke"
     argv = [os.path.join(REPO, "launch.py"), f"--workdir={workdir}", f"--config={config_arg}",
-            f"--config.data.path={text_file}", "--config.train.num_steps=6"]
+            f"--config.data.path={os.path.basename(text_file)}", "--config.train.num_steps=6"]
     out = subprocess.run([sys.executable] + argv, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "step 5/6 | loss" in out.stdout and "val bpc" in out.stdout
@@ -129,7 +151,35 @@ def test_launch_says_what_it_trains_and_what_to_do_next(text_file, tmp_path):
                                        "orbax-checkpoint", "charrnn_commit"}
     assert record["software"]["jax"] == jax.__version__
 
-    evaluate = shlex.split(lines[-2].split(":", 1)[1])  # run exactly as printed
-    out = subprocess.run(evaluate, capture_output=True, text=True, cwd=tmp_path)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["data"]["path"] == text_file  # absolute: eval works from anywhere
+    evaluate = shlex.split(lines[-2].split(":", 1)[1])
+    assert evaluate[-1] == "--workdir=run"
+    evaluate[-1] = f"--workdir={workdir}"  # from /, "run" would not name it
+    out = subprocess.run(evaluate, capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
     assert "step 6 | val loss" in out.stdout and "test bpc" in out.stdout
+
+
+def test_eval_loss_is_one_streams_whatever_the_batch(smoke_config):
+    """val/test = one stream through the whole split, for any eval batch size B.
+
+    Without burn-in, B streams that start cold differ from the single stream by more
+    than the tolerance (so this model's state does carry information); with it, by
+    less than 2e-4 nats/char.
+    """
+    from conftest import _SPEECH
+    from charrnn import data
+    smoke_config.model.cell = "rnn"
+    text = _SPEECH * 15
+    vocab = data.Vocab.from_text(text)
+    ids = vocab.encode(text)
+    model = models.CharRNN.from_config(smoke_config.model, vocab.size)
+    params = model.init(jax.random.key(0))
+    eval_fn = step_lib.make_eval_step(model)
+    loss = lambda b, **kw: step_lib.evaluate(eval_fn, model, params, ids, b, 16, **kw)["loss"]
+    one = loss(1)
+    assert loss(1, burn_in=0) == one
+    for b in (3, 64):
+        assert abs(loss(b, burn_in=0) - one) > 2e-4
+        assert loss(b) == pytest.approx(one, abs=2e-4)

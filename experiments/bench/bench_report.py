@@ -34,6 +34,43 @@ def _fastest(group, labels):
     return best, rates[best]
 
 
+def _train_rows(name, c, sweep_runs, rows, targets):
+    """Append the training comparisons of one model (contenders ``c``) to rows and targets."""
+    torch_label, torch_rate = _fastest(c, ["pytorch", "pytorch_1thread"])
+    ours_label, ours_rate = _fastest(c, ["charrnn", "charrnn_1thread", "charrnn_2dev"])
+    row = _comparison(f"train {name}", ours_label, ours_rate, torch_label,
+                      torch_rate, TRAIN_TARGET, TRAIN_STRETCH)
+    rows.append(row)
+    targets.append(row)
+    rows.append(_comparison(f"train {name}", "charrnn", _rate(c, "charrnn"),
+                            "charrnn_autodiff", _rate(c, "charrnn_autodiff")))
+    if _rate(c, "charrnn_bf16"):  # bfloat16 matmuls on both sides, and against float32
+        rows.append(_comparison(f"train {name} bfloat16", "charrnn_bf16",
+                                _rate(c, "charrnn_bf16"), "pytorch_bf16",
+                                _rate(c, "pytorch_bf16")))
+        rows.append(_comparison(f"train {name}", "charrnn_bf16", _rate(c, "charrnn_bf16"),
+                                ours_label, ours_rate))
+    rows.append(_comparison(f"train {name}", "charrnn_autodiff", _rate(c, "charrnn_autodiff"),
+                            torch_label, torch_rate))
+    if _rate(c, "charrnn_2dev"):  # two CPU devices against one, at its faster setting
+        rows.append(_comparison(f"train {name}", "charrnn_2dev", _rate(c, "charrnn_2dev"),
+                                *_fastest(c, ["charrnn", "charrnn_1thread"])))
+    if "numpy" in c:
+        rows.append(_comparison(f"train {name}", ours_label, ours_rate,
+                                *_fastest(c, ["numpy", "numpy_1thread"])))
+    sweep_label, sweep_rate = _fastest(c, [f"charrnn_sweep{sweep_runs}",
+                                           f"charrnn_sweep{sweep_runs}_1thread",
+                                           f"charrnn_sweep{sweep_runs}_2dev"])
+    if sweep_rate:
+        label = f"{sweep_runs}-run sweep {name}"
+        rows.append(_comparison(label, sweep_label, sweep_rate,
+                                f"{sweep_runs} sequential {ours_label}", ours_rate))
+        row = _comparison(label, sweep_label, sweep_rate,
+                          f"{sweep_runs} sequential {torch_label}", torch_rate, 1.0)
+        rows.append(row)
+        targets.append(row)
+
+
 def compare(out, sweep_runs):
     """(all comparisons, the issue's targets) as lists of dicts with a and b rates and ratio.
 
@@ -42,37 +79,7 @@ def compare(out, sweep_runs):
     """
     rows, targets = [], []
     for name, entry in out["train"].items():
-        c = entry["contenders"]
-        torch_label, torch_rate = _fastest(c, ["pytorch", "pytorch_1thread"])
-        ours_label, ours_rate = _fastest(c, ["charrnn", "charrnn_1thread", "charrnn_2dev"])
-        row = _comparison(f"train {name}", ours_label, ours_rate, torch_label,
-                          torch_rate, TRAIN_TARGET, TRAIN_STRETCH)
-        rows.append(row)
-        targets.append(row)
-        rows.append(_comparison(f"train {name}", "charrnn", _rate(c, "charrnn"),
-                                "charrnn_autodiff", _rate(c, "charrnn_autodiff")))
-        if _rate(c, "charrnn_bf16"):  # bfloat16 matmuls on both sides, and against float32
-            rows.append(_comparison(f"train {name} bfloat16", "charrnn_bf16",
-                                    _rate(c, "charrnn_bf16"), "pytorch_bf16",
-                                    _rate(c, "pytorch_bf16")))
-            rows.append(_comparison(f"train {name}", "charrnn_bf16", _rate(c, "charrnn_bf16"),
-                                    ours_label, ours_rate))
-        rows.append(_comparison(f"train {name}", "charrnn_autodiff", _rate(c, "charrnn_autodiff"),
-                                torch_label, torch_rate))
-        if "numpy" in c:
-            rows.append(_comparison(f"train {name}", ours_label, ours_rate,
-                                    *_fastest(c, ["numpy", "numpy_1thread"])))
-        sweep_label, sweep_rate = _fastest(c, [f"charrnn_sweep{sweep_runs}",
-                                               f"charrnn_sweep{sweep_runs}_1thread",
-                                               f"charrnn_sweep{sweep_runs}_2dev"])
-        if sweep_rate:
-            label = f"{sweep_runs}-run sweep {name}"
-            rows.append(_comparison(label, sweep_label, sweep_rate,
-                                    f"{sweep_runs} sequential {ours_label}", ours_rate))
-            row = _comparison(label, sweep_label, sweep_rate,
-                              f"{sweep_runs} sequential {torch_label}", torch_rate, 1.0)
-            rows.append(row)
-            targets.append(row)
+        _train_rows(name, entry["contenders"], sweep_runs, rows, targets)
     for key, c in out["sample"].items():
         name, batch = key.split("/")
         scan = _rate(c, "charrnn_scan")

@@ -55,6 +55,8 @@ def _config(smoke: bool):
 
 
 def measure(config, num_runs: int, chunks: list, steps: int, repeats: int) -> dict:
+    """chars/s (R·steps·B·T per window, best window) of sequential runs and of each chunk
+    layout of the one-program sweep, their ratios and the window spread."""
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -145,7 +145,8 @@ def measure_group(workers, contenders, repeats, window, log):
 
 def train_flops_per_char(cell, hidden, layers, embed=64, vocab=65):
     """Model FLOPs of one training character: 3x the forward matmuls (forward + backward)."""
-    gates = {"rnn": 1, "gru": 3, "lstm": 4}[cell]
+    from charrnn import cells  # the registry: G of any cell, built-in or a user's
+    gates = cells.get(cell).num_gates
     forward = sum(2 * ((embed if l == 0 else hidden) + hidden) * gates * hidden
                   for l in range(layers)) + 2 * hidden * vocab
     return 3 * forward

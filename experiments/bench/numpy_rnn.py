@@ -41,6 +41,13 @@ class NumpyRNNTrain(Task):
             self.update(grads)
 
     def loss_and_grads(self):
+        """(mean cross-entropy, {name: gradient}) of the window; carries h to the next.
+
+        Forward, time-major: z = x W_xh + b ([T, B, H], one GEMM), h_t = tanh(z_t + h_{t-1}
+        W_hh), logits = h W_y + b_y ([T·B, V]). Backward: dlogits = (softmax - onehot)/(T·B);
+        dz_t = (dh_t + dh_{t+1→t}) ⊙ (1 - h_t²), dh_{t→t-1} = dz_t W_hhᵀ; the weight
+        gradients are GEMMs over all T·B positions.
+        """
         p = self.params
         T, B = self.x.shape
         H = p["W_hh"].shape[0]
@@ -84,6 +91,7 @@ class NumpyRNNTrain(Task):
         return loss, grads
 
     def update(self, grads):
+        """Global-norm clip g ← g·min(1, τ/‖g‖₂), then Adam with bias correction, in place."""
         lr, b1, b2, eps, tau = self.hp
         norm = np.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
         scale = tau / norm if norm > tau else 1.0

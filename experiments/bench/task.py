@@ -29,5 +29,6 @@ class Task:
 
 
 def random_tokens(shape, seed=0):
+    """int32 ids in [0, VOCAB) of ``shape``: the benchmark's text (speed ignores content)."""
     import numpy as np
     return np.random.default_rng(seed).integers(0, VOCAB, shape, dtype=np.int32)

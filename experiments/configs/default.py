@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.test_fraction = 0.05
 
     config.model = ml_collections.ConfigDict()
-    config.model.cell = "lstm"  # rnn (tanh Elman), gru, lstm
+    config.model.cell = "lstm"  # rnn (tanh Elman), irnn, gru, mgu, lstm, or package.module:Class
     config.model.hidden_size = 256
     config.model.num_layers = 2
     config.model.embed_dim = 64
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.embed_init_std = 1.0
     config.model.dropout = 0.0  # on every layer's output, training only
     config.model.weight_drop = 0.0  # DropConnect on each W_hh (one mask per window), training only
-    config.model.fast_vjp = True  # hand-written backward pass (charrnn.fused); False: autodiff
+    config.model.fast_vjp = True  # scan backward derived from the cell (charrnn.scan); False: autodiff
     config.model.remat = False  # recompute activations in the backward pass: memory ~√T, not T
     # operand type of the matmuls (float32 accumulation, float32 parameters):
     # bfloat16 is faster on GPUs, TPUs and CPUs with AMX/AVX512-BF16

@@ -114,6 +114,7 @@ def match_variant(config: dict, launches: list[dict]) -> dict:
 
 
 def variant_label(variant) -> str:
+    """The ``--config`` value that selects ``variant`` (None: the default itself)."""
     return f"{DEFAULT_CONFIG}:{variant}" if variant else DEFAULT_CONFIG
 
 

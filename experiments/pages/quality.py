@@ -30,18 +30,16 @@ from charrnn import metrics
 from experiments import cli
 from experiments.pages import provenance
 
-_WORKDIRS = flags.DEFINE_list("workdirs", None, "Training workdirs, comma-separated.")
-_THRESHOLD = flags.DEFINE_float("threshold", 1.5, "Val loss (nats/char) to report the time to.")
-_MARKDOWN = flags.DEFINE_string("markdown", None, "Write the page here (default: stdout).")
-
-
 def summarize(workdir: str, threshold: float) -> dict:
     """What the page shows of one run; :class:`provenance.ProvenanceError` if it is not one."""
     for name in ("metrics.jsonl", "config.json"):
         if not os.path.exists(os.path.join(workdir, name)):
             raise provenance.ProvenanceError(f"not a training workdir (no {name})")
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = json.load(f)
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise provenance.ProvenanceError(f"config.json is not JSON ({e})") from None
     launch_records = provenance.read_launches(workdir)
     origin = provenance.match_variant(config, launch_records)
     records, launches = _summed_wall(metrics.read_metrics(workdir))
@@ -148,5 +146,9 @@ def main(argv):
         print(text, end="")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only here: tests import summarize and page beside other scripts
+    _WORKDIRS = flags.DEFINE_list("workdirs", None, "Training workdirs, comma-separated.")
+    _THRESHOLD = flags.DEFINE_float("threshold", 1.5,
+                                    "Val loss (nats/char) to report the time to.")
+    _MARKDOWN = flags.DEFINE_string("markdown", None, "Write the page here (default: stdout).")
     app.run(main)

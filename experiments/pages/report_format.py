@@ -14,8 +14,12 @@ def fmt(x, digits=3):
 
 
 def cell_name(cell):
-    """The prose name of a registered cell ("rnn" -> "tanh RNN")."""
-    return {"rnn": "tanh RNN", "lstm": "LSTM", "gru": "GRU"}.get(cell, cell)
+    """The prose name of a registered cell ("rnn" -> "tanh RNN"), from the cell registry."""
+    from charrnn import cells
+    try:
+        return cells.get(cell).name
+    except cells.CellError:
+        return cell
 
 
 def by(table, cell, opt):

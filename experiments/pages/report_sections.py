@@ -65,7 +65,7 @@ def section_explosion(results, fig) -> str:
 
 ### 1.1 Why gradients explode: the recurrent matrix W_hh
 
-The tanh RNN of `charrnn/models.py` (`RNNCell`) computes
+The tanh RNN of `charrnn/cells/rnn.py` (cell `rnn`) computes
 $h_t = \\tanh(x_t W_{{xh}} + h_{{t-1}} W_{{hh}} + b)$. Backpropagation through time (BPTT)
 carries the loss gradient from step $T$ back to step $T-k$ through the chain rule,
 

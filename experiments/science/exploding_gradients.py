@@ -63,7 +63,7 @@ def measure(rho: float, hidden: int, seq_len: int, batch: int, input_scale: floa
         h = x @ params["W_xh"] + h @ params["W_hh"] + params["b"]
         return h, h
 
-    cell = models.RNNCell(hidden_size=hidden)  # the project's tanh cell, same parameter names
+    cell = models.cell_module("rnn", hidden_size=hidden)  # the project's tanh cell, same names
     tanh = lambda h, x: cell.apply({"params": params}, h, x)
     out = {}
     for name, step in (("linear", linear), ("tanh", tanh)):

@@ -1,4 +1,4 @@
-"""The hand-written VJPs of charrnn.fused against plain autodiff of the Flax cells."""
+"""The derived scan VJPs of charrnn.scan against plain autodiff of the Flax modules."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn import fused, models
+from charrnn import models, scan
 
 V, B, T = 11, 3, 6
 
@@ -92,18 +92,18 @@ def test_chunk_length_divides_t_near_its_square_root():
 def test_bfloat16_matmul_rounds_the_operands_and_accumulates_in_float32():
     a, b = jax.random.normal(jax.random.key(0), (5, 7)), jax.random.normal(jax.random.key(1), (7, 3))
     rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
-    out = fused.matmul(a, b, jnp.bfloat16)
+    out = scan.matmul(a, b, jnp.bfloat16)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, rounded(a) @ rounded(b), rtol=1e-6, atol=1e-6)
     assert not np.allclose(out, a @ b, rtol=1e-6, atol=1e-6)  # the rounding did happen
-    np.testing.assert_array_equal(fused.matmul(a, b), a @ b)  # float32: the plain product
+    np.testing.assert_array_equal(scan.matmul(a, b), a @ b)  # float32: the plain product
 
 
 @pytest.mark.parametrize("rows", [12, 13])  # 13: prime, no 3-D view
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_transposed_copy_is_the_transpose(rows, dtype):
     x = jax.random.normal(jax.random.key(2), (rows, 5))
-    out = jax.jit(lambda x: fused._transposed(x, dtype))(x)
+    out = jax.jit(lambda x: scan._transposed(x, dtype))(x)
     assert out.dtype == dtype
     np.testing.assert_array_equal(out, x.T.astype(dtype))
 
@@ -117,7 +117,7 @@ def _cosine(a, b):
 @pytest.mark.parametrize("cell", models.CELLS)
 def test_bfloat16_matmuls_stay_close_to_float32(cell, fast_vjp):
     """Only the products' operands are rounded (8 significant bits): loss and every
-    gradient stay close to float32's, on both the fused and the autodiff path."""
+    gradient stay close to float32's, on both the scan and the autodiff path."""
     loss32, grads32 = _grads(_model(cell, fast_vjp=fast_vjp))
     loss16, grads16 = _grads(_model(cell, fast_vjp=fast_vjp, matmul_dtype="bfloat16"))
     assert float(loss16) == pytest.approx(float(loss32), rel=1e-2)

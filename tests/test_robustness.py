@@ -272,10 +272,11 @@ def test_divergence_is_skipped_counted_and_stops_with_good_checkpoints(reference
     workdir = str(tmp_path / "run")
     shutil.copytree(reference, workdir)  # a healthy run, saved at steps 10 and 20
     good = _params(workdir)
-    # Clipping off and Adam at lr=1e20: its first update is about lr * sign(g), whose
-    # norm overflows float32. (Even a tanh RNN stays finite up to lr ~ 1e16 with Adam or
-    # SGD: tanh bounds every activation, so the loss grows huge but finite.)
-    diverging = {"optim.clip_mode": "none", "optim.learning_rate": 1e20,
+    # Clipping that never acts (τ = 1e30; the rule itself may not change on resume) and
+    # Adam at lr=1e20: its first update is about lr * sign(g), whose norm overflows
+    # float32. (Even a tanh RNN stays finite up to lr ~ 1e16 with Adam or SGD: tanh
+    # bounds every activation, so the loss grows huge but finite.)
+    diverging = {"optim.clip_norm": 1e30, "optim.learning_rate": 1e20,
                  "train.num_steps": 40, "train.max_consecutive_nonfinite": 3,
                  "train.checkpoint_every": 2, "train.keep_checkpoints": 10}
     out = subprocess.run(_command(workdir, corpus, diverging), capture_output=True, text=True,

@@ -105,6 +105,11 @@ def test_train_resumes_from_its_checkpoint(smoke_config, tmp_path):
     assert (first["step"], first["init_from_workdir"], first["init_from_step"]) == (2, workdir, 20)
     tuned_config, tuned_vocab, _, _, _ = restore.load_checkpoint(tuned)
     assert tuned_vocab == vocab and tuned_config.data.path == str(new_text)
+    # The same command again, with more steps, resumes the fine-tuning run.
+    smoke_config.train.num_steps = 4
+    train.train_and_evaluate(smoke_config, tuned, init_from=workdir, init_step=20)
+    records = [r for r in metrics.read_metrics(tuned) if r["split"] == "train"]
+    assert [r["step"] for r in records] == [2, 4] and "init_from_step" not in records[1]
 
 
 def test_launch_says_what_it_trains_and_what_to_do_next(text_file, tmp_path):

@@ -91,7 +91,7 @@ def launch_record(start_step: int, config_arg: str | None, argv: list[str]) -> d
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config_arg": config_arg,
         "argv": list(argv),
-        "hardware": {"host": socket.gethostname(), "cpu": _cpu_model(),
+        "hardware": {"host": socket.gethostname(), "cpu": cpu_model(),
                      "cpu_count": os.cpu_count() or 0, "platform": devices[0].platform,
                      "device_count": len(devices), "device_kind": devices[0].device_kind},
         "software": {"python": platform.python_version(),
@@ -120,7 +120,7 @@ def _same_file(a: str | None, b: str) -> bool:
         return False
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:

@@ -1,9 +1,10 @@
 """What the experiment scripts share: ``main(argv)``'s first checks, CPU devices and names."""
 
 import os
-import platform
 
 from absl import app, logging
+
+from charrnn import cpu_devices, runinfo
 
 
 def start(argv, **required) -> None:
@@ -21,11 +22,18 @@ def split_host_into_devices(n: int) -> None:
     """Have XLA present this host's CPU as ``n`` devices (one per core, for n = cores).
 
     Call it before jax first touches a device. A device count the user's
-    XLA_FLAGS already sets wins.
+    XLA_FLAGS already sets wins (:func:`charrnn.cpu_devices.apply`).
     """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    cpu_devices.apply(n)
+
+
+def write_json(outdir: str, name: str, result: dict) -> None:
+    """Write ``result`` to OUTDIR/NAME (indented JSON) and print it on one line."""
+    import json
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, name), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
 
 
 def usable_cores() -> int:
@@ -35,8 +43,18 @@ def usable_cores() -> int:
 
 def cpu_name() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    return runinfo.cpu_model()
+
+
+def define_model_flags(batch_help: str = "B.") -> dict:
+    """The model-size flags the benchmark scripts share: cell (a registered name),
+    hidden_size, num_layers, batch_size, seq_len. Returns name -> flag holder."""
+    from absl import flags
+    from charrnn import cells
+    return {
+        "cell": flags.DEFINE_enum("cell", "lstm", list(cells.names()), "Recurrent cell."),
+        "hidden_size": flags.DEFINE_integer("hidden_size", 128, "H."),
+        "num_layers": flags.DEFINE_integer("num_layers", 1, "Stacked layers."),
+        "batch_size": flags.DEFINE_integer("batch_size", 32, batch_help),
+        "seq_len": flags.DEFINE_integer("seq_len", 128, "T per window."),
+    }

@@ -15,7 +15,6 @@ fastest window of each rule (the timing noise).
 """
 
 import json
-import os
 import time
 
 from absl import app, flags
@@ -25,11 +24,7 @@ from experiments.configs import default as default_config
 
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for bench_clip.json.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
-_CELL = flags.DEFINE_enum("cell", "lstm", ["rnn", "gru", "lstm"], "Recurrent cell.")
-_HIDDEN = flags.DEFINE_integer("hidden_size", 128, "H.")
-_LAYERS = flags.DEFINE_integer("num_layers", 1, "Stacked layers.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "B.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "T per window.")
+_MODEL = cli.define_model_flags("B.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Training steps per timing window.")
 _REPEATS = flags.DEFINE_integer(
     "repeats", 30, "Timing windows per rule; the best counts (many short windows: on a shared "
@@ -40,10 +35,11 @@ _VOCAB = 65
 def _config(rule: str, smoke: bool):
     """default.py's run config (Adam) with this model, batch and clipping rule."""
     config = default_config.get_config()
-    config.model.cell, config.model.num_layers = _CELL.value, _LAYERS.value
-    config.model.hidden_size, config.model.embed_dim = (16, 8) if smoke else (_HIDDEN.value, 64)
+    size = {name: flag.value for name, flag in _MODEL.items()}
+    config.model.cell, config.model.num_layers = size["cell"], size["num_layers"]
+    config.model.hidden_size, config.model.embed_dim = (16, 8) if smoke else (size["hidden_size"], 64)
     config.train.batch_size, config.train.seq_len = (4, 16) if smoke else (
-        _BATCH.value, _SEQ_LEN.value)
+        size["batch_size"], size["seq_len"])
     config.optim.clip_mode = rule
     return config
 
@@ -100,10 +96,7 @@ def main(argv):
         raise app.UsageError("--steps and --repeats must be positive")
     steps, repeats = (2, 2) if _SMOKE.value else (_STEPS.value, _REPEATS.value)
     result = measure(_SMOKE.value, steps, repeats)
-    os.makedirs(_OUTDIR.value, exist_ok=True)
-    with open(os.path.join(_OUTDIR.value, "bench_clip.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    cli.write_json(_OUTDIR.value, "bench_clip.json", result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ one-program sweep is at least as fast as running the runs one by one.
 """
 
 import json
-import os
 import time
 
 from absl import app, flags
@@ -26,11 +25,7 @@ from experiments import cli
 
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for bench_sweep.json.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
-_CELL = flags.DEFINE_enum("cell", "lstm", ["rnn", "gru", "lstm"], "Recurrent cell.")
-_HIDDEN = flags.DEFINE_integer("hidden_size", 128, "H.")
-_LAYERS = flags.DEFINE_integer("num_layers", 1, "Stacked layers.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "B per run.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "T per window.")
+_MODEL = cli.define_model_flags("B per run.")
 _RUNS = flags.DEFINE_integer("num_runs", 8, "R, runs in the sweep.")
 _CHUNKS = flags.DEFINE_list("runs_per_chunk", ["1", "2", "0"],
                             "Sweep layouts to time: runs vmapped together (0 = all).")
@@ -41,12 +36,13 @@ _VOCAB = 65
 
 def _config(smoke: bool):
     from ml_collections import ConfigDict
-    hidden, batch, seq_len = (_HIDDEN.value, _BATCH.value, _SEQ_LEN.value)
+    size = {name: flag.value for name, flag in _MODEL.items()}
+    hidden, batch, seq_len = size["hidden_size"], size["batch_size"], size["seq_len"]
     if smoke:
         hidden, batch, seq_len = 16, 4, 16
     return ConfigDict({
         "seed": 0,
-        "model": {"cell": _CELL.value, "hidden_size": hidden, "num_layers": _LAYERS.value,
+        "model": {"cell": size["cell"], "hidden_size": hidden, "num_layers": size["num_layers"],
                   "embed_dim": 64 if not smoke else 8, "dropout": 0.0},
         "train": {"batch_size": batch, "seq_len": seq_len, "num_steps": 1000},
         "optim": {"name": "adam", "learning_rate": 2e-3, "schedule": "constant",
@@ -136,10 +132,7 @@ def main(argv):
         raise app.UsageError("--num_runs, --steps, --repeats must be positive, chunks >= 0")
     steps, repeats = (1, 2) if _SMOKE.value else (_STEPS.value, _REPEATS.value)
     result = measure(_config(_SMOKE.value), _RUNS.value, chunks, steps, repeats)
-    os.makedirs(_OUTDIR.value, exist_ok=True)
-    with open(os.path.join(_OUTDIR.value, "bench_sweep.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result))
+    cli.write_json(_OUTDIR.value, "bench_sweep.json", result)
 
 
 if __name__ == "__main__":

@@ -47,3 +47,14 @@ def smoke_config(text_file):
     config.data.path = text_file
     config.data.val_fraction = config.data.test_fraction = 0.1
     return config
+
+
+def _fast_and_one_autodiff():
+    """(cell, fast_vjp) cases: the scan path of every built-in cell, and the plain autodiff
+    path (``fast_vjp=False``, the same for every cell: autodiff of the Flax module that
+    steps the cell's update) once, on the LSTM."""
+    from charrnn import cells
+    return [(cell, True) for cell in cells.names()] + [("lstm", False)]
+
+
+FAST_AND_ONE_AUTODIFF = _fast_and_one_autodiff()

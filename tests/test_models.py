@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import FAST_AND_ONE_AUTODIFF
 from charrnn import models
 
 
@@ -51,8 +52,7 @@ def test_carrying_the_state_over_two_windows_equals_one_long_window(cell):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("cell", models.CELLS)
-@pytest.mark.parametrize("fast_vjp", [True, False])  # False: the scan steps the Flax cells
+@pytest.mark.parametrize("cell,fast_vjp", FAST_AND_ONE_AUTODIFF)
 def test_step_by_step_equals_the_scan(cell, fast_vjp):
     model = _model(cell, fast_vjp=fast_vjp)
     params = model.init(jax.random.key(0))
@@ -120,8 +120,7 @@ def test_keep_mask_is_bernoulli_keep_and_independent(keep):
                                   a.reshape(-1, 4))
 
 
-@pytest.mark.parametrize("cell", models.CELLS)
-@pytest.mark.parametrize("fast_vjp", [True, False])
+@pytest.mark.parametrize("cell,fast_vjp", FAST_AND_ONE_AUTODIFF)
 def test_weight_drop_is_dropconnect_on_the_recurrent_matrices(cell, fast_vjp):
     keep = 0.7
     model = _model(cell, hidden_size=32, weight_drop=1 - keep, fast_vjp=fast_vjp)

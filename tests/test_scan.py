@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import FAST_AND_ONE_AUTODIFF
 from charrnn import models, scan
 
 V, B, T = 11, 3, 6
@@ -113,8 +114,7 @@ def _cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-@pytest.mark.parametrize("fast_vjp", [True, False])
-@pytest.mark.parametrize("cell", models.CELLS)
+@pytest.mark.parametrize("cell,fast_vjp", FAST_AND_ONE_AUTODIFF)
 def test_bfloat16_matmuls_stay_close_to_float32(cell, fast_vjp):
     """Only the products' operands are rounded (8 significant bits): loss and every
     gradient stay close to float32's, on both the scan and the autodiff path."""

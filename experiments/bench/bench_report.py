@@ -35,7 +35,13 @@ def _fastest(group, labels):
 
 
 def _train_rows(name, c, sweep_runs, rows, targets):
-    """Append the training comparisons of one model (contenders ``c``) to rows and targets."""
+    """Append the training comparisons of one model (contenders ``c``) to rows and targets.
+
+    A model timed with charrnn alone (the other built-in cells) has no comparison: its
+    rows in the training table (fraction of peak) are what it is read for.
+    """
+    if set(c) == {"charrnn"}:
+        return
     torch_label, torch_rate = _fastest(c, ["pytorch", "pytorch_1thread"])
     ours_label, ours_rate = _fastest(c, ["charrnn", "charrnn_1thread", "charrnn_2dev"])
     row = _comparison(f"train {name}", ours_label, ours_rate, torch_label,

@@ -62,6 +62,10 @@ _WINDOW = flags.DEFINE_float("window", None, "Seconds per timing window (default
 
 TRAIN_CONFIGS = {"rnn_1x512": ("rnn", 512, 1), "lstm_2x512": ("lstm", 512, 2),
                  "lstm_1x128": ("lstm", 128, 1)}
+# The other built-in cells, charrnn alone: their "of peak" column against rnn's and lstm's
+# is the per-step efficiency of each cell's scan (irnn beside rnn, mgu beside gru).
+CELL_CONFIGS = {"irnn_1x512": ("irnn", 512, 1), "gru_1x512": ("gru", 512, 1),
+                "mgu_1x512": ("mgu", 512, 1)}
 SAMPLE_MODELS = {"lstm_1x128": (128, 1), "lstm_2x512": (512, 2)}
 SWEEP_RUNS = 8
 
@@ -143,6 +147,16 @@ def measure_group(workers, contenders, repeats, window, log):
     return results
 
 
+def _add_fraction_of_peak(table, name, res, cell, spec, layers, peak):
+    """table[name] = the contenders' results, each float32 one with its fraction of the
+    GEMM peak (training FLOPs per character × chars/s / peak FLOP/s)."""
+    flops = train_flops_per_char(cell, spec["hidden"], layers)
+    for label, r in res.items():
+        if "per_sec" in r and "bf16" not in label:  # peak is float32's
+            r["fraction_of_peak"] = r["per_sec"] * flops / peak
+    table[name] = {"flops_per_char": flops, "contenders": res}
+
+
 def train_flops_per_char(cell, hidden, layers, embed=64, vocab=65):
     """Model FLOPs of one training character: 3x the forward matmuls (forward + backward)."""
     from charrnn import cells  # the registry: G of any cell, built-in or a user's
@@ -171,10 +185,14 @@ def run_benchmark(smoke, repeats, window, log):
         out["gemm"]["peak_flops"] = peak
 
         out["train"] = {}
-        for name, (cell, hidden, layers) in TRAIN_CONFIGS.items():
+        for name, (cell, hidden, layers) in {**TRAIN_CONFIGS, **CELL_CONFIGS}.items():
             log(f"training {name}")
             spec = {"kind": "train", "cell": cell, "hidden": size["hidden"](hidden),
                     "layers": layers, "batch": size["batch"], "seq_len": size["seq_len"]}
+            if name in CELL_CONFIGS:
+                res = measure_group(workers, {"charrnn": ("jax", spec)}, repeats, window, log)
+                _add_fraction_of_peak(out["train"], name, res, cell, spec, layers, peak)
+                continue
             group = {"charrnn": ("jax", spec), "charrnn_1thread": ("jax_1thread", spec),
                      "charrnn_2dev": ("jax_2dev", spec),
                      "charrnn_autodiff": ("jax", {**spec, "fast_vjp": False}),
@@ -191,11 +209,7 @@ def run_benchmark(smoke, repeats, window, log):
                 group[f"charrnn_sweep{SWEEP_RUNS}_1thread"] = ("jax_1thread", sweep)
                 group[f"charrnn_sweep{SWEEP_RUNS}_2dev"] = ("jax_2dev", sweep)
             res = measure_group(workers, group, repeats, window, log)
-            flops = train_flops_per_char(cell, spec["hidden"], layers)
-            for label, r in res.items():
-                if "per_sec" in r and "bf16" not in label:  # peak is float32's
-                    r["fraction_of_peak"] = r["per_sec"] * flops / peak
-            out["train"][name] = {"flops_per_char": flops, "contenders": res}
+            _add_fraction_of_peak(out["train"], name, res, cell, spec, layers, peak)
 
         out["sample"] = {}
         for name, (hidden, layers) in SAMPLE_MODELS.items():

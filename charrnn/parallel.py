@@ -13,9 +13,8 @@ the devices (one all-reduce), so the gradient the step sees (and clips by its
 global norm) is the gradient of the whole batch's mean loss, exactly as on one
 device, not a per-device one. Dropout masks are the whole batch's too (each
 device takes its rows of them). Written per device rather than left to XLA's
-partitioner: on a 2-core CPU split into two devices, LSTM 1x128 trained at
-200k chars/s partitioned by XLA (one device: 179k) and at 277k as shard_map
-(one device: 196k; two runs of experiments/benchmark.py, BENCHMARKS.md the second).
+partitioner, which measured slower on a CPU split into devices
+(docs/design-notes.md, "shard_map against XLA's partitioner").
 
 Several hosts: every process runs the same program (``initialize`` first).
 The batcher is deterministic, so each process computes the same global

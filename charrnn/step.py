@@ -153,7 +153,7 @@ def make_train_step(model, config, mesh=None):
         state = TrainState(step=whole, params=whole, opt_state=whole, carry=rows, rng=whole,
                            nonfinite_run=whole, nonfinite_total=whole)
         batch = {"x": rows, "y": rows, "reset": whole}
-        # check_vma=False: the hand-written VJPs (charrnn.fused) do not type their
+        # check_vma=False: the scan's custom VJPs (charrnn.scan) do not type their
         # cotangents by device variance; train_step averages the gradient itself.
         step = jax.shard_map(step, mesh=mesh, in_specs=(state, batch, whole),
                              out_specs=(state, whole), check_vma=False)

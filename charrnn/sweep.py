@@ -279,7 +279,7 @@ def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh
     after another inside the same program (``jax.lax.map``). 0 (or ≥ R) vmaps
     all runs at once, the layout for a GPU or TPU that one small model leaves
     idle; 1 runs them one by one, which measured fastest on a 2-core CPU, where
-    batched matmuls are slower than plain ones (experiments/bench_sweep.py).
+    batched matmuls are slower than plain ones (experiments/bench/bench_sweep.py).
     With a ``mesh`` (:func:`parallel.make_mesh`) of N devices the runs are split
     over them (``jax.shard_map``: each device steps its R/N runs, laid out as
     above, with no communication); inputs come placed by

@@ -70,12 +70,7 @@ def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp
 
     # The quality page of the smoke training run, from its workdir alone.
     lm = work / "lm"
-    if not (lm / "launches.jsonl").exists():
-        # Until the training loop records its launches (issue 14, part 7, producer side):
-        # the one record this check needs, the launch's command-line override.
-        (lm / "launches.jsonl").write_text(json.dumps(
-            {"start_step": 0, "config_arg": "experiments/configs/default.py:smoke",
-             "argv": [f"--config.data.path={text_file}"]}) + "\n")
+    assert (lm / "launches.jsonl").is_file()  # written by the launch itself
     val = [json.loads(l) for l in (lm / "metrics.jsonl").read_text().splitlines()
            if json.loads(l)["split"] == "val"]
     r = _run(["experiments/pages/quality.py", f"--workdirs={lm}", "--threshold=100",

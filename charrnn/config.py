@@ -25,6 +25,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")  # optim.OPTIMIZERS
 SCHEDULES = ("constant", "cosine")  # optim.SCHEDULES
 CORPORA = ("shakespeare", "tinyshakespeare")  # data.BUILTIN_CORPORA
 MATMUL_DTYPES = ("float32", "bfloat16")
+DROPOUT_MASKS = ("step", "locked")  # the kinds of models.CharRNN.dropout_mask
 
 _POSITIVE_INTS = (
     "model.hidden_size", "model.num_layers", "model.embed_dim",
@@ -32,7 +33,7 @@ _POSITIVE_INTS = (
     "train.eval_every", "train.checkpoint_every", "train.eval_batch_size",
     "train.max_consecutive_nonfinite", "train.keep_checkpoints")
 _CHOICES = {"optim.name": OPTIMIZERS, "optim.schedule": SCHEDULES,
-            "model.matmul_dtype": MATMUL_DTYPES}
+            "model.matmul_dtype": MATMUL_DTYPES, "model.dropout_mask": DROPOUT_MASKS}
 # field: (low, high, high included); checked only where the field matters (see _applies).
 _RANGES = {
     "data.val_fraction": (0.0, 1.0, False),
@@ -49,7 +50,7 @@ _RANGES = {
 # (configs saved in older checkpoints lack them).
 _OPTIONAL = {"model.embed_init_std": 1.0, "model.weight_drop": 0.0,
              "model.matmul_dtype": "float32", "optim.weight_decay": 0.0,
-             "train.cpu_devices": "auto"}
+             "train.cpu_devices": "auto", "model.dropout_mask": "step"}
 
 
 class ConfigError(UserError, ValueError):

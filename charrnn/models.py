@@ -96,6 +96,11 @@ class CharRNN:
     al. 2013, as in Merity et al. 2018's AWD-LSTM): each W_hh element is zeroed
     with this probability, one mask per layer for the whole window and batch, so
     the recurrence itself is regularised, which dropout between layers leaves alone.
+    ``dropout_mask``: ``step`` draws a new dropout mask at every time step;
+    ``locked`` draws one mask per sequence (row) and layer and keeps it for all T
+    steps of the window (variational dropout, Gal & Ghahramani 2016, as in Merity
+    et al. 2018's AWD-LSTM): a unit dropped from a layer's output stays dropped
+    for the whole window.
     ``matmul_dtype``: ``float32`` or ``bfloat16``, the operand type of every
     product of an activation with a weight matrix (float32 accumulation;
     parameters and all other arithmetic stay float32).
@@ -111,6 +116,7 @@ class CharRNN:
     matmul_dtype: str = "float32"
     embed_init_std: float = 1.0
     weight_drop: float = 0.0
+    dropout_mask: str = "step"
 
     @classmethod
     def from_config(cls, model_config, vocab_size: int) -> "CharRNN":
@@ -122,7 +128,8 @@ class CharRNN:
                               remat=model_config.get("remat", False),
                               matmul_dtype=model_config.get("matmul_dtype", "float32"),
                               embed_init_std=model_config.get("embed_init_std", 1.0),
-                              weight_drop=model_config.get("weight_drop", 0.0))
+                              weight_drop=model_config.get("weight_drop", 0.0),
+                              dropout_mask=model_config.get("dropout_mask", "step"))
 
     @property
     def cell_def(self):
@@ -263,11 +270,16 @@ class CharRNN:
         return params
 
     def _dropout(self, x, key, layer, batch_rows=None):
-        """x [T, B, H] with inverted dropout; ``batch_rows``: see :meth:`__call__`."""
+        """x [T, B, H] with inverted dropout; ``batch_rows``: see :meth:`__call__`.
+
+        The mask is [T, B, H] (``dropout_mask='step'``) or [1, B, H] broadcast over
+        the T steps (``'locked'``).
+        """
         if key is None or self.dropout == 0.0:
             return x
         keep = 1.0 - self.dropout
-        mask = keep_mask(jax.random.fold_in(key, layer), keep, x.shape, batch_rows)
+        shape = (1,) + x.shape[1:] if self.dropout_mask == "locked" else x.shape
+        mask = keep_mask(jax.random.fold_in(key, layer), keep, shape, batch_rows)
         return jnp.where(mask, x / keep, 0.0)
 
 

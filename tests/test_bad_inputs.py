@@ -105,6 +105,8 @@ def _catalogue(d, corpus, trained):
          "model.hidden_size must be a positive integer, got 0"),
         ("negative size", work + ["--config.train.batch_size=-4"],
          "train.batch_size must be a positive integer, got -4"),
+        ("unknown dropout mask", work + ["--config.model.dropout_mask=fixed"],
+         "unknown model.dropout_mask 'fixed'; choose from step, locked"),
         ("cpu devices not a count", work + ["--config.train.cpu_devices=two"],
          "train.cpu_devices must be 'auto' or a positive integer, got 'two'"),
         ("zero cpu devices", work + ["--config.train.cpu_devices=0"],

@@ -154,3 +154,39 @@ def test_weight_drop_is_dropconnect_on_the_recurrent_matrices(cell, fast_vjp):
         scale = max(1.0, float(np.abs(expected).max()))  # irnn's grow large: float32 rounding
         np.testing.assert_allclose(g[f"layer_{layer}"]["W_hh"], expected, rtol=1e-4,
                                    atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("kind", ["step", "locked"])
+def test_dropout_masks_per_step_or_locked_over_the_window(kind):
+    """Inverted dropout on a layer's output x [T, B, H]: kept units scaled by 1/keep,
+    Bernoulli(keep) overall; 'locked' keeps one mask per row for all T steps, 'step'
+    draws a new one at every step; under data parallelism each device gets its rows
+    of the whole batch's mask."""
+    keep, T, B, H = 0.75, 16, 32, 64
+    model = _model("lstm", hidden_size=H, dropout=1 - keep, dropout_mask=kind)
+    x = jnp.ones((T, B, H))
+    key = jax.random.key(3)
+    y = np.asarray(model._dropout(x, key, layer=0))
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], 1 / keep, rtol=1e-6)
+    n = T * B * H if kind == "step" else B * H  # independent draws
+    assert abs(kept.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / n)
+    same_over_time = np.all(kept == kept[:1])
+    assert same_over_time == (kind == "locked")
+    if kind == "step":  # neighbouring steps independent: P(kept at t and t+1) = keep²
+        assert abs(np.mean(kept[1:] & kept[:-1]) - keep ** 2) < 5 * np.sqrt(keep * (1 - keep) / n)
+    assert not np.array_equal(kept, np.asarray(model._dropout(x, key, layer=1)) != 0)
+    # Rows 8..15 of a batch of 32 (one device's share) get those rows of the full mask.
+    part = np.asarray(model._dropout(x[:, 8:16], key, layer=0, batch_rows=(8, B)))
+    np.testing.assert_array_equal(part, y[:, 8:16])
+
+
+def test_locked_dropout_trains_and_is_off_without_a_key():
+    model = _model("lstm", dropout=0.5, dropout_mask="locked")
+    params = model.init(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 6), 0, 11)
+    carry = model.initial_carry(3)
+    plain = _model("lstm")(params, carry, tokens)[1]
+    np.testing.assert_array_equal(model(params, carry, tokens)[1], plain)  # eval: no dropout
+    dropped = model(params, carry, tokens, dropout_key=jax.random.key(2))[1]
+    assert not np.allclose(dropped, plain)

@@ -135,7 +135,9 @@ def test_resume_is_bit_exact(reference, corpus, tmp_path):
 @pytest.mark.parametrize("rule", [
     {"optim.clip_mode": "autoclip", "optim.autoclip_percentile": 50.0,
      "optim.autoclip_history": 6},
-    {"optim.clip_mode": "zclip", "optim.zclip_z": 1.0, "optim.zclip_warmup": 3}])
+    # ... and locked dropout masks (BASE has dropout on), drawn from the step's key too
+    {"optim.clip_mode": "zclip", "optim.zclip_z": 1.0, "optim.zclip_warmup": 3,
+     "model.dropout_mask": "locked"}])
 def test_resume_is_bit_exact_with_a_stateful_clipping_rule(rule, corpus, tmp_path):
     """N straight steps = N/2 + N/2: the rule's state (history, EMA) is checkpointed."""
     fields = {**rule, "train.log_every": 2}

@@ -35,6 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (docs/design-notes.md, "Embedding initialisation").
     config.model.embed_init_std = 1.0
     config.model.dropout = 0.0  # on every layer's output, training only
+    # "step": a new dropout mask every time step; "locked": one mask per sequence and layer
+    # for the whole window (variational dropout, Gal & Ghahramani 2016; AWD-LSTM)
+    config.model.dropout_mask = "step"
     config.model.weight_drop = 0.0  # DropConnect on each W_hh (one mask per window), training only
     config.model.fast_vjp = True  # scan backward derived from the cell (charrnn.scan); False: autodiff
     config.model.remat = False  # recompute activations in the backward pass: memory ~√T, not T

@@ -19,6 +19,7 @@ from __future__ import annotations
 import encodings
 import math
 
+from charrnn import cpu_devices  # no JAX
 from charrnn.errors import UserError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")  # optim.OPTIMIZERS
@@ -97,7 +98,6 @@ def validate(config) -> None:
 
 
 def _is_device_count(value) -> bool:
-    from charrnn import cpu_devices
     try:
         cpu_devices.parse(value)
     except (TypeError, ValueError):

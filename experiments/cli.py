@@ -1,10 +1,8 @@
-"""What the experiment scripts share: ``main(argv)``'s first checks, CPU devices and names."""
+"""What the experiment scripts share: ``main(argv)``'s first checks, cores, model flags, JSON output."""
 
 import os
 
 from absl import app, logging
-
-from charrnn import cpu_devices, runinfo
 
 
 def start(argv, **required) -> None:
@@ -16,15 +14,6 @@ def start(argv, **required) -> None:
         if not value:
             raise app.UsageError(f"--{name} is required")
     logging.set_verbosity(logging.WARNING)
-
-
-def split_host_into_devices(n: int) -> None:
-    """Have XLA present this host's CPU as ``n`` devices (one per core, for n = cores).
-
-    Call it before jax first touches a device. A device count the user's
-    XLA_FLAGS already sets wins (:func:`charrnn.cpu_devices.apply`).
-    """
-    cpu_devices.apply(n)
 
 
 def write_json(outdir: str, name: str, result: dict) -> None:
@@ -39,11 +28,6 @@ def write_json(outdir: str, name: str, result: dict) -> None:
 def usable_cores() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
-    return runinfo.cpu_model()
 
 
 def define_model_flags(batch_help: str = "B.") -> dict:

@@ -19,6 +19,7 @@ import time
 
 from absl import app, flags
 
+from charrnn import runinfo
 from experiments import cli
 from experiments.configs import default as default_config
 
@@ -82,7 +83,7 @@ def measure(smoke: bool, steps: int, repeats: int) -> dict:
     chars = steps * B * T
     rate = {rule: chars / min(t) for rule, t in times.items()}
     return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-            "cpu": cli.cpu_name(), "cell": first.model.cell,
+            "cpu": runinfo.cpu_model(), "cell": first.model.cell,
             "hidden_size": first.model.hidden_size, "num_layers": first.model.num_layers,
             "batch_size": B, "seq_len": T, "steps_per_window": steps, "repeats": repeats,
             "chars_per_sec": rate,

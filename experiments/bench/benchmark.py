@@ -48,6 +48,7 @@ import time
 
 from absl import app, flags
 
+from charrnn import runinfo
 from experiments import cli
 from experiments.bench import bench_report
 
@@ -272,7 +273,7 @@ def _fresh_process(flag):
 def machine_info():
     info = {"python": platform.python_version(), "platform": platform.platform(),
             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "cpu": cli.cpu_name()}
+            "cpu": runinfo.cpu_model()}
     from importlib import metadata
     for pkg in ("jax", "jaxlib", "numpy", "torch"):
         try:

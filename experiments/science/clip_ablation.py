@@ -30,6 +30,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from charrnn import cpu_devices
 from experiments import cli
 from experiments.configs import clip_ablation as ablation_config
 
@@ -208,7 +209,7 @@ def main(argv):
     if _DEVICES.value != 1 and _RUN_INDEX.value < 0 and not (_LIST.value or _AGGREGATE.value):
         # One device per core: each steps its share of a group's runs on one core, with no
         # communication (measured faster than one device: docs/design-notes.md).
-        cli.split_host_into_devices(_DEVICES.value or cli.usable_cores())
+        cpu_devices.apply(_DEVICES.value or cli.usable_cores())
     from charrnn import sweep
     from charrnn.errors import UserError
 

@@ -29,6 +29,8 @@ flags.DEFINE_string(
     "checkpoint (fine-tuning; the model fields must match, the optimizer starts afresh).")
 flags.DEFINE_integer("init_step", None, "The checkpoint of --init_from (default: its latest).")
 flags.DEFINE_integer("step", None, "--mode=eval/sample: the checkpoint (default: the latest).")
+flags.DEFINE_string("weights", "auto", "--mode=eval/sample: auto (the averaged weights when the "
+                    "run kept them, optim.ema_decay > 0), ema, or raw (the trained ones).")
 flags.DEFINE_bool(
     "fresh", False, "--mode=train: move the workdir's previous run (checkpoints, metrics, "
     "config.json, tensorboard, launches.jsonl) into <workdir>/previous-<time>/ and start "

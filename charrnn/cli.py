@@ -48,6 +48,7 @@ class Options:
     init_from: str | None = None
     init_step: int | None = None
     step: int | None = None
+    weights: str = "auto"
 
     @classmethod
     def from_flags(cls, flag_values=flags.FLAGS) -> "Options":
@@ -107,6 +108,9 @@ def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
     if options.step is not None and options.mode == "train":
         raise UserError("--step=N picks the checkpoint to evaluate or sample; training resumes "
                         "from the latest (--init_from=WORKDIR --init_step=N starts from another)")
+    if options.weights != "auto" and options.mode == "train":
+        raise UserError(f"--weights={options.weights} picks the weights to evaluate or sample; "
+                        "training keeps both (optim.ema_decay > 0 adds the averaged ones)")
     config = _checked_config(config_flag) if options.mode == "train" else None
     if config is not None and not (options.distributed or options.coordinator_address):
         _split_cpu(config)
@@ -123,7 +127,7 @@ def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
         print(runinfo.next_commands(options.workdir, launcher), flush=True)
     elif options.mode == "eval":
         from charrnn import restore
-        restore.evaluate_workdir(options.workdir, options.step)
+        restore.evaluate_workdir(options.workdir, options.step, options.weights)
     else:
         _sample(options)
 
@@ -134,7 +138,8 @@ def _sample(options: Options) -> None:
     sampling.check_options(length=options.length, temperature=options.temperature,
                            top_k=options.top_k, top_p=options.top_p,
                            num_samples=options.num_samples)
-    _, vocab, model, params, _ = restore.load_checkpoint(options.workdir, options.step)
+    _, vocab, model, params, _ = restore.load_checkpoint(options.workdir, options.step,
+                                                         options.weights)
     texts = sampling.sample(
         params, vocab, model, prompt=options.prompt, length=options.length,
         temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,

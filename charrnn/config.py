@@ -46,12 +46,14 @@ _RANGES = {
     "optim.momentum": (0.0, 1.0, False),
     "optim.final_lr_fraction": (0.0, 1.0, True),
     "optim.weight_decay": (0.0, math.inf, False),
+    "optim.ema_decay": (0.0, 1.0, False),
 }
 # Fields added after the first release, with the value a config without them means
 # (configs saved in older checkpoints lack them).
 _OPTIONAL = {"model.embed_init_std": 1.0, "model.weight_drop": 0.0,
              "model.matmul_dtype": "float32", "optim.weight_decay": 0.0,
-             "train.cpu_devices": "auto", "model.dropout_mask": "step"}
+             "train.cpu_devices": "auto", "model.dropout_mask": "step",
+             "optim.ema_decay": 0.0}
 
 
 class ConfigError(UserError, ValueError):

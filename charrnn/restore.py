@@ -72,6 +72,8 @@ def check_resumable(meta: dict, config, text_sha256: str) -> None:
     if current["optim"]["name"] == "sgd" and (
             bool(saved["optim"].get("momentum")) != bool(current["optim"]["momentum"])):
         differing.append("optim.momentum (on/off)")  # plain SGD keeps no momentum state
+    if bool(_field(saved, "optim.ema_decay")) != bool(current["optim"].get("ema_decay")):
+        differing.append("optim.ema_decay (on/off)")  # the averaged weights are state
     differing += clipping.resume_problems(saved.get("optim", {}), current["optim"])
     old, new = corpus_of(saved), corpus_of(current)
     if old != new:
@@ -173,12 +175,19 @@ def _describe(origin: dict | None) -> str:
     return f", fine-tuned from {origin['workdir']} step {origin['step']}" if origin else ""
 
 
-def load_checkpoint(workdir: str, step: int | None = None):
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def load_checkpoint(workdir: str, step: int | None = None, weights: str = "raw"):
     """(config, vocab, model, params, step) of a workdir's checkpoint (latest by default).
 
     The config and vocabulary come from the checkpoint itself, so this works
     on any machine, CPU-only included, whatever device trained it.
+    ``weights``: "raw" the trained parameters; "ema" the averaged ones (an error
+    when the run kept none, optim.ema_decay = 0); "auto" the averaged ones when kept.
     """
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"unknown --weights={weights!r}; choose from {', '.join(WEIGHTS)}")
     import ml_collections
     ckpt = Checkpointer(workdir, create=False)
     try:
@@ -189,20 +198,30 @@ def load_checkpoint(workdir: str, step: int | None = None):
         # Shapes only (initialising the weights would compile dozens of ops), placed on
         # this process's first device: the checkpoint's own shardings name the devices
         # that saved it (e.g. cuda:0), which this machine may not have.
+        has_ema = step_lib.ema_decay(config) > 0
+        if weights == "ema" and not has_ema:
+            raise CheckpointError(
+                f"--weights=ema: the run in {workdir} kept no averaged weights "
+                "(optim.ema_decay was 0); use --weights=raw")
         like = jax.eval_shape(lambda: step_lib.init_state(
-            model, optim.make_optimizer(config), config.train.batch_size, config.seed))
+            model, optim.make_optimizer(config), config.train.batch_size, config.seed,
+            ema=has_ema))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), like)
         state = ckpt.restore_state(step, like)
     finally:
         ckpt.close()
-    return config, vocab, model, state.params, step
+    params = state.params if weights == "raw" or not has_ema else state.ema
+    return config, vocab, model, params, step
 
 
-def evaluate_workdir(workdir: str, step: int | None = None) -> dict:
+def evaluate_workdir(workdir: str, step: int | None = None, weights: str = "auto") -> dict:
     """Val and test loss (nats/char) and bpc of a workdir's checkpoint ``step``
-    (default: the latest); printed."""
-    config, vocab, model, params, step = load_checkpoint(workdir, step)
+    (default: the latest) with ``weights`` (see :func:`load_checkpoint`); printed."""
+    config, vocab, model, params, step = load_checkpoint(workdir, step, weights)
+    if weights == "auto":
+        weights = "ema" if step_lib.ema_decay(config) > 0 else "raw"
+    print(f"step {step} | {'averaged' if weights == 'ema' else 'raw'} weights", flush=True)
     text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
     _, val_ids, test_ids = data.split(vocab.encode(text), config.data.val_fraction,
                                       config.data.test_fraction)

@@ -194,7 +194,8 @@ def sample(params_or_workdir, vocab=None, model: models.CharRNN | None = None, *
                   num_samples=num_samples)
     if isinstance(params_or_workdir, (str, os.PathLike)):
         from charrnn import restore  # imports much more than sampling needs
-        _, vocab, model, params, _ = restore.load_checkpoint(os.fspath(params_or_workdir))
+        _, vocab, model, params, _ = restore.load_checkpoint(os.fspath(params_or_workdir),
+                                                           weights="auto")
     else:
         params = params_or_workdir
         if vocab is None or model is None:

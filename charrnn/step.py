@@ -42,16 +42,31 @@ class TrainState:
     rng: jax.Array  # uint32 key data; dropout key of step s = fold_in(key, s)
     nonfinite_run: jax.Array  # int32 []: consecutive skipped steps so far
     nonfinite_total: jax.Array  # int32 []: all skipped steps
+    # Averaged weights (optim.ema_decay > 0; None when off): ema_k = d·ema_{k-1} + (1-d)·θ_k
+    # after step k, from ema_0 = θ_0; a skipped step changes it no more than θ.
+    ema: Any = None
+
+
+def ema_decay(config) -> float:
+    """The run's optim.ema_decay (0: no averaged weights; configs saved before it: 0)."""
+    return float(config.optim.get("ema_decay", 0.0))
 
 
 def init_state(model: models.CharRNN, tx: optax.GradientTransformation, batch_size: int,
-               seed: int) -> TrainState:
+               seed: int, ema: bool = False) -> TrainState:
+    """Step 0 of a run; ``ema``: also keep averaged weights (:func:`ema_decay` > 0)."""
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
     params = model.init(init_key)
     zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
     return TrainState(step=zero(), params=params, opt_state=tx.init(params),
                       carry=model.initial_carry(batch_size),
-                      rng=jax.random.key_data(dropout_key), nonfinite_run=zero(), nonfinite_total=zero())
+                      rng=jax.random.key_data(dropout_key), nonfinite_run=zero(), nonfinite_total=zero(),
+                      ema=jax.tree.map(jnp.copy, params) if ema else None)
+
+
+def update_ema(ema, params, decay):
+    """One step of the average: ``decay·ema + (1 - decay)·params``, leaf by leaf."""
+    return jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, ema, params)
 
 
 def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_rows=None):
@@ -66,7 +81,7 @@ def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_
 def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
                clip: optax.GradientTransformation, optimizer: optax.GradientTransformation,
                schedule, axis_name: str | None = None,
-               clip_threshold=None) -> tuple[TrainState, dict]:
+               clip_threshold=None, ema_decay: float = 0.0) -> tuple[TrainState, dict]:
     """One update: forward, loss, gradient, clip, optimizer step.
 
     batch: ``x``, ``y`` int [B, T] and ``reset`` bool [] (start of an epoch:
@@ -84,6 +99,7 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
 
     ``clip_threshold``: clip state after the update -> the threshold in force
     (``clipping.Clip.threshold``), logged as ``clip_threshold``; None logs none.
+    ``ema_decay``: d of the averaged weights ``state.ema`` (when the state keeps them).
     """
     carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), state.carry)
     rows = None
@@ -101,6 +117,7 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
     clipped, clip_state = clip.update(grads, clip_state, state.params)
     updates, opt_state = optimizer.update(clipped, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema = None if state.ema is None else update_ema(state.ema, params, ema_decay)
 
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
               & jnp.isfinite(optim.global_norm(updates)))
@@ -112,7 +129,8 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
         opt_state=keep_new((clip_state, opt_state), state.opt_state),
         carry=keep_new(new_carry, jax.tree.map(jnp.zeros_like, new_carry)),
         rng=state.rng, nonfinite_run=nonfinite_run,
-        nonfinite_total=state.nonfinite_total + (1 - finite.astype(jnp.int32)))
+        nonfinite_total=state.nonfinite_total + (1 - finite.astype(jnp.int32)),
+        ema=None if ema is None else keep_new(ema, state.ema))
 
     metrics = {
         "loss": loss,
@@ -147,11 +165,13 @@ def make_train_step(model, config, mesh=None):
     step = functools.partial(
         train_step, model=model, clip=clip.transform, clip_threshold=clip.threshold,
         optimizer=optim.make_base_optimizer(config.optim, config.train.num_steps),
-        schedule=optim.make_schedule(config.optim, config.train.num_steps), axis_name=axis)
+        schedule=optim.make_schedule(config.optim, config.train.num_steps), axis_name=axis,
+        ema_decay=ema_decay(config))
     if mesh is not None:
         rows, whole = parallel.P(axis), parallel.P()
         state = TrainState(step=whole, params=whole, opt_state=whole, carry=rows, rng=whole,
-                           nonfinite_run=whole, nonfinite_total=whole)
+                           nonfinite_run=whole, nonfinite_total=whole,
+                           ema=whole if ema_decay(config) else None)
         batch = {"x": rows, "y": rows, "reset": whole}
         # check_vma=False: the scan's custom VJPs (charrnn.scan) do not type their
         # cotangents by device variance; train_step averages the gradient itself.

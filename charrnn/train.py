@@ -111,14 +111,15 @@ def _train_and_evaluate(config, workdir: str, text: str, launch: dict, init) -> 
     dp = parallel.DataParallel.create(config.train.batch_size)
     state = dp.create_state(functools.partial(
         step_lib.init_state, model, optim.make_optimizer(config), config.train.batch_size,
-        config.seed))
+        config.seed, ema=step_lib.ema_decay(config) > 0))
     pending = []  # per-step metrics since the last train record
     if start.step:
         state = ckpt.restore_state(start.step, state)
         batcher.load_state_dict(start.meta["batcher"])
         pending = decode_step_metrics(start.meta.get("step_metrics"))
     elif start.params is not None:  # fine-tuning: the source's weights, all else new
-        state = dp.place_state(state.replace(params=start.params))
+        ema = None if state.ema is None else jax.tree.map(jnp.copy, start.params)
+        state = dp.place_state(state.replace(params=start.params, ema=ema))
     # After the restore: a checkpoint that cannot be restored leaves the workdir as it was.
     writer = MetricWriter(workdir, enabled=dp.is_main)  # only process 0 writes metrics
     # Records past the checkpoint (or all, with none: a run killed before its first
@@ -224,7 +225,8 @@ class _Loop:
                 self._check_nonfinite(state)
             paused = time.perf_counter()
             if done % cfg.eval_every == 0 or last:
-                result = self._evaluate(done, state.params, with_test=done == cfg.num_steps)
+                result = self._evaluate(done, state.params, state.ema,
+                                        with_test=done == cfg.num_steps)
             # Asked after the eval, so that a signal arriving during it still saves at this
             # step. Stopping writes no records of its own: the metrics of the steps since
             # the last record travel in the checkpoint, and the resumed run writes exactly
@@ -252,7 +254,9 @@ class _Loop:
               + (f" | skipped {record['nonfinite_steps']} non-finite" if record["nonfinite_steps"] else ""),
               flush=True)
 
-    def _evaluate(self, step, params, with_test):
+    def _evaluate(self, step, params, ema, with_test):
+        """Records of the val (and test) loss of the raw weights; with averaged weights
+        (``ema``, None when off) their loss too, as ``ema_loss`` and ``ema_bpc``."""
         cfg = self.config.train
         splits = [("val", self.val_ids)] + ([("test", self.test_ids)] if with_test else [])
         result = {}
@@ -261,12 +265,17 @@ class _Loop:
                 continue
             record = step_lib.evaluate(self.eval_fn, self.model, params, ids,
                                        cfg.eval_batch_size, cfg.seq_len)
+            line = f"step {step} | {split} loss {record['loss']:.4f} | {split} bpc {record['bpc']:.3f}"
+            if ema is not None:
+                averaged = step_lib.evaluate(self.eval_fn, self.model, ema, ids,
+                                             cfg.eval_batch_size, cfg.seq_len)
+                record.update(ema_loss=averaged["loss"], ema_bpc=averaged["bpc"])
+                line += f" | averaged weights: loss {averaged['loss']:.4f} bpc {averaged['bpc']:.3f}"
             record["wall_s"] = time.perf_counter() - self.started
             if split == "val":
                 record.update(diagnostics.whh_summary(params))
             self.writer.write({"step": step, "split": split, **record})
-            print(f"step {step} | {split} loss {record['loss']:.4f} | {split} bpc {record['bpc']:.3f}",
-                  flush=True)
+            print(line, flush=True)
             result[split] = record
         return result
 

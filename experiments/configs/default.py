@@ -6,7 +6,7 @@
 
 Variants: smoke (tiny and fast, for tests), rnn, gru, lstm, tinyshakespeare,
 tinyshakespeare_fast (10-minute budget), tinyshakespeare_long, tinyshakespeare_wide,
-tinyshakespeare_xl (QUALITY.md has their runs; docs/design-notes.md the measurements
+tinyshakespeare_xl, tinyshakespeare_ema (QUALITY.md has their runs; docs/design-notes.md the measurements
 that chose them). ``variant_names()`` lists them, for the pages that check which
 variant a run is.
 """
@@ -69,6 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.b2 = 0.999  # adam
     config.optim.weight_decay = 0.1  # adamw: λ, applied to the matrices (not biases)
     config.optim.momentum = 0.0  # sgd (0 = plain SGD)
+    # Averaged weights (Polyak averaging): after every step ema <- d*ema + (1-d)*params,
+    # from ema = the initial params. 0 = off. Kept in the train state and checkpoints;
+    # val/test records add ema_loss/ema_bpc; eval and sample use them (--weights=raw: not).
+    config.optim.ema_decay = 0.0
     # A rule of charrnn/clipping.py: none, global_norm, value, agc, block_rms, autoclip, zclip.
     config.optim.clip_mode = "global_norm"
     config.optim.clip_norm = 1.0  # τ of global_norm; the bound of value, λ of agc, RMS of block_rms
@@ -168,7 +172,16 @@ def _tinyshakespeare_xl(c):
     c.train.num_steps = 4500
 
 
+def _tinyshakespeare_ema(c):
+    # The wide recipe's best val came from its second cosine cycle (7500 steps in all), so
+    # one cycle of that length, evaluated with averaged weights (Polyak averaging) beside
+    # the raw ones: sized for about 2 hours on 2 cores.
+    _tinyshakespeare_wide(c)
+    c.optim.ema_decay = 0.999
+    c.train.num_steps = 7500
+
+
 _VARIANTS = {"smoke": _smoke, "rnn": _rnn, "gru": _gru, "lstm": _lstm,
              "tinyshakespeare": _tinyshakespeare, "tinyshakespeare_fast": _tinyshakespeare_fast,
              "tinyshakespeare_long": _tinyshakespeare_long, "tinyshakespeare_wide": _tinyshakespeare_wide,
-             "tinyshakespeare_xl": _tinyshakespeare_xl}
+             "tinyshakespeare_xl": _tinyshakespeare_xl, "tinyshakespeare_ema": _tinyshakespeare_ema}

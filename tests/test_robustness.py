@@ -54,8 +54,8 @@ def _records(workdir, splits=("train", "val", "test")):
             for r in metrics.read_metrics(workdir) if r["split"] in splits]
 
 
-def _params(workdir, step=None):
-    return jax.device_get(restore.load_checkpoint(workdir, step)[3])
+def _params(workdir, step=None, weights="raw"):
+    return jax.device_get(restore.load_checkpoint(workdir, step, weights)[3])
 
 
 def _assert_equal_trees(a, b):
@@ -135,9 +135,10 @@ def test_resume_is_bit_exact(reference, corpus, tmp_path):
 @pytest.mark.parametrize("rule", [
     {"optim.clip_mode": "autoclip", "optim.autoclip_percentile": 50.0,
      "optim.autoclip_history": 6},
-    # ... and locked dropout masks (BASE has dropout on), drawn from the step's key too
+    # ... with locked dropout masks (BASE has dropout on), drawn from the step's key too,
+    # and averaged weights, part of the state
     {"optim.clip_mode": "zclip", "optim.zclip_z": 1.0, "optim.zclip_warmup": 3,
-     "model.dropout_mask": "locked"}])
+     "model.dropout_mask": "locked", "optim.ema_decay": 0.8}])
 def test_resume_is_bit_exact_with_a_stateful_clipping_rule(rule, corpus, tmp_path):
     """N straight steps = N/2 + N/2: the rule's state (history, EMA) is checkpointed."""
     fields = {**rule, "train.log_every": 2}
@@ -147,6 +148,17 @@ def test_resume_is_bit_exact_with_a_stateful_clipping_rule(rule, corpus, tmp_pat
     shutil.copytree(halves, str(tmp_path / "stronger"))
     train.train_and_evaluate(_config(corpus, fields), halves)
     _assert_equal_trees(_params(halves), _params(straight))
+    if "optim.ema_decay" in rule:
+        averaged = _params(straight, weights="ema")
+        _assert_equal_trees(_params(halves, weights="ema"), averaged)
+        assert not np.array_equal(averaged["embed"], _params(straight)["embed"])
+        # val records carry both losses; eval and sample pick the averaged weights
+        val = _records(straight, ("val",))[-1]
+        assert val["ema_loss"] != val["loss"]
+        assert restore.evaluate_workdir(straight)["val"]["loss"] == pytest.approx(
+            val["ema_loss"], rel=1e-6)
+        assert restore.evaluate_workdir(straight, weights="raw")["val"]["loss"] == pytest.approx(
+            val["loss"], rel=1e-6)
     records = _records(straight, ("train",))
     assert _records(halves, ("train",)) == records
     thresholds = [r["clip_threshold"] for r in records]

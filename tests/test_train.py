@@ -21,7 +21,7 @@ from conftest import REPO
 def _setup(config, vocab_size=12):
     model = models.CharRNN.from_config(config.model, vocab_size)
     state = step_lib.init_state(model, optim.make_optimizer(config), config.train.batch_size,
-                                config.seed)
+                                config.seed, ema=step_lib.ema_decay(config) > 0)
     return model, state, step_lib.make_train_step(model, config)
 
 
@@ -54,16 +54,38 @@ def test_reported_norms_are_before_and_after_the_clip(smoke_config):
 
 def test_a_nonfinite_step_changes_nothing_and_is_counted(smoke_config):
     smoke_config.model.cell, smoke_config.optim.clip_mode = "rnn", "none"
+    smoke_config.optim.ema_decay = 0.5  # the averaged weights must not move either
     _, state, step_fn = _setup(smoke_config)
     # An infinite weight makes the loss non-finite.
     state = state.replace(params={**state.params, "head": {
         "kernel": state.params["head"]["kernel"].at[0, 0].set(jnp.inf),
         "bias": state.params["head"]["bias"]}})
-    before = jax.tree.map(np.array, (state.params, state.opt_state))
+    before = jax.tree.map(np.array, (state.params, state.opt_state, state.ema))
     state, m = step_fn(state, _batch(smoke_config), jax.random.key(0))
     assert int(m["nonfinite"]) == 1 and int(state.nonfinite_run) == 1
-    after = jax.tree.map(np.array, (state.params, state.opt_state))
+    after = jax.tree.map(np.array, (state.params, state.opt_state, state.ema))
     jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_averaged_weights_are_the_closed_form_of_the_steps_taken(smoke_config):
+    """After k steps ema = d^k·θ_0 + Σ_{i=1..k} (1-d)·d^(k-i)·θ_i, θ_i the params after step i."""
+    d, k = 0.75, 4
+    smoke_config.optim.ema_decay = d
+    _, state, step_fn = _setup(smoke_config)
+    thetas = [jax.tree.map(np.array, state.params)]
+    for i in range(k):
+        state, _ = step_fn(state, _batch(smoke_config, seed=i), jax.random.key(i))
+        thetas.append(jax.tree.map(np.array, state.params))
+    weights = [d ** k] + [(1 - d) * d ** (k - i) for i in range(1, k + 1)]
+    closed = jax.tree.map(lambda *ts: sum(w * t.astype(np.float64) for w, t in zip(weights, ts)),
+                          *thetas)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.tree.map(np.array, state.ema), closed)
+    # not the raw weights, nor the average of the weights before each step
+    assert not np.allclose(state.ema["embed"], state.params["embed"], rtol=1e-4)
+    shifted = sum(w * t for w, t in zip(weights, [thetas[0]["embed"]] + [
+        t["embed"] for t in thetas[:-1]]))
+    assert not np.allclose(state.ema["embed"], shifted, rtol=1e-4)
 
 
 def test_train_resumes_from_its_checkpoint(smoke_config, tmp_path):

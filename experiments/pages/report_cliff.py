@@ -48,8 +48,8 @@ def finding_wall(v: dict) -> str:
                  f"in {fmt(100 * v['max_on_line'], 3)}% of the grid columns past w_c its maximum "
                  "lies within one cell of the wall line")
         return (f"**There is a wall.** ‖∇E‖ spans {v['wall_orders']:.1f} orders of magnitude "
-                f"over the grid (max / median) and {v['line_orders']:.1f} on the wall line "
-                f"itself; {where}.")
+                f"over the grid (max / median) and at least {v['line_orders']:.1f} on the wall "
+                f"line itself; {where}.")
     return (f"**No wall showed in this grid:** ‖∇E‖ spans only {v['wall_orders']:.1f} orders "
             f"of magnitude (max / median), {v['line_orders']:.1f} on the wall line.")
 

@@ -92,11 +92,7 @@ and measures $\\lVert \\partial h_T/\\partial h_{{T-k}} \\rVert_2$ for $k = 1..T
 step (no finite differences). The fitted slope of $\\ln$-norm against $k$:
 
 {e['markdown']}
-The linear RNN's slope equals $\\ln\\rho$ to within {lin_err:.1e} for every ρ, as the algebra
-says. The tanh RNN never exceeds the bound: its largest norm over all sequences and $k$ is
-{max_ratio:.4f} × $\\rho^k$, and its slope is {"below" if below else "NOT always below"}
-$\\ln\\rho$ for every ρ: saturated units ($|h| \\to 1$) shrink the factor
-$\\operatorname{{diag}}(1-h_t^2)$, so $\\rho > 1$ is necessary for explosion but not sufficient.
+{_explosion_finding(lin_err, max_ratio, below)}
 
 ![BPTT Jacobian norms]({fig}/jacobian_norms.png)
 
@@ -107,6 +103,63 @@ gate blocks) and top singular value {_f(lm['whh']['whh_top_singular/0'])}. {_tra
 
 ![Trained model Jacobian]({fig}/trained_jacobian.png)
 """
+
+
+def _explosion_finding(lin_err, max_ratio, below) -> str:
+    """The sentences on the measured slopes, chosen by them."""
+    linear = (f"The linear RNN's slope equals $\\ln\\rho$ to within {lin_err:.1e} for every ρ, "
+              "as the algebra says." if lin_err < 1e-3 else
+              f"The linear RNN's slope is up to {lin_err:.1e} away from $\\ln\\rho$: NOT the "
+              "exact agreement the algebra predicts.")
+    if max_ratio <= 1 + 1e-5:
+        bound = (f"The tanh RNN never exceeds the bound: its largest norm over all sequences "
+                 f"and $k$ is {max_ratio:.4f} × $\\rho^k$")
+    else:
+        bound = (f"The tanh RNN EXCEEDS the bound: its largest norm is {max_ratio:.4f} × "
+                 "$\\rho^k$, which the algebra forbids (a measurement error)")
+    if below:
+        slope = (", and its slope is below $\\ln\\rho$ for every ρ: saturated units "
+                 "($|h| \\to 1$) shrink the factor $\\operatorname{diag}(1-h_t^2)$, so "
+                 "$\\rho > 1$ is necessary for explosion but not sufficient.")
+    else:
+        slope = ", and its slope is NOT below $\\ln\\rho$ for every ρ."
+    return f"{linear} {bound}{slope}"
+
+
+def _direction_finding(cosines) -> str:
+    """Whether global-norm clipping kept the direction and the other rules turned it."""
+    exact = 1 - 1e-6
+    kept = [c for c in cosines if c["mode"] == "global_norm"]
+    others = [c for c in cosines if c["mode"] != "global_norm"]
+    out = []
+    if kept:
+        cos = min(c["cosine"] for c in kept)
+        out.append(f"Global-norm clipping keeps the direction to float32 precision (cosine "
+                   f"{cos:.7f})" if cos >= exact else
+                   f"Global-norm clipping turned the direction here (cosine {cos:.7f}): "
+                   "NOT what the rule should do")
+    turned = [c for c in others if c["cosine"] < exact]
+    if others:
+        out.append(("the per-component rules turn it (" if turned else
+                    "the per-component rules did not turn it on this gradient (")
+                   + ", ".join(f"{c['mode']} {c['cosine']:.4f}" for c in others) + ")")
+    return "; ".join(out) + "." if out else ""
+
+
+def _clip_activity(cfg, train_recs) -> str:
+    """How often the report's run clipped, from its train records."""
+    fractions = [r["clip_fraction"] for r in train_recs]
+    overall = sum(fractions) / len(fractions)
+    tau = cfg["optim"]["clip_norm"]
+    norms = sorted(r["grad_norm"] for r in train_recs)
+    median = norms[len(norms) // 2]
+    if overall == 0:
+        return (f"Clipping never acted in this run: τ = {tau} is above every gradient norm it "
+                f"met (median of the records' mean norms {_f(median)}).")
+    return (f"Clipping was active: it rescaled {100 * overall:.0f}% of all steps ({100 * fractions[0]:.0f}% "
+            f"in the first record, {100 * fractions[-1]:.0f}% in the last), with τ = {tau} "
+            f"against a median record-mean norm of {_f(median)}; `grad_norm_clipped` is the "
+            "norm the optimizer received.")
 
 
 def section_clipping(results) -> str:
@@ -149,7 +202,7 @@ $= \\langle g, \\hat g\\rangle / (\\lVert g\\rVert \\lVert \\hat g\\rVert)$:
 | --- | --- | --- | --- | --- |
 {rows}
 
-Global-norm clipping keeps the direction to float32 precision; the per-component rules turn it.
+{_direction_finding(results["lm"]["cosines"])}
 """
 
 
@@ -205,6 +258,8 @@ and its validation records, with the spectrum of $W_{{hh}}$:
 | step | {' | '.join(vkeys)} |
 | --- | {' | '.join('---' for _ in vkeys)} |
 {vrows}
+
+{_clip_activity(cfg, train_recs)}
 
 The same scalars are in its TensorBoard event files ({len(tags)} tags, read back from the
 files): {', '.join(f'`{t}`' for t in tags)}.
@@ -267,6 +322,14 @@ def references() -> str:
 - Y. Bengio, P. Simard, P. Frasconi. Learning long-term dependencies with gradient descent
   is difficult. IEEE Transactions on Neural Networks, 1994.
 - D. P. Kingma, J. Ba. Adam: a method for stochastic optimization. ICLR 2015.
+- J. Zhang, T. He, S. Sra, A. Jadbabaie. Why gradient clipping accelerates training: a
+  theoretical justification for adaptivity. ICLR 2020 (arXiv:1905.11881).
+- P. Seetharaman, G. Wichern, B. Pardo, J. Le Roux. AutoClip: adaptive gradient clipping for
+  source separation networks. MLSP 2020.
+- A. Kumar, L. Owen, N. R. Chowdhury, F. Güra. ZClip: adaptive spike mitigation for LLM
+  pre-training. arXiv:2504.02507, 2025.
+- A. Brock, S. De, S. L. Smith, K. Simonyan. High-performance large-scale image recognition
+  without normalization. ICML 2021 (AGC).
 
 Regenerate: `python experiments/pages/report.py` (full; writes REPORT.md and report/) or
 `python experiments/pages/report.py --smoke --outdir=DIR` (the same pipeline, tiny; writes
@@ -274,8 +337,18 @@ DIR/REPORT.md beside its figures).
 """
 
 
+def _numbered(markdown: str, number: str) -> str:
+    """A study's section (headed ``## Title``) as subsection ``### number Title``."""
+    head, _, rest = markdown.lstrip("\n").partition("\n")
+    return f"\n### {number} {head.lstrip('#').strip()}\n{rest}"
+
+
 def render(results, fig) -> str:
+    from experiments.pages import report_cliff, report_rules, report_smoothness
     return "".join([header(results), section_explosion(results, fig), section_clipping(results),
+                    _numbered(report_cliff.section(results["cliff"], fig), "1.3"),
+                    _numbered(report_smoothness.section(results["smoothness"], fig), "1.4"),
                     section_loop(results), report_ablation.section_ablation(results, fig),
+                    report_rules.section(results, fig),
                     report_ablation.section_bench(results), section_inference(results),
                     references()])

@@ -5,7 +5,8 @@
   dots, diverged runs as crosses, no clipping at the right edge;
 - loss_curves.png: training loss (bits/char, smoothed) of seed 0 per threshold;
 - grad_norm_traces.png: the pre-clip global gradient norm of seed 0's
-  unclipped run and of its clipped runs, with each run's τ drawn.
+  unclipped run and of its clipped runs, with each run's τ drawn;
+- threshold_in_force.png: the adaptive rules' threshold over training (seed 0).
 """
 
 import math
@@ -151,3 +152,31 @@ def plot_all(outdir, records, table):
     plot_val_vs_threshold(os.path.join(outdir, "val_bpc_vs_threshold.png"), rows)
     plot_loss_curves(os.path.join(outdir, "loss_curves.png"), records)
     plot_grad_norms(os.path.join(outdir, "grad_norm_traces.png"), records)
+
+
+def plot_thresholds_in_force(path, records) -> bool:
+    """threshold_in_force.png: for the adaptive rules (stateful: the threshold moves with
+    the run), the threshold in force at every step of the first seed (smoothed) over that
+    run's pre-clip norm (grey), one panel per (cell, optimizer). False (nothing written)
+    when the grid has no adaptive rule."""
+    from charrnn import clipping
+    adaptive = [r for r in records if clipping.RULES[r["row"]["rule"]].stateful]
+    if not adaptive:
+        return False
+    fig, panels = _panels(adaptive, order=lambda r: (r["row"]["rule"], _x_of(r["row"])))
+    for ax, cell, opt, seed, rs in panels:
+        for i, r in enumerate(rs):
+            g = np.asarray(r["history"]["grad_norm"], float)
+            tau = np.asarray(r["history"]["clip_threshold"], float)
+            width = max(1, g.size // 100)
+            ax.plot(np.arange(g.size) + 1, g, color="0.75", linewidth=0.4, zorder=0)
+            shown = _smooth(np.where(np.isfinite(tau), tau, np.nan), width)
+            ax.plot(np.arange(shown.size) + width, shown, color=f"C{i}", linewidth=1,
+                    label=f"{r['row']['rule']} {r['row']['threshold']}")
+        ax.set_yscale("log")
+        ax.set_title(f"{cell} / {opt}: threshold in force, seed {seed}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True

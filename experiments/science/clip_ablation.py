@@ -1,4 +1,4 @@
-"""Clipping ablation: rules × their strengths × seeds × optimizer {sgd, adam} × cell {rnn, lstm}.
+"""Clipping ablation: rules × their strengths × seeds × optimizer {sgd, adam} × cell.
 
 The grid and the base run are the config (experiments/configs/clip_ablation.py);
 the rules are charrnn/clipping.py's (sweep.rules, strengths in sweep.strengths).
@@ -10,14 +10,17 @@ Three ways to run it, with the same numbers:
     # one run per process (a cluster array job), then collect:
     python experiments/science/clip_ablation.py --outdir=DIR --list_runs
     python experiments/science/clip_ablation.py --outdir=DIR --run_index=$TASK_ID
-    python experiments/science/clip_ablation.py --outdir=DIR --aggregate
+    python experiments/science/clip_ablation.py --outdir=DIR --plateau_only  # then collect
+    python experiments/science/clip_ablation.py --outdir=DIR --aggregate     # or only collect
 
 Each run writes DIR/runs/<name>.json (its per-step history and its row).
 Collecting writes DIR/clip_ablation.csv (one row per run, its rule named),
 DIR/clip_ablation.md (mean over seeds per cell, optimizer, rule and strength),
 DIR/clip_ablation.json and the figures val_bpc_vs_threshold.png, loss_curves.png
 and grad_norm_traces.png (those three: the runs without clipping or with a
-global-norm threshold τ, the Pascanu et al. experiment).
+global-norm threshold τ, the Pascanu et al. experiment) and threshold_in_force.png
+(the adaptive rules). After the whole grid, DIR/plateau.json: the best clipped
+LSTM/Adam setting trained --plateau_factor times as long.
 """
 
 import csv
@@ -43,6 +46,11 @@ _RUN_INDEX = flags.DEFINE_integer("run_index", -1, "Run only this grid index (se
                                   "-1 runs the whole grid, one program per (rule, cell, optimizer).")
 _LIST = flags.DEFINE_bool("list_runs", False, "Print the grid with run indices and exit.")
 _AGGREGATE = flags.DEFINE_bool("aggregate", False, "Only collect DIR/runs/*.json into tables.")
+_PLATEAU = flags.DEFINE_integer(
+    "plateau_factor", 2, "After the whole grid: train the best clipped LSTM/Adam setting this "
+    "many times as long, to show how far the grid's runs are from their plateau (<= 1: skip).")
+_PLATEAU_ONLY = flags.DEFINE_bool("plateau_only", False, "Only the plateau check (after "
+                                  "--run_index jobs), then collect.")
 _CHUNK = flags.DEFINE_integer("runs_per_chunk", -1, "Runs vmapped together on each device in "
                               "the one-program sweep (0 = all; -1 = 1 on CPU, all on GPU/TPU).")
 _DEVICES = flags.DEFINE_integer(
@@ -84,6 +92,59 @@ def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None,
                   f"(best {row['best_val_bpc']:.3f}) clipped {100 * row['clip_fraction']:.0f}% "
                   f"max grad norm {row['max_grad_norm']:.3g}"
                   + (" DIVERGED" if row["diverged"] else ""), flush=True)
+
+
+PLATEAU = "plateau.json"
+
+
+def best_clipped(rows: list, cell: str = "lstm", optimizer: str = "adam"):
+    """(rule, strength label) of the clipped setting of ``cell``/``optimizer`` with the
+    lowest mean final val bpc over seeds (diverged runs count with their bpc); None if
+    the grid has no such run."""
+    import numpy as np
+    groups = {}
+    for r in rows:
+        if r["cell"] == cell and r["optimizer"] == optimizer and r["rule"] != "none":
+            groups.setdefault((r["rule"], r["threshold"]), []).append(r["final_val_bpc"])
+    scored = [(np.mean(v), k) for k, v in groups.items() if np.all(np.isfinite(v))]
+    return min(scored)[1] if scored else None
+
+
+def plateau_check(config, outdir: str, factor: int) -> dict | None:
+    """Train the best clipped LSTM/Adam setting of the grid (its first seed) ``factor``
+    times as long and write DIR/plateau.json: its val bpc at the grid's length and at
+    the end. With a constant learning rate (the grid's schedule) the longer run is the
+    grid's run for its first ``train.num_steps`` steps, so the difference is what more
+    training would still have bought."""
+    from charrnn import sweep
+    from charrnn.step import LN2
+    rows = [r["row"] for r in load_runs(outdir)]
+    best = best_clipped(rows)
+    if best is None or factor <= 1:
+        return None
+    rule, label = best
+    row = min((r for r in rows if r["cell"] == "lstm" and r["optimizer"] == "adam"
+               and (r["rule"], r["threshold"]) == best), key=lambda r: r["seed"])
+    run = sweep.Run("lstm", "adam", row["seed"], label, rule)
+    steps = int(config.train.num_steps)
+    history = sweep.run_single(sweep.run_config(config, run, row["tau"]),
+                               sweep.Corpus.from_config(config), num_steps=factor * steps)
+    val_steps = [int(s) for s in history["val_steps"]]
+    val_bpc = [float(v) / LN2 for v in history["val_loss"]]
+    at = val_steps.index(steps) if steps in val_steps else None
+    result = {"cell": "lstm", "optimizer": "adam", "rule": rule, "threshold": label,
+              "tau": row["tau"], "seed": row["seed"], "steps": steps,
+              "long_steps": factor * steps, "val_steps": val_steps, "val_bpc": val_bpc,
+              "bpc_at_steps": val_bpc[at] if at is not None else float("nan"),
+              "grid_bpc_at_steps": row["final_val_bpc"], "bpc_at_long": val_bpc[-1],
+              "best_bpc_long": min(val_bpc)}
+    result["gain"] = result["bpc_at_steps"] - result["best_bpc_long"]
+    with open(os.path.join(outdir, PLATEAU), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"plateau check: {run.name} at {steps} steps {result['bpc_at_steps']:.3f} bpc, best "
+          f"over {factor * steps} steps {result['best_bpc_long']:.3f} (gain {result['gain']:.3f})",
+          flush=True)
+    return result
 
 
 def _write_run(outdir, run, row, history):
@@ -132,10 +193,15 @@ def grouped(rows: list) -> list:
     table = []
     for (cell, opt, rule, label), rs in sorted(out.items(), key=lambda kv: _order(*kv[0])):
         mean = lambda k: float(np.mean([r[k] for r in rs]))
+        # spread over seeds: sample std (ddof 1), 0 for a single seed
+        std = lambda k: float(np.std([r[k] for r in rs], ddof=1)) if len(rs) > 1 else 0.0
         table.append({"cell": cell, "optimizer": opt, "rule": rule, "threshold": label,
                       "seeds": len(rs),
                       "tau": mean("tau"), "final_val_bpc": mean("final_val_bpc"),
+                      "final_val_bpc_std": std("final_val_bpc"),
                       "best_val_bpc": mean("best_val_bpc"),
+                      "best_val_bpc_std": std("best_val_bpc"),
+                      "mean_clip_threshold": mean("mean_clip_threshold"),
                       "diverged": sum(r["diverged"] for r in rs),
                       "clip_fraction": mean("clip_fraction"),
                       "max_grad_norm": float(max(r["max_grad_norm"] for r in rs)),
@@ -165,14 +231,18 @@ def adam_contrast(table: list) -> list:
 
 
 def markdown(table: list) -> str:
+    """Mean ± std over seeds per (cell, optimizer, rule, strength)."""
     lines = ["| cell | optimizer | rule | strength | value | final val bpc | best val bpc "
-             "| diverged | clip fraction | max grad norm |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| diverged | clip fraction | mean threshold in force | max grad norm |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
         tau = "∞" if math.isinf(r["tau"]) else f"{r['tau']:.3g}"
+        in_force = r.get("mean_clip_threshold", float("nan"))
+        in_force = "∞" if math.isinf(in_force) else f"{in_force:.3g}"
         lines.append(f"| {r['cell']} | {r['optimizer']} | {r['rule']} | {r['threshold']} | {tau} "
-                     f"| {r['final_val_bpc']:.3f} | {r['best_val_bpc']:.3f} "
-                     f"| {r['diverged']}/{r['seeds']} | {r['clip_fraction']:.2f} "
+                     f"| {r['final_val_bpc']:.3f} ± {r.get('final_val_bpc_std', 0):.3f} "
+                     f"| {r['best_val_bpc']:.3f} ± {r.get('best_val_bpc_std', 0):.3f} "
+                     f"| {r['diverged']}/{r['seeds']} | {r['clip_fraction']:.2f} | {in_force} "
                      f"| {r['max_grad_norm']:.3g} |")
     return "\n".join(lines) + "\n"
 
@@ -193,8 +263,15 @@ def aggregate(outdir: str) -> dict:
     # The τ experiment (figures, table, Adam contrast): the runs of no clipping and of τ.
     table = [r for r in rules_table if is_threshold_row(r)]
     ablation_plots.plot_all(outdir, [r for r in records if is_threshold_row(r["row"])], table)
+    threshold_figure = ablation_plots.plot_thresholds_in_force(
+        os.path.join(outdir, "threshold_in_force.png"), records)
+    plateau = None
+    if os.path.exists(os.path.join(outdir, PLATEAU)):
+        with open(os.path.join(outdir, PLATEAU)) as f:
+            plateau = json.load(f)
     summary = {"rows": rows, "table": table, "rules_table": rules_table, "markdown": md,
-               "contrast": adam_contrast(table),
+               "contrast": adam_contrast(table), "plateau": plateau,
+               "threshold_figure": threshold_figure,
                "seconds": sum(r["seconds"] for r in records)}
     with open(os.path.join(outdir, "clip_ablation.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -228,10 +305,12 @@ def main(argv):
             for i, run in enumerate(runs):
                 print(i, run.name)
             return
-        if not _AGGREGATE.value:
+        if not (_AGGREGATE.value or _PLATEAU_ONLY.value):
             chunk = None if _CHUNK.value < 0 else _CHUNK.value
             run_grid(config, _OUTDIR.value, _RUN_INDEX.value, chunk, _DEVICES.value)
-        if _AGGREGATE.value or _RUN_INDEX.value < 0:
+        if (_RUN_INDEX.value < 0 and not _AGGREGATE.value) or _PLATEAU_ONLY.value:
+            plateau_check(config, _OUTDIR.value, _PLATEAU.value)
+        if _AGGREGATE.value or _RUN_INDEX.value < 0 or _PLATEAU_ONLY.value:
             summary = aggregate(_OUTDIR.value)
             print(summary["markdown"], end="")
     except (UserError, FileNotFoundError) as e:

@@ -1,0 +1,116 @@
+"""The report's finding sentences are chosen by the numbers: contrary synthetic results
+must give contrary sentences (experiments/pages/report_sections.py, report_rules.py,
+report_ablation.py)."""
+
+import math
+
+from experiments.pages import report_ablation, report_rules, report_sections
+
+
+def test_explosion_sentences_follow_the_measured_slopes():
+    good = report_sections._explosion_finding(1e-6, 0.98, True)
+    assert "never exceeds the bound" in good and "0.9800" in good
+    assert "to within 1.0e-06" in good and "necessary for explosion" in good
+    bad = report_sections._explosion_finding(0.2, 1.3, False)
+    assert "EXCEEDS the bound" in bad and "1.3000" in bad and "NOT the exact agreement" in bad
+    assert "never exceeds" not in bad and "NOT below" in bad
+
+
+def _cos(mode, cosine):
+    return {"mode": mode, "cosine": cosine}
+
+
+def test_direction_sentence_follows_the_cosines():
+    usual = report_sections._direction_finding([_cos("global_norm", 1.0), _cos("value", 0.71),
+                                                _cos("agc", 0.93)])
+    assert "keeps the direction" in usual and "turn it (value 0.7100, agc 0.9300)" in usual
+    contrary = report_sections._direction_finding([_cos("global_norm", 0.9),
+                                                   _cos("value", 1.0)])
+    assert "turned the direction here" in contrary and "did not turn it" in contrary
+    assert "keeps the direction" not in contrary
+
+
+def test_clip_activity_sentence_follows_the_clip_fraction():
+    cfg = {"optim": {"clip_norm": 0.3}}
+    recs = [{"clip_fraction": f, "grad_norm": g} for f, g in [(0.6, 0.35), (0.4, 0.3), (0.2, 0.28)]]
+    active = report_sections._clip_activity(cfg, recs)
+    assert "rescaled 40% of all steps (60% in the first record, 20% in the last)" in active
+    idle = report_sections._clip_activity(
+        cfg, [{"clip_fraction": 0.0, "grad_norm": 0.1} for _ in range(3)])
+    assert "never acted" in idle and "rescaled" not in idle
+
+
+def _row(cell, opt, rule, label, bpc, std=0.01, diverged=0, seeds=3):
+    return {"cell": cell, "optimizer": opt, "rule": rule, "threshold": label, "seeds": seeds,
+            "final_val_bpc": bpc, "final_val_bpc_std": std, "diverged": diverged}
+
+
+def _table(sgd_bpcs, adam_bpcs, std=0.01):
+    """rnn only; per optimizer: {(rule, label): mean final bpc} (None: diverged)."""
+    rows = []
+    for opt, bpcs in (("sgd", sgd_bpcs), ("adam", adam_bpcs)):
+        for (rule, label), bpc in bpcs.items():
+            rows.append(_row("rnn", opt, rule, label, math.inf if bpc is None else bpc, std,
+                             diverged=3 if bpc is None else 0))
+    return rows
+
+
+def test_rule_comparison_sentences_follow_the_numbers():
+    sgd = {("none", "none"): None, ("global_norm", "1x"): 2.0, ("value", "0.01"): 2.5}
+    adam = {("none", "none"): 2.05, ("global_norm", "1x"): 2.04, ("zclip", "2.5"): 2.00}
+    ws = report_rules.winners(_table(sgd, adam))
+    by_opt = {w["optimizer"]: w for w in ws}
+    assert by_opt["sgd"]["best"]["rule"] == "global_norm"
+    assert by_opt["adam"]["best"]["rule"] == "zclip"
+    assert by_opt["adam"]["runner_up"]["rule"] == "global_norm"
+    assert by_opt["sgd"]["diverged"] == {"none": 3}
+    line = report_rules._winner_line(by_opt["sgd"])
+    assert "best global_norm 1x at 2" in line and "0.500 bpc behind, larger than" in line
+    assert "without clipping 3/3 seeds diverged" in line and "diverged runs: none 3" in line
+    # Adam's 0.04 lead is within a 0.05 std; SGD's 0.5 spread > Adam's 0.05
+    close = report_rules._winner_line(report_rules.winners(_table(sgd, adam, std=0.05))[0])
+    assert "within the seeds' spread" in close
+    finding = report_rules._optimizer_finding(ws)
+    assert "matters less with Adam than with SGD" in finding
+    assert "3 with SGD, 0 with Adam" in finding
+    wins = report_rules._rule_wins(ws)
+    assert "with sgd global_norm wins on every cell" in wins
+    # contrary: Adam's settings far apart, SGD's close
+    ws2 = report_rules.winners(_table({("global_norm", "1x"): 2.0, ("value", "0.01"): 2.01},
+                                      {("global_norm", "1x"): 2.0, ("zclip", "2.5"): 2.9}))
+    assert "matters at least as much with Adam" in report_rules._optimizer_finding(ws2)
+    assert "no run diverged" in report_rules._winner_line(ws2[0])
+
+
+def test_plateau_sentence_follows_the_gain():
+    p = {"rule": "zclip", "threshold": "2.5", "seed": 0, "steps": 2000, "long_steps": 4000,
+         "bpc_at_steps": 2.10, "grid_bpc_at_steps": 2.10, "best_bpc_long": 2.08, "gain": 0.02}
+    assert "within the 0.05 bpc" in report_rules._plateau(p)
+    still = report_rules._plateau({**p, "best_bpc_long": 1.9, "gain": 0.2})
+    assert "still learning" in still and "within the" not in still
+    assert report_rules._plateau(None) == ""
+
+
+def test_adam_contrast_says_nearly_every_gradient_only_when_it_is():
+    def table(adam_fraction):
+        rows = []
+        for opt, frac in (("sgd", 0.5), ("adam", adam_fraction)):
+            for label, bpc in (("none", 2.3), ("0.5x", 2.1), ("2x", 2.2)):
+                rows.append({**_row("rnn", opt, "global_norm" if label != "none" else "none",
+                                    label, bpc), "best_val_bpc": bpc,
+                             "clip_fraction": frac if label == "0.5x" else 0.0})
+        return rows
+
+    def contrast(rows):
+        return {(c["cell"], c["optimizer"]): c for c in report_ablation_contrast(rows)}
+
+    for fraction, says in ((0.97, True), (0.3, False)):
+        rows = table(fraction)
+        text = report_ablation._contrast_text(contrast(rows), rows)
+        assert ("nearly a rescaling of every gradient" in text) is says
+        assert f"rescaled {100 * fraction:.0f}% of Adam's steps" in text
+
+
+def report_ablation_contrast(rows):
+    from experiments.science import clip_ablation
+    return clip_ablation.adam_contrast(rows)

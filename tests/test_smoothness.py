@@ -136,15 +136,21 @@ def test_smoke_run_writes_json_csv_and_figure(tmp_path):
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == smoothness.COLUMNS
         rows = list(reader)
-    every = result["settings"]["measure_every"]
-    assert [int(r["step"]) for r in rows] == list(range(0, result["settings"]["num_steps"], every))
+    st = result["settings"]
+    steps = list(range(0, st["num_steps"], st["measure_every"]))
+    assert len(st["seeds"]) == 2 and [f["seed"] for f in result["seed_fits"]] == st["seeds"]
+    assert [(int(r["seed"]), int(r["step"]) )for r in rows] == [
+        (seed, t) for seed in st["seeds"] for t in steps]
     assert result["measurements"] == len(rows) == result["fit"]["n"]
+    assert [f["n"] for f in result["seed_fits"]] == [len(steps)] * 2
+    # the seeds are different runs: different initial weights, so different losses at step 0
+    assert rows[0]["loss"] != rows[len(steps)]["loss"]
     assert all(float(r["smoothness"]) > 0 and float(r["grad_norm"]) > 0 for r in rows)
     refit = smoothness.loglog_fit([float(r["grad_norm"]) for r in rows],
                                   [float(r["smoothness"]) for r in rows])
     assert refit["slope"] == pytest.approx(result["fit"]["slope"], rel=1e-6)
     assert 0.0 <= result["clip_fraction"] <= 1.0
-    assert result["settings"]["cell"] == "lstm" and result["settings"]["dropout"] == 0.0
+    assert st["cell"] == "lstm" and st["dropout"] == 0.0
     assert "## " in report_smoothness.section(result, "figs")
 
 
@@ -159,17 +165,19 @@ def test_bad_flag_is_one_error_line_and_writes_nothing(tmp_path):
 # The report section: its finding follows the numbers
 
 
-def _result(slope, r, late_slope, late_r, gmin=0.1, gmax=2.0):
+def _result(slope, r, late_slope, late_r, gmin=0.1, gmax=2.0, seed_fits=((0.5, 0.6),)):
     fit = lambda s, c, n: {"slope": s, "intercept": 0.0, "pearson_r": c, "n": n}
     return {
         "settings": {"corpus": "shakespeare", "cell": "lstm", "num_layers": 1, "hidden_size": 128,
                      "embed_dim": 64, "dropout": 0.0, "batch_size": 32, "seq_len": 64,
                      "num_steps": 1500, "measure_every": 15, "optimizer": "adam",
                      "learning_rate": 0.002, "schedule": "constant", "clip_mode": "global_norm",
-                     "clip_norm": 0.25, "seed": 0, "fraction": 0.5,
+                     "clip_norm": 0.25, "seeds": list(range(len(seed_fits))), "fraction": 0.5,
                      "batch": "the step's own batch and initial hidden state", "smoke": False},
         "measurements": 100, "fit": fit(slope, r, 100), "late_fit": fit(late_slope, late_r, 50),
-        "late_from_step": 750, "grad_norm": {"min": gmin, "median": 0.5, "max": gmax},
+        "late_from_step": 750,
+        "seed_fits": [dict(seed=i, **fit(a, b, 100)) for i, (a, b) in enumerate(seed_fits)],
+        "grad_norm": {"min": gmin, "median": 0.5, "max": gmax},
         "smoothness": {"min": 0.2, "median": 0.4, "max": 3.0}, "clip_fraction": 0.4,
         "first_loss": 4.3, "last_loss": 1.7, "wall_s": 31.0, "csv": "smoothness.csv",
         "figure": "smoothness.png"}
@@ -191,6 +199,30 @@ def test_section_finding_flips_with_the_numbers():
     assert "does not grow" in n and "slope -0.12, r = -0.05" in n and "as well" not in n
     assert "only weakly" in w and "the link is gone" in w and "early phase" in w
     assert "| Pearson r of the logs | 0.71 | 0.55 |" in grows
+    assert "accounts for only 12% of the spread" in w  # r² = 0.35²
+
+
+def test_section_weighs_r_against_noise_and_the_second_half_against_the_whole():
+    assert report_smoothness.noise_r(100) == pytest.approx(0.194, abs=1e-3)
+    # r = 0.15 over 100 points is what noise gives; over 300 it is not (|r| > 0.112)
+    noise = _finding(report_smoothness.section(_result(0.3, 0.15, 0.3, 0.15), "f"))
+    assert "does not grow" in noise
+    fit = {"slope": 0.3, "pearson_r": 0.15, "n": 300}
+    assert report_smoothness.verdict(fit) == "weak"
+    # a second half as strong as the whole but too short to be told from noise
+    similar = _finding(report_smoothness.section(_result(0.4, 0.25, 0.4, 0.2), "f"))
+    assert "about as strong (slope 0.4, r = 0.2 from step 750 on, 50 points)" in similar
+    assert "gone" not in similar
+
+
+def test_section_counts_the_seeds_that_agree():
+    three = ((0.8, 0.7), (-0.2, -0.1), (0.3, 0.2))
+    text = _finding(report_smoothness.section(_result(0.4, 0.6, 0.4, 0.6, seed_fits=three), "f"))
+    assert "positive in 2 of 3 runs and the correlation clear (r ≥ 0.5) in 1." in text
+    md = report_smoothness.section(_result(0.4, 0.6, 0.4, 0.6, seed_fits=three), "f")
+    assert "| slope (r) | 0.8 (0.7) | -0.2 (-0.1) | 0.3 (0.2) |" in md
+    one = _finding(report_smoothness.section(_result(0.4, 0.6, 0.4, 0.6), "f"))
+    assert "Seed by seed" not in one
 
 
 def test_section_names_a_narrow_gradient_range_only_when_it_is_narrow():

@@ -10,22 +10,27 @@ Under it a step of length η‖∇f‖ is safe only while η ≲ 1/(L0 + L1‖�
 clipping shortens exactly the steps taken where the landscape is sharpest.
 
 This script trains charrnn's LSTM language model (Adam + global-norm clipping,
-no dropout) with charrnn's own step (:func:`charrnn.step.make_train_step`) and
-every ``measure_every`` steps t measures, on the step's own batch and with the
-step's own initial hidden state (the function f the optimizer just stepped on):
+no dropout) with charrnn's own step (:func:`charrnn.step.make_train_step`), one
+run per seed, and every ``measure_every`` steps t measures, on the step's own
+batch and with the step's own initial hidden state (the function f the optimizer
+just stepped on):
 
     Δ_t = x_{t+1} − x_t                               (the real update, all leaves)
     L̂_t = ‖∇f(x_t + ½Δ_t) − ∇f(x_t)‖ / ‖½Δ_t‖       (global L2 norms over all leaves)
 
 beside ‖∇f(x_t)‖ (the unclipped gradient norm) and the loss f(x_t). On a
 quadratic f = ½xᵀAx it is ‖AΔ‖/‖Δ‖ exactly: the curvature along the step.
-Zhang et al. take the largest of such quotients over a few fractions of Δ; the
-half step is one of them. The fit is least squares of log L̂ on log ‖∇f‖
+Zhang et al. estimate it from gradient differences over fractions of the update
+d = x_{t+1} − x_t; this study takes the half step. The fit is least squares of log L̂ on log ‖∇f‖
 (slope = the exponent p of L̂ ∝ ‖∇f‖^p) with the Pearson correlation of the
-logs, over all measurements and over the second half of the run alone (is the
-link more than the early drop of both from their initial values?).
+logs, over the measurements of all seeds pooled, over the second half of the
+runs alone (is the link more than the early drop of both from their initial
+values?) and per seed.
 
-    python experiments/science/smoothness.py --outdir=DIR [--smoke]
+    python experiments/science/smoothness.py --outdir=DIR [--smoke] [--seeds=0,1,2]
+
+The default run (LSTM 1×128, B = 32, T = 64, 1500 steps, 3 seeds, 300 measurements)
+takes about 70 s on 2 CPU cores; --smoke (2 seeds of 24 tiny steps) about 10 s.
 
 Writes to DIR: smoothness.csv (one row per measurement: :data:`COLUMNS`),
 smoothness.png (log-log scatter coloured by step with the fitted line, and both
@@ -52,11 +57,12 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "T per window.")
 _LR = flags.DEFINE_float("learning_rate", 2e-3, "Adam's learning rate (constant).")
 _CLIP = flags.DEFINE_float("clip_norm", 0.25, "τ of global-norm clipping (0.25: about the median "
                            "gradient norm of this run, so that clipping is active).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial weights and the data offsets.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initial weights and data offsets), "
+                          "one run each; the fit pools them.")
 _DATA_PATH = flags.DEFINE_string("data_path", "", "A text file; default: the built-in corpus "
                                  "'shakespeare'.")
 
-COLUMNS = ("step", "grad_norm", "smoothness", "loss", "update_norm", "clipped")
+COLUMNS = ("seed", "step", "grad_norm", "smoothness", "loss", "update_norm", "clipped")
 HALF = 0.5  # the fraction c of the update at which the second gradient is taken
 
 
@@ -118,14 +124,15 @@ def make_config(smoke: bool, num_steps: int, hidden: int, batch: int, seq_len: i
     return c
 
 
-def train_and_measure(config, measure_every: int) -> tuple[list, float]:
-    """Train ``config`` with :func:`charrnn.step.make_train_step`; measure every
-    ``measure_every`` steps (step 0 first). Returns (rows with :data:`COLUMNS`,
-    fraction of all steps that clipped)."""
-    import functools
+def train_and_measure(config, measure_every: int, seeds=None) -> tuple[list, float]:
+    """Train ``config`` once per seed (default: ``config.seed``) with
+    :func:`charrnn.step.make_train_step`, measuring every ``measure_every`` steps (step 0
+    first). Returns (rows with :data:`COLUMNS`, fraction of all steps that clipped).
 
+    The seed sets the initial weights and the data offsets, as in a charrnn run; the
+    step and the measurement are compiled once for all seeds.
+    """
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from charrnn import data, models, optim
     from charrnn import step as step_lib
@@ -135,21 +142,38 @@ def train_and_measure(config, measure_every: int) -> tuple[list, float]:
     train_ids, _, _ = data.split(vocab.encode(text), config.data.val_fraction,
                                  config.data.test_fraction)
     model = models.CharRNN.from_config(config.model, vocab.size)
+    tx, batch_size = optim.make_optimizer(config), config.train.batch_size
     # one compiled program rather than op-by-op dispatch (seconds of compiling tiny ops)
-    state = jax.jit(functools.partial(step_lib.init_state, model, optim.make_optimizer(config),
-                                      config.train.batch_size, config.seed))()
+    init = jax.jit(lambda seed: step_lib.init_state(model, tx, batch_size, seed))
     step_fn = step_lib.make_train_step(model, config)
-    batcher = data.Batcher(train_ids, config.train.batch_size, config.train.seq_len, config.seed)
-    base_key = jax.random.wrap_key_data(np.asarray(state.rng))
 
     @jax.jit
     def measure(params, delta, carry, x, y):
-        grad = lambda p: jax.grad(
-            lambda q: step_lib.loss_fn(q, model, carry, x, y)[0])(p)
+        grad = lambda p: jax.grad(lambda q: step_lib.loss_fn(q, model, carry, x, y)[0])(p)
         return local_smoothness(grad, params, delta)
 
     rows, clipped = [], []
-    for t in range(config.train.num_steps):
+    for seed in ([config.seed] if seeds is None else seeds):
+        batcher = data.Batcher(train_ids, batch_size, config.train.seq_len, seed)
+        rows += _one_run(init(seed), step_fn, measure, batcher, config.train.num_steps,
+                         measure_every, seed, clipped)
+    rows = [{k: (int(v) if k in ("seed", "step", "clipped") else float(v)) for k, v in r.items()}
+            for r in jax.device_get(rows)]
+    return rows, float(np.mean(jax.device_get(clipped)))
+
+
+def _one_run(state, step_fn, measure, batcher, num_steps: int, measure_every: int, seed: int,
+             clipped: list) -> list:
+    """The training loop of one seed; appends every step's ``clipped`` to ``clipped`` and
+    returns the measured rows (device values)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from charrnn import optim
+
+    base_key = jax.random.wrap_key_data(np.asarray(state.rng))
+    rows = []
+    for t in range(num_steps):
         x, y, reset = batcher.next()
         due = t % measure_every == 0
         if due:  # copies: the step donates the state's buffers
@@ -161,45 +185,48 @@ def train_and_measure(config, measure_every: int) -> tuple[list, float]:
         if due:
             delta = jax.tree.map(lambda a, b: a - b, state.params, before)
             grad_norm, smooth = measure(before, delta, carry, x, y)
-            rows.append({"step": t, "grad_norm": grad_norm, "smoothness": smooth,
+            rows.append({"seed": seed, "step": t, "grad_norm": grad_norm, "smoothness": smooth,
                          "loss": metrics["loss"], "update_norm": optim.global_norm(delta),
                          "clipped": metrics["clipped"]})
-    rows = [{k: (int(v) if k in ("step", "clipped") else float(v)) for k, v in r.items()}
-            for r in jax.device_get(rows)]
-    return rows, float(np.mean(jax.device_get(clipped)))
+    return rows
 
 
 def summarize(rows: list, settings: dict, clip_fraction: float, wall_s: float) -> dict:
-    """The JSON result: settings, fits (all and second half), ranges, losses."""
+    """The JSON result: settings, the pooled fits (all seeds; all steps and the second
+    half), one fit per seed, the ranges, and the mean loss over seeds at the first and
+    the last measured step (nats/char)."""
     import numpy as np
 
-    def column(name, subset):
-        return [r[name] for r in subset]
+    def fit(subset):
+        return loglog_fit([r["grad_norm"] for r in subset], [r["smoothness"] for r in subset])
 
-    late = [r for r in rows if r["step"] >= settings["num_steps"] / 2]
+    late_from = int(math.ceil(settings["num_steps"] / 2))
     finite = [r for r in rows if math.isfinite(r["smoothness"]) and r["smoothness"] > 0]
-    ranges = {name: {"min": float(np.min(column(name, finite))),
-                     "median": float(np.median(column(name, finite))),
-                     "max": float(np.max(column(name, finite)))} if finite else None
+    ranges = {name: {"min": float(np.min([r[name] for r in finite])),
+                     "median": float(np.median([r[name] for r in finite])),
+                     "max": float(np.max([r[name] for r in finite]))} if finite else None
               for name in ("grad_norm", "smoothness")}
+    seeds = sorted({r["seed"] for r in rows})
+    first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
     return {
         "settings": settings,
         "measurements": len(rows),
-        "fit": loglog_fit(column("grad_norm", rows), column("smoothness", rows)),
-        "late_fit": loglog_fit(column("grad_norm", late), column("smoothness", late)),
-        "late_from_step": int(math.ceil(settings["num_steps"] / 2)),
+        "fit": fit(rows),
+        "late_fit": fit([r for r in rows if r["step"] >= late_from]),
+        "late_from_step": late_from,
+        "seed_fits": [dict(seed=s, **fit([r for r in rows if r["seed"] == s])) for s in seeds],
         "grad_norm": ranges["grad_norm"],
         "smoothness": ranges["smoothness"],
         "clip_fraction": clip_fraction,
-        "first_loss": rows[0]["loss"],
-        "last_loss": rows[-1]["loss"],
+        "first_loss": float(np.mean([r["loss"] for r in rows if r["step"] == first])),
+        "last_loss": float(np.mean([r["loss"] for r in rows if r["step"] == last])),
         "wall_s": wall_s,
         "csv": "smoothness.csv",
         "figure": "smoothness.png",
     }
 
 
-def settings_of(config, measure_every: int, smoke: bool) -> dict:
+def settings_of(config, measure_every: int, seeds: list, smoke: bool) -> dict:
     """The run's setting as the JSON (and the report) states it."""
     m, t, o = config.model, config.train, config.optim
     return {"corpus": config.data.path or config.data.name, "cell": m.cell,
@@ -207,7 +234,7 @@ def settings_of(config, measure_every: int, smoke: bool) -> dict:
             "dropout": m.dropout, "batch_size": t.batch_size, "seq_len": t.seq_len,
             "num_steps": t.num_steps, "measure_every": measure_every, "optimizer": o.name,
             "learning_rate": o.learning_rate, "schedule": o.schedule, "clip_mode": o.clip_mode,
-            "clip_norm": o.clip_norm, "seed": config.seed, "fraction": HALF,
+            "clip_norm": o.clip_norm, "seeds": list(seeds), "fraction": HALF,
             "batch": "the step's own batch and initial hidden state", "smoke": smoke}
 
 
@@ -219,24 +246,33 @@ def write_csv(path: str, rows: list) -> None:
 
 
 def plot(path: str, rows: list, fit: dict) -> None:
-    """Left: log-log L̂ against ‖∇f‖ coloured by step, with the fitted line. Right: both
-    over the steps."""
+    """Left: log-log L̂ against ‖∇f‖ coloured by step (a marker per seed), with the pooled
+    fit. Right: both over the steps, one pair of lines per seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     import numpy as np
 
-    steps = np.array([r["step"] for r in rows])
-    g = np.array([r["grad_norm"] for r in rows])
-    s = np.array([r["smoothness"] for r in rows])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.5, 3.4))
-    points = ax.scatter(g, s, c=steps, cmap="viridis", s=14)
+    seeds = sorted({r["seed"] for r in rows})
+    steps = [r["step"] for r in rows]
+    for i, seed in enumerate(seeds):
+        mine = [r for r in rows if r["seed"] == seed]
+        t = np.array([r["step"] for r in mine])
+        g = np.array([r["grad_norm"] for r in mine])
+        s = np.array([r["smoothness"] for r in mine])
+        points = ax.scatter(g, s, c=t, cmap="viridis", vmin=min(steps), vmax=max(steps), s=12,
+                            marker="os^vDp"[i % 6], label=f"seed {seed}")
+        bx.semilogy(t, g, color="C0", alpha=0.7, linewidth=1,
+                    label="‖∇f(x_t)‖" if i == 0 else None)
+        bx.semilogy(t, s, color="C1", alpha=0.7, linewidth=1, label="L̂_t" if i == 0 else None)
+    g_all = np.array([r["grad_norm"] for r in rows])
     if math.isfinite(fit["slope"]):
-        xs = np.geomspace(np.nanmin(g), np.nanmax(g), 50)
+        xs = np.geomspace(np.nanmin(g_all), np.nanmax(g_all), 50)
         ax.plot(xs, 10 ** fit["intercept"] * xs ** fit["slope"], "r-", linewidth=1,
                 label=f"fit: slope {fit['slope']:.2f}, r = {fit['pearson_r']:.2f}")
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.6)
     ax.set_xscale("log")
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):  # a narrow range: label the decades' minor ticks sparsely
@@ -245,8 +281,6 @@ def plot(path: str, rows: list, fit: dict) -> None:
     ax.set_xlabel("gradient norm ‖∇f(x_t)‖")
     ax.set_ylabel("local smoothness L̂_t")
     fig.colorbar(points, ax=ax, label="step")
-    bx.semilogy(steps, g, label="‖∇f(x_t)‖")
-    bx.semilogy(steps, s, label="L̂_t")
     bx.set_xlabel("step")
     bx.legend(fontsize=8)
     for a in (ax, bx):
@@ -266,6 +300,12 @@ def flag_problem() -> str | None:
     for name, value in (("learning_rate", _LR.value), ("clip_norm", _CLIP.value)):
         if not (value > 0 and math.isfinite(value)):
             return f"--{name} must be positive and finite, got {value}"
+    try:
+        seeds = [int(v) for v in _SEEDS.value]
+    except ValueError:
+        return f"--seeds must be integers, got {','.join(_SEEDS.value)}"
+    if not seeds or len(set(seeds)) != len(seeds):
+        return f"--seeds must name at least one seed, each once, got {','.join(_SEEDS.value)}"
     if _DATA_PATH.value and not os.path.isfile(_DATA_PATH.value):
         return f"--data_path {_DATA_PATH.value} is not a file"
     return None
@@ -277,18 +317,20 @@ def main(argv):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(1)
+    seeds = [int(v) for v in _SEEDS.value]
     config = make_config(_SMOKE.value, _NUM_STEPS.value, _HIDDEN.value, _BATCH.value,
-                         _SEQ_LEN.value, _LR.value, _CLIP.value, _SEED.value, _DATA_PATH.value)
+                         _SEQ_LEN.value, _LR.value, _CLIP.value, seeds[0], _DATA_PATH.value)
     every = min(_EVERY.value, 2) if _SMOKE.value else _EVERY.value
+    seeds = seeds[:2] if _SMOKE.value else seeds
     from charrnn.errors import UserError
     start = time.perf_counter()
     try:
-        rows, clip_fraction = train_and_measure(config, every)
+        rows, clip_fraction = train_and_measure(config, every, seeds)
     except UserError as e:  # e.g. a corpus too short for one window
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     wall_s = time.perf_counter() - start
-    settings = settings_of(config, every, _SMOKE.value)
+    settings = settings_of(config, every, seeds, _SMOKE.value)
     os.makedirs(_OUTDIR.value, exist_ok=True)
     write_csv(os.path.join(_OUTDIR.value, "smoothness.csv"), rows)
     result = summarize(rows, settings, clip_fraction, wall_s)

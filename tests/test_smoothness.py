@@ -52,8 +52,8 @@ def test_first_measurement_matches_the_hessian_along_an_sgd_step():
     from charrnn import data, models, step as step_lib
 
     lr = 1e-2
-    config = smoothness.make_config(True, 1, 16, 4, 16, lr, 1.0, 0)
-    config.optim.name, config.optim.clip_mode = "sgd", "none"
+    config = smoothness.make_config(True, 1, 16, 4, 16, lr, 1.0, 0, optimizer="sgd")
+    config.optim.clip_mode = "none"
     config.train.num_steps = 1
     rows, clip_fraction = smoothness.train_and_measure(config, measure_every=1)
     assert len(rows) == 1 and rows[0]["step"] == 0 and clip_fraction == 0.0
@@ -137,97 +137,137 @@ def test_smoke_run_writes_json_csv_and_figure(tmp_path):
         assert tuple(reader.fieldnames) == smoothness.COLUMNS
         rows = list(reader)
     st = result["settings"]
+    assert st["optimizers"] == ["adam", "sgd"] == list(result["studies"])
+    assert st["cell"] == "lstm" and st["dropout"] == 0.0 and len(st["seeds"]) == 2
     steps = list(range(0, st["num_steps"], st["measure_every"]))
-    assert len(st["seeds"]) == 2 and [f["seed"] for f in result["seed_fits"]] == st["seeds"]
-    assert [(int(r["seed"]), int(r["step"]) )for r in rows] == [
-        (seed, t) for seed in st["seeds"] for t in steps]
-    assert result["measurements"] == len(rows) == result["fit"]["n"]
-    assert [f["n"] for f in result["seed_fits"]] == [len(steps)] * 2
+    assert [(r["optimizer"], int(r["seed"]), int(r["step"])) for r in rows] == [
+        (o, seed, t) for o in st["optimizers"] for seed in st["seeds"] for t in steps]
+    assert result["measurements"] == len(rows)
+    assert all(float(r["smoothness"]) > 0 and float(r["grad_norm"]) > 0 for r in rows)
+    for name, study in result["studies"].items():
+        mine = [r for r in rows if r["optimizer"] == name]
+        assert study["fit"]["n"] == len(mine) == 2 * len(steps)
+        assert [f["n"] for f in study["seed_fits"]] == [len(steps)] * 2
+        refit = smoothness.loglog_fit([float(r["grad_norm"]) for r in mine],
+                                      [float(r["smoothness"]) for r in mine])
+        assert refit["slope"] == pytest.approx(study["fit"]["slope"], rel=1e-6)
+        assert 0.0 <= study["clip_fraction"] <= 1.0
+        assert study["learning_rate"] == st["learning_rates"][name]
     # the seeds are different runs: different initial weights, so different losses at step 0
     assert rows[0]["loss"] != rows[len(steps)]["loss"]
-    assert all(float(r["smoothness"]) > 0 and float(r["grad_norm"]) > 0 for r in rows)
-    refit = smoothness.loglog_fit([float(r["grad_norm"]) for r in rows],
-                                  [float(r["smoothness"]) for r in rows])
-    assert refit["slope"] == pytest.approx(result["fit"]["slope"], rel=1e-6)
-    assert 0.0 <= result["clip_fraction"] <= 1.0
-    assert st["cell"] == "lstm" and st["dropout"] == 0.0
+    # the same seed starts from the same weights and batch whatever the update rule
+    assert rows[0]["loss"] == rows[2 * len(steps)]["loss"]
     assert "## " in report_smoothness.section(result, "figs")
 
 
-def test_bad_flag_is_one_error_line_and_writes_nothing(tmp_path):
-    r = _run("--measure_every=0", f"--outdir={tmp_path}")
+@pytest.mark.parametrize("flag,message", [
+    ("--measure_every=0", "--measure_every must be a positive integer, got 0"),
+    ("--optimizers=adam,rmsprop", "--optimizers must list adam and/or sgd, each once, "
+                                  "got adam,rmsprop"),
+])
+def test_bad_flag_is_one_error_line_and_writes_nothing(tmp_path, flag, message):
+    r = _run(flag, f"--outdir={tmp_path}")
     assert r.returncode == 1
-    assert r.stderr.strip() == "error: --measure_every must be a positive integer, got 0"
+    assert r.stderr.strip() == f"error: {message}"
     assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------
-# The report section: its finding follows the numbers
+# The report section: its findings follow the numbers
 
 
-def _result(slope, r, late_slope, late_r, gmin=0.1, gmax=2.0, seed_fits=((0.5, 0.6),)):
-    fit = lambda s, c, n: {"slope": s, "intercept": 0.0, "pearson_r": c, "n": n}
+def _fit(slope, r, n):
+    return {"slope": slope, "intercept": 0.0, "pearson_r": r, "n": n}
+
+
+def _study(slope, r, late_slope, late_r, gmin=0.1, gmax=2.0, seed_fits=((0.5, 0.6),), n=100,
+           lr=0.002):
+    return {"learning_rate": lr, "measurements": n, "fit": _fit(slope, r, n),
+            "late_fit": _fit(late_slope, late_r, n // 2), "late_from_step": 600,
+            "seed_fits": [dict(seed=i, **_fit(a, b, n)) for i, (a, b) in enumerate(seed_fits)],
+            "grad_norm": {"min": gmin, "median": 0.5, "max": gmax},
+            "smoothness": {"min": 0.2, "median": 0.4, "max": 3.0}, "clip_fraction": 0.4,
+            "first_loss": 4.3, "last_loss": 1.7}
+
+
+def _result(**studies):
+    seeds = len(next(iter(studies.values()))["seed_fits"])
     return {
         "settings": {"corpus": "shakespeare", "cell": "lstm", "num_layers": 1, "hidden_size": 128,
                      "embed_dim": 64, "dropout": 0.0, "batch_size": 32, "seq_len": 64,
-                     "num_steps": 1500, "measure_every": 15, "optimizer": "adam",
-                     "learning_rate": 0.002, "schedule": "constant", "clip_mode": "global_norm",
-                     "clip_norm": 0.25, "seeds": list(range(len(seed_fits))), "fraction": 0.5,
+                     "num_steps": 1200, "measure_every": 12, "optimizers": list(studies),
+                     "learning_rates": {n: st["learning_rate"] for n, st in studies.items()},
+                     "schedule": "constant", "clip_mode": "global_norm", "clip_norm": 0.25,
+                     "seeds": list(range(seeds)), "fraction": 0.5,
                      "batch": "the step's own batch and initial hidden state", "smoke": False},
-        "measurements": 100, "fit": fit(slope, r, 100), "late_fit": fit(late_slope, late_r, 50),
-        "late_from_step": 750,
-        "seed_fits": [dict(seed=i, **fit(a, b, 100)) for i, (a, b) in enumerate(seed_fits)],
-        "grad_norm": {"min": gmin, "median": 0.5, "max": gmax},
-        "smoothness": {"min": 0.2, "median": 0.4, "max": 3.0}, "clip_fraction": 0.4,
-        "first_loss": 4.3, "last_loss": 1.7, "wall_s": 31.0, "csv": "smoothness.csv",
-        "figure": "smoothness.png"}
+        "studies": studies, "measurements": 100 * len(studies), "wall_s": 99.0,
+        "csv": "smoothness.csv", "figure": "smoothness.png"}
 
 
-def _finding(markdown):
-    return [line for line in markdown.splitlines() if line.startswith("**")][0]
+def _findings(markdown):
+    return [line for line in markdown.splitlines() if line.startswith("- **")]
+
+
+def _one(*args, **kw):
+    return _findings(report_smoothness.section(_result(adam=_study(*args, **kw)), "f"))[0]
 
 
 def test_section_finding_flips_with_the_numbers():
-    grows = report_smoothness.section(_result(0.83, 0.71, 0.64, 0.55), "figs")
-    none = report_smoothness.section(_result(-0.12, -0.05, 0.02, 0.1), "figs")
-    weak = report_smoothness.section(_result(0.4, 0.35, 0.1, 0.05), "figs")
+    grows = report_smoothness.section(_result(adam=_study(0.83, 0.71, 0.64, 0.55)), "figs")
     assert "![" in grows and "(figs/smoothness.png)" in grows and grows.lstrip().startswith("## ")
-    g, n, w = _finding(grows), _finding(none), _finding(weak)
-    assert len({g, n, w}) == 3
-    assert "grows with the gradient norm" in g and "slope 0.83, r = 0.71" in g
+    assert "| Pearson r of the logs | 0.71 |" in grows and "| r, second half | 0.55 |" in grows
+    g, n = _one(0.83, 0.71, 0.64, 0.55), _one(-0.12, -0.05, 0.02, 0.1)
+    w = _one(0.4, 0.35, 0.1, 0.05)
+    assert "With Adam the local smoothness grows with the gradient norm" in g
+    assert "slope 0.83, r = 0.71" in g
     assert "second half alone as well" in g and "slope 0.64, r = 0.55" in g
     assert "does not grow" in n and "slope -0.12, r = -0.05" in n and "as well" not in n
     assert "only weakly" in w and "the link is gone" in w and "early phase" in w
-    assert "| Pearson r of the logs | 0.71 | 0.55 |" in grows
     assert "accounts for only 12% of the spread" in w  # r² = 0.35²
 
 
 def test_section_weighs_r_against_noise_and_the_second_half_against_the_whole():
     assert report_smoothness.noise_r(100) == pytest.approx(0.194, abs=1e-3)
     # r = 0.15 over 100 points is what noise gives; over 300 it is not (|r| > 0.112)
-    noise = _finding(report_smoothness.section(_result(0.3, 0.15, 0.3, 0.15), "f"))
-    assert "does not grow" in noise
-    fit = {"slope": 0.3, "pearson_r": 0.15, "n": 300}
-    assert report_smoothness.verdict(fit) == "weak"
+    assert "does not grow" in _one(0.3, 0.15, 0.3, 0.15)
+    assert report_smoothness.verdict(_fit(0.3, 0.15, 300)) == "weak"
     # a second half as strong as the whole but too short to be told from noise
-    similar = _finding(report_smoothness.section(_result(0.4, 0.25, 0.4, 0.2), "f"))
-    assert "about as strong (slope 0.4, r = 0.2 from step 750 on, 50 points)" in similar
+    similar = _one(0.4, 0.25, 0.4, 0.2)
+    assert "about as strong (slope 0.4, r = 0.2 from step 600 on, 50 points)" in similar
     assert "gone" not in similar
 
 
 def test_section_counts_the_seeds_that_agree():
     three = ((0.8, 0.7), (-0.2, -0.1), (0.3, 0.2))
-    text = _finding(report_smoothness.section(_result(0.4, 0.6, 0.4, 0.6, seed_fits=three), "f"))
-    assert "positive in 2 of 3 runs and the correlation clear (r ≥ 0.5) in 1." in text
-    md = report_smoothness.section(_result(0.4, 0.6, 0.4, 0.6, seed_fits=three), "f")
-    assert "| slope (r) | 0.8 (0.7) | -0.2 (-0.1) | 0.3 (0.2) |" in md
-    one = _finding(report_smoothness.section(_result(0.4, 0.6, 0.4, 0.6), "f"))
-    assert "Seed by seed" not in one
+    assert "positive in 2 of 3 runs and the correlation clear (r ≥ 0.5) in 1." in _one(
+        0.4, 0.6, 0.4, 0.6, seed_fits=three)
+    md = report_smoothness.section(_result(adam=_study(0.4, 0.6, 0.4, 0.6, seed_fits=three)), "f")
+    assert "| slope (r) per seed | 0.8 (0.7), -0.2 (-0.1), 0.3 (0.2) |" in md
+    assert "Seed by seed" not in _one(0.4, 0.6, 0.4, 0.6)
 
 
 def test_section_names_a_narrow_gradient_range_only_when_it_is_narrow():
-    narrow = _finding(report_smoothness.section(_result(0.1, 0.1, 0.1, 0.1, 0.2, 0.5), "f"))
-    wide = _finding(report_smoothness.section(_result(0.1, 0.1, 0.1, 0.1, 0.1, 2.0), "f"))
+    narrow, wide = _one(0.1, 0.1, 0.1, 0.1, 0.2, 0.5), _one(0.1, 0.1, 0.1, 0.1, 0.1, 2.0)
     assert "within a factor of 2.5 (0.2–0.5)" in narrow and "factor" not in wide
-    nan = _finding(report_smoothness.section(_result(float("nan"), float("nan"), 0.1, 0.1), "f"))
-    assert "does not grow" in nan
+    assert "does not grow" in _one(float("nan"), float("nan"), 0.1, 0.1)
+
+
+def test_section_compares_the_update_rules_by_the_numbers():
+    # Fisher z: atanh 0.49 - atanh 0.19 = 0.344 > 1.96·√(2/297) = 0.161; 0.35 vs 0.30: 0.056
+    assert report_smoothness.correlations_differ(_fit(1, 0.19, 300), _fit(1, 0.49, 300))
+    assert not report_smoothness.correlations_differ(_fit(1, 0.30, 300), _fit(1, 0.35, 300))
+    strong, weak = _study(0.73, 0.49, 0.78, 0.7, n=300), _study(0.54, 0.19, 0.3, 0.09, n=300)
+    sgd_wins = report_smoothness.section(_result(adam=weak, sgd=dict(strong, learning_rate=1.0)),
+                                         "f")
+    adam_wins = report_smoothness.section(_result(adam=strong, sgd=dict(weak, learning_rate=1.0)),
+                                          "f")
+    same = report_smoothness.section(_result(
+        adam=_study(0.5, 0.30, 0.5, 0.3, n=300), sgd=_study(0.5, 0.35, 0.5, 0.3, n=300, lr=1.0)),
+        "f")
+    assert "| | Adam | SGD |" in sgd_wins and "| learning rate (constant) | 0.002 | 1 |" in sgd_wins
+    assert [f[:12] for f in _findings(sgd_wins)] == ["- **With Ada", "- **With SGD"]
+    assert ("The link is stronger with SGD than with Adam (r = 0.19 with Adam and r = 0.49 with "
+            "SGD;") in sgd_wins and "curvature along −∇f" in sgd_wins
+    assert "The link is stronger with Adam than with SGD" in adam_wins
+    assert "curvature along −∇f" not in adam_wins
+    assert "do not differ beyond noise (r = 0.3 with Adam and r = 0.35 with SGD)" in same

@@ -30,30 +30,38 @@ def verdict(fit: dict) -> str:
     return "grows" if r >= CLEAR_R else "weak"
 
 
-def _finding(result: dict) -> str:
-    fit, late = result["fit"], result["late_fit"]
+OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+
+
+def _name(optimizer: str) -> str:
+    return OPTIMIZER_NAMES.get(optimizer, optimizer)
+
+
+def _finding(optimizer: str, study: dict) -> str:
+    """The finding of one optimizer's study, every clause chosen by its numbers."""
+    fit, late = study["fit"], study["late_fit"]
     numbers = f"slope {_f(fit['slope'], 2)}, r = {_f(fit['pearson_r'], 2)}, {fit['n']} points"
-    kind = verdict(fit)
+    kind, who = verdict(fit), f"With {_name(optimizer)}"
     if kind == "grows":
-        text = (f"**The local smoothness grows with the gradient norm** ({numbers}), as Zhang et "
-                f"al. report: L̂ ∝ ‖∇f‖^{_f(fit['slope'], 2)} along this run.")
+        text = (f"**{who} the local smoothness grows with the gradient norm** ({numbers}), as "
+                f"Zhang et al. report: L̂ ∝ ‖∇f‖^{_f(fit['slope'], 2)} along these runs.")
     elif kind == "weak":
-        text = (f"**The local smoothness rises only weakly with the gradient norm** ({numbers}): "
-                f"the correlation is beyond what noise gives (|r| > {_f(noise_r(fit['n']), 2)} at "
-                f"5%), but the gradient norm accounts for only {fit['pearson_r'] ** 2:.0%} of the "
-                "spread of log L̂.")
+        text = (f"**{who} the local smoothness rises only weakly with the gradient norm** "
+                f"({numbers}): the correlation is beyond what noise gives (|r| > "
+                f"{_f(noise_r(fit['n']), 2)} at 5%), but the gradient norm accounts for only "
+                f"{fit['pearson_r'] ** 2:.0%} of the spread of log L̂.")
     else:
-        text = (f"**Here the local smoothness does not grow with the gradient norm** ({numbers}): "
-                "this run does not reproduce Zhang et al.'s correlation.")
-    seeds = result["seed_fits"]
-    up = [f for f in seeds if math.isfinite(f["slope"]) and f["slope"] > 0]
+        text = (f"**{who} the local smoothness does not grow with the gradient norm** "
+                f"({numbers}): these runs do not reproduce Zhang et al.'s correlation.")
+    seeds = study["seed_fits"]
     if len(seeds) > 1:
+        up = sum(math.isfinite(f["slope"]) and f["slope"] > 0 for f in seeds)
         clear = sum(verdict(f) == "grows" for f in seeds)
-        text += (f" Seed by seed the slope is positive in {len(up)} of {len(seeds)} runs and the "
+        text += (f" Seed by seed the slope is positive in {up} of {len(seeds)} runs and the "
                  f"correlation clear (r ≥ {CLEAR_R}) in {clear}.")
     late_kind = verdict(late)
     late_numbers = (f"slope {_f(late['slope'], 2)}, r = {_f(late['pearson_r'], 2)} from step "
-                    f"{result['late_from_step']} on, {late['n']} points")
+                    f"{study['late_from_step']} on, {late['n']} points")
     if kind != "no" and late_kind != "no":
         text += f" It holds in the second half alone as well ({late_numbers})."
     elif kind != "no" and late["pearson_r"] >= 0.5 * fit["pearson_r"]:
@@ -64,47 +72,79 @@ def _finding(result: dict) -> str:
                  "early phase, where both quantities fall from their initial values.")
     elif late_kind != "no":
         text += f" In the second half alone a positive link appears ({late_numbers})."
-    g = result["grad_norm"]
+    g = study["grad_norm"]
     span = g["max"] / g["min"] if g and g["min"] > 0 else math.nan
     if math.isfinite(span) and span < NARROW_SPAN:
         text += (f" The gradient norm stayed within a factor of {_f(span, 2)} "
-                 f"({_f(g['min'])}–{_f(g['max'])}) over the whole run, so the fit has little "
-                 "leverage.")
+                 f"({_f(g['min'])}–{_f(g['max'])}), so the fit has little leverage.")
     return text
 
 
-def _table(result: dict) -> str:
-    fit, late = result["fit"], result["late_fit"]
-    g, s = result["grad_norm"] or {}, result["smoothness"] or {}
-    rng = lambda d: f"{_f(d.get('min'))} – {_f(d.get('median'))} – {_f(d.get('max'))}"
+def correlations_differ(a: dict, b: dict) -> bool:
+    """Whether two fits' Pearson r differ beyond noise at 5% (two-sided), by Fisher's
+    z = atanh r, whose standard error is 1/√(n - 3)."""
+    if min(a["n"], b["n"]) < 4 or not all(math.isfinite(f["pearson_r"]) for f in (a, b)):
+        return False
+    z = lambda r: math.atanh(max(-0.999999, min(0.999999, r)))
+    se = math.sqrt(1.0 / (a["n"] - 3) + 1.0 / (b["n"] - 3))
+    return abs(z(a["pearson_r"]) - z(b["pearson_r"])) > 1.96 * se
+
+
+def _contrast(studies: dict) -> str:
+    """A closing sentence comparing the update rules' correlations, chosen by their numbers."""
+    if len(studies) < 2:
+        return ""
+    fits = {name: study["fit"] for name, study in studies.items()}
+    listed = " and ".join(f"r = {_f(f['pearson_r'], 2)} with {_name(n)}" for n, f in fits.items())
+    ranked = sorted((n for n in fits if math.isfinite(fits[n]["pearson_r"])),
+                    key=lambda n: fits[n]["pearson_r"])
+    if len(ranked) < 2 or not correlations_differ(fits[ranked[0]], fits[ranked[-1]]):
+        return f"The update rules do not differ beyond noise ({listed}).\n"
+    strong, weak = ranked[-1], ranked[0]
+    text = (f"The link is stronger with {_name(strong)} than with {_name(weak)} ({listed}; the "
+            "difference is beyond noise at 5%, Fisher's z).")
+    if strong == "sgd" and verdict(fits[strong]) != "no":
+        text += (" An SGD step follows the (clipped) gradient, so its L̂ is the curvature along "
+                 "−∇f, the direction in which the clipped gradient descent that Zhang et al. "
+                 "analyse moves; Adam rescales the step "
+                 "coordinate by coordinate, so its L̂ is the curvature along another direction.")
+    return text + "\n"
+
+
+def _table(studies: dict) -> str:
+    """One column per optimizer: the fits, the per-seed fits, the ranges, clipping, loss."""
+    names = list(studies)
+    row = lambda label, cell: f"| {label} | " + " | ".join(cell(studies[n]) for n in names) + " |"
+    fit = lambda key, part: lambda st: _f(st[part][key], 3)
+    rng = lambda key: lambda st: ("n/a" if not st[key] else
+                                  f"{_f(st[key]['min'])} – {_f(st[key]['median'])} – "
+                                  f"{_f(st[key]['max'])}")
+    late_from = studies[names[0]]["late_from_step"]
     return "\n".join([
-        f"| | all measurements | second half (step ≥ {result['late_from_step']}) |",
-        "| --- | --- | --- |",
-        f"| measurements | {fit['n']} | {late['n']} |",
-        f"| slope of log L̂ on log ‖∇f‖ | {_f(fit['slope'], 3)} | {_f(late['slope'], 3)} |",
-        f"| Pearson r of the logs | {_f(fit['pearson_r'], 3)} | {_f(late['pearson_r'], 3)} |",
-        "",
-        "| seed | " + " | ".join(str(f["seed"]) for f in result["seed_fits"]) + " |",
-        "| --- |" + " --- |" * len(result["seed_fits"]),
-        "| slope (r) | " + " | ".join(f"{_f(f['slope'], 2)} ({_f(f['pearson_r'], 2)})"
-                                     for f in result["seed_fits"]) + " |",
-        "",
-        "| ‖∇f(x_t)‖ min – median – max | L̂_t min – median – max | steps clipped "
-        "| train loss, first → last measurement |",
-        "| --- | --- | --- | --- |",
-        f"| {rng(g)} | {rng(s)} | {result['clip_fraction']:.0%} "
-        f"| {_f(result['first_loss'])} → {_f(result['last_loss'])} nats/char (mean over seeds) |",
+        "| | " + " | ".join(_name(n) for n in names) + " |",
+        "| --- |" + " --- |" * len(names),
+        row("learning rate (constant)", lambda st: f"{st['learning_rate']:g}"),
+        row("steps clipped", lambda st: f"{st['clip_fraction']:.0%}"),
+        row("measurements (all seeds)", lambda st: str(st["fit"]["n"])),
+        row("slope of log L̂ on log ‖∇f‖", fit("slope", "fit")),
+        row("Pearson r of the logs", fit("pearson_r", "fit")),
+        row(f"slope, second half (step ≥ {late_from})", fit("slope", "late_fit")),
+        row("r, second half", fit("pearson_r", "late_fit")),
+        row("slope (r) per seed", lambda st: ", ".join(
+            f"{_f(f['slope'], 2)} ({_f(f['pearson_r'], 2)})" for f in st["seed_fits"])),
+        row("‖∇f(x_t)‖ min – median – max", rng("grad_norm")),
+        row("L̂_t min – median – max", rng("smoothness")),
+        row("train loss, first → last measurement (nats/char, mean over seeds)",
+            lambda st: f"{_f(st['first_loss'])} → {_f(st['last_loss'])}"),
     ]) + "\n"
 
 
-OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
-
-
 def section(result: dict, figdir: str) -> str:
-    """Markdown of the section: setting, figure, table of the fits, the finding."""
-    st = result["settings"]
-    opt = OPTIMIZER_NAMES.get(st["optimizer"], st["optimizer"])
+    """Markdown of the section: setting, figure, table of the fits, the findings."""
+    st, studies = result["settings"], result["studies"]
     seeds = ", ".join(map(str, st["seeds"]))
+    rules = " and ".join(f"{_name(n)} (lr {lr:g})" for n, lr in st["learning_rates"].items())
+    findings = "\n".join(f"- {_finding(n, study)}" for n, study in studies.items())
     return f"""
 ## Smoothness against the gradient norm (Zhang et al. 2020)
 
@@ -115,16 +155,17 @@ curvature grows with ‖∇f‖ ((L0, L1)-smoothness, ‖∇²f‖ ≤ L0 + L1�
 long exactly where gradients are large, and clipping shortens those steps.
 `experiments/science/smoothness.py` measures this on charrnn's own training:
 {st['cell'].upper()} {st['num_layers']}×{st['hidden_size']} (embedding {st['embed_dim']}, no
-dropout) on the `{st['corpus']}` corpus, B = {st['batch_size']}, T = {st['seq_len']}, {opt} lr
-{st['learning_rate']} ({st['schedule']}) after `{st['clip_mode']}` clipping at τ =
-{st['clip_norm']}, {st['num_steps']} steps, one run per seed ({seeds}; the fits pool them).
-Every {st['measure_every']} steps, with Δ_t = x_{{t+1}} − x_t the step's real update and f the
-loss on {st['batch']}, L̂_t = ‖∇f(x_t + ½Δ_t) − ∇f(x_t)‖ / ‖½Δ_t‖ is set against ‖∇f(x_t)‖
-(global L2 norms over all parameters); the line is the least-squares fit of log L̂ on log ‖∇f‖
+dropout) on the `{st['corpus']}` corpus, B = {st['batch_size']}, T = {st['seq_len']},
+`{st['clip_mode']}` clipping at τ = {st['clip_norm']} followed by {rules}, {st['num_steps']}
+steps, one run per seed ({seeds}; the fits pool them). Every {st['measure_every']} steps, with
+Δ_t = x_{{t+1}} − x_t the step's real update and f the loss on {st['batch']},
+L̂_t = ‖∇f(x_t + ½Δ_t) − ∇f(x_t)‖ / ‖½Δ_t‖ is set against ‖∇f(x_t)‖ (global L2 norms over all
+parameters); the lines are least-squares fits of log L̂ on log ‖∇f‖
 ({result['wall_s']:.0f} s of training and measurement).
 
 ![local smoothness against the gradient norm]({figdir}/{result['figure']})
 
-{_table(result)}
-{_finding(result)}
-"""
+{_table(studies)}
+{findings}
+
+{_contrast(studies)}"""

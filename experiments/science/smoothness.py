@@ -9,11 +9,14 @@ correlated, so the curvature is not bounded by one constant L but grows with
 Under it a step of length η‖∇f‖ is safe only while η ≲ 1/(L0 + L1‖∇f‖):
 clipping shortens exactly the steps taken where the landscape is sharpest.
 
-This script trains charrnn's LSTM language model (Adam + global-norm clipping,
-no dropout) with charrnn's own step (:func:`charrnn.step.make_train_step`), one
-run per seed, and every ``measure_every`` steps t measures, on the step's own
-batch and with the step's own initial hidden state (the function f the optimizer
-just stepped on):
+This script trains charrnn's LSTM language model (global-norm clipping, no
+dropout) with charrnn's own step (:func:`charrnn.step.make_train_step`), one run
+per seed and update rule: Adam (the project's default) and plain SGD (the kind of
+update AWD-LSTM is trained with, and the clipped gradient descent Zhang et al.
+analyse; with SGD the update follows the clipped gradient, with Adam it is
+rescaled coordinate by coordinate, so L̂ probes different directions). Every
+``measure_every`` steps t it measures, on the step's own batch and with the
+step's own initial hidden state (the function f the optimizer just stepped on):
 
     Δ_t = x_{t+1} − x_t                               (the real update, all leaves)
     L̂_t = ‖∇f(x_t + ½Δ_t) − ∇f(x_t)‖ / ‖½Δ_t‖       (global L2 norms over all leaves)
@@ -23,18 +26,21 @@ quadratic f = ½xᵀAx it is ‖AΔ‖/‖Δ‖ exactly: the curvature along the
 Zhang et al. estimate it from gradient differences over fractions of the update
 d = x_{t+1} − x_t; this study takes the half step. The fit is least squares of log L̂ on log ‖∇f‖
 (slope = the exponent p of L̂ ∝ ‖∇f‖^p) with the Pearson correlation of the
-logs, over the measurements of all seeds pooled, over the second half of the
-runs alone (is the link more than the early drop of both from their initial
-values?) and per seed.
+logs, per update rule: over the measurements of all seeds pooled, over the
+second half of the runs alone (is the link more than the early drop of both from
+their initial values?) and per seed.
 
     python experiments/science/smoothness.py --outdir=DIR [--smoke] [--seeds=0,1,2]
+        [--optimizers=adam,sgd] [--adam_lr=2e-3] [--sgd_lr=1.0] [--clip_norm=0.25]
 
-The default run (LSTM 1×128, B = 32, T = 64, 1500 steps, 3 seeds, 300 measurements)
-takes about 70 s on 2 CPU cores; --smoke (2 seeds of 24 tiny steps) about 10 s.
+The default run (LSTM 1×128, B = 32, T = 64, 1200 steps, every 12th measured, 3 seeds,
+Adam and SGD: 6 runs, 600 measurements) takes about 100 s on 2 CPU cores; --smoke
+(2 seeds of 24 tiny steps each) about 15 s.
 
 Writes to DIR: smoothness.csv (one row per measurement: :data:`COLUMNS`),
-smoothness.png (log-log scatter coloured by step with the fitted line, and both
-quantities over training) and smoothness.json (every number the report needs).
+smoothness.png (per update rule, the log-log scatter coloured by step with the
+fitted line) and smoothness.json (every number the report needs:
+``settings``, and per update rule in ``studies`` the fits, ranges and losses).
 """
 
 import csv
@@ -49,20 +55,24 @@ from experiments import cli
 
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for the CSV, the figure and the JSON.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 1500, "Training steps.")
-_EVERY = flags.DEFINE_integer("measure_every", 15, "Steps between measurements (step 0 first).")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 1200, "Training steps of each run.")
+_EVERY = flags.DEFINE_integer("measure_every", 12, "Steps between measurements (step 0 first).")
 _HIDDEN = flags.DEFINE_integer("hidden_size", 128, "H of the one LSTM layer.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "B.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "T per window.")
-_LR = flags.DEFINE_float("learning_rate", 2e-3, "Adam's learning rate (constant).")
+_OPTIMIZERS = flags.DEFINE_list("optimizers", ["adam", "sgd"], "Update rules after clipping, "
+                                "one study each: adam, sgd (plain, no momentum).")
+_ADAM_LR = flags.DEFINE_float("adam_lr", 2e-3, "Adam's learning rate (constant).")
+_SGD_LR = flags.DEFINE_float("sgd_lr", 1.0, "SGD's learning rate (constant; with τ = 0.25 "
+                             "every clipped step is 0.25 long).")
 _CLIP = flags.DEFINE_float("clip_norm", 0.25, "τ of global-norm clipping (0.25: about the median "
-                           "gradient norm of this run, so that clipping is active).")
+                           "gradient norm of the Adam runs, so that clipping is active).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initial weights and data offsets), "
                           "one run each; the fit pools them.")
 _DATA_PATH = flags.DEFINE_string("data_path", "", "A text file; default: the built-in corpus "
                                  "'shakespeare'.")
 
-COLUMNS = ("seed", "step", "grad_norm", "smoothness", "loss", "update_norm", "clipped")
+COLUMNS = ("optimizer", "seed", "step", "grad_norm", "smoothness", "loss", "update_norm", "clipped")
 HALF = 0.5  # the fraction c of the update at which the second gradient is taken
 
 
@@ -105,9 +115,10 @@ def loglog_fit(x, y) -> dict:
 
 
 def make_config(smoke: bool, num_steps: int, hidden: int, batch: int, seq_len: int,
-                learning_rate: float, clip_norm: float, seed: int, data_path: str = ""):
-    """The default run config with this study's choices: LSTM 1×H, no dropout, Adam at a
-    constant rate, global-norm clipping at τ; ``smoke`` shrinks everything."""
+                learning_rate: float, clip_norm: float, seed: int, data_path: str = "",
+                optimizer: str = "adam"):
+    """The default run config with this study's choices: LSTM 1×H, no dropout, ``optimizer``
+    (adam or sgd) at a constant rate, global-norm clipping at τ; ``smoke`` shrinks everything."""
     from experiments.configs import default
 
     c = default.get_config()
@@ -116,7 +127,8 @@ def make_config(smoke: bool, num_steps: int, hidden: int, batch: int, seq_len: i
     c.model.cell, c.model.num_layers, c.model.hidden_size = "lstm", 1, hidden
     c.model.dropout, c.model.weight_drop = 0.0, 0.0
     c.train.batch_size, c.train.seq_len, c.train.num_steps = batch, seq_len, num_steps
-    c.optim.name, c.optim.schedule, c.optim.learning_rate = "adam", "constant", learning_rate
+    c.optim.name, c.optim.schedule, c.optim.learning_rate = optimizer, "constant", learning_rate
+    c.optim.momentum = 0.0
     c.optim.clip_mode, c.optim.clip_norm = "global_norm", clip_norm
     if smoke:
         c.model.hidden_size, c.model.embed_dim = 16, 8
@@ -191,16 +203,16 @@ def _one_run(state, step_fn, measure, batcher, num_steps: int, measure_every: in
     return rows
 
 
-def summarize(rows: list, settings: dict, clip_fraction: float, wall_s: float) -> dict:
-    """The JSON result: settings, the pooled fits (all seeds; all steps and the second
-    half), one fit per seed, the ranges, and the mean loss over seeds at the first and
-    the last measured step (nats/char)."""
+def summarize(rows: list, num_steps: int, clip_fraction: float, learning_rate: float) -> dict:
+    """One optimizer's study: the pooled fits (all seeds; all steps and the second half),
+    one fit per seed, the ranges, and the mean loss over seeds at the first and the last
+    measured step (nats/char)."""
     import numpy as np
 
     def fit(subset):
         return loglog_fit([r["grad_norm"] for r in subset], [r["smoothness"] for r in subset])
 
-    late_from = int(math.ceil(settings["num_steps"] / 2))
+    late_from = int(math.ceil(num_steps / 2))
     finite = [r for r in rows if math.isfinite(r["smoothness"]) and r["smoothness"] > 0]
     ranges = {name: {"min": float(np.min([r[name] for r in finite])),
                      "median": float(np.median([r[name] for r in finite])),
@@ -209,7 +221,7 @@ def summarize(rows: list, settings: dict, clip_fraction: float, wall_s: float) -
     seeds = sorted({r["seed"] for r in rows})
     first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
     return {
-        "settings": settings,
+        "learning_rate": learning_rate,
         "measurements": len(rows),
         "fit": fit(rows),
         "late_fit": fit([r for r in rows if r["step"] >= late_from]),
@@ -220,21 +232,20 @@ def summarize(rows: list, settings: dict, clip_fraction: float, wall_s: float) -
         "clip_fraction": clip_fraction,
         "first_loss": float(np.mean([r["loss"] for r in rows if r["step"] == first])),
         "last_loss": float(np.mean([r["loss"] for r in rows if r["step"] == last])),
-        "wall_s": wall_s,
-        "csv": "smoothness.csv",
-        "figure": "smoothness.png",
     }
 
 
-def settings_of(config, measure_every: int, seeds: list, smoke: bool) -> dict:
-    """The run's setting as the JSON (and the report) states it."""
+def settings_of(config, measure_every: int, seeds: list, learning_rates: dict,
+                smoke: bool) -> dict:
+    """The setting shared by the studies, as the JSON (and the report) states it."""
     m, t, o = config.model, config.train, config.optim
     return {"corpus": config.data.path or config.data.name, "cell": m.cell,
             "num_layers": m.num_layers, "hidden_size": m.hidden_size, "embed_dim": m.embed_dim,
             "dropout": m.dropout, "batch_size": t.batch_size, "seq_len": t.seq_len,
-            "num_steps": t.num_steps, "measure_every": measure_every, "optimizer": o.name,
-            "learning_rate": o.learning_rate, "schedule": o.schedule, "clip_mode": o.clip_mode,
-            "clip_norm": o.clip_norm, "seeds": list(seeds), "fraction": HALF,
+            "num_steps": t.num_steps, "measure_every": measure_every,
+            "optimizers": list(learning_rates), "learning_rates": dict(learning_rates),
+            "schedule": o.schedule, "clip_mode": o.clip_mode, "clip_norm": o.clip_norm,
+            "seeds": list(seeds), "fraction": HALF,
             "batch": "the step's own batch and initial hidden state", "smoke": smoke}
 
 
@@ -245,47 +256,43 @@ def write_csv(path: str, rows: list) -> None:
         w.writerows(rows)
 
 
-def plot(path: str, rows: list, fit: dict) -> None:
-    """Left: log-log L̂ against ‖∇f‖ coloured by step (a marker per seed), with the pooled
-    fit. Right: both over the steps, one pair of lines per seed."""
+def plot(path: str, rows: list, studies: dict) -> None:
+    """One log-log panel per optimizer: L̂ against ‖∇f‖, coloured by step (a marker per
+    seed), with the pooled least-squares line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     import numpy as np
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.5, 3.4))
-    seeds = sorted({r["seed"] for r in rows})
+    fig, axes = plt.subplots(1, len(studies), figsize=(4.6 * len(studies), 3.6), squeeze=False,
+                             layout="constrained")
     steps = [r["step"] for r in rows]
-    for i, seed in enumerate(seeds):
-        mine = [r for r in rows if r["seed"] == seed]
-        t = np.array([r["step"] for r in mine])
-        g = np.array([r["grad_norm"] for r in mine])
-        s = np.array([r["smoothness"] for r in mine])
-        points = ax.scatter(g, s, c=t, cmap="viridis", vmin=min(steps), vmax=max(steps), s=12,
-                            marker="os^vDp"[i % 6], label=f"seed {seed}")
-        bx.semilogy(t, g, color="C0", alpha=0.7, linewidth=1,
-                    label="‖∇f(x_t)‖" if i == 0 else None)
-        bx.semilogy(t, s, color="C1", alpha=0.7, linewidth=1, label="L̂_t" if i == 0 else None)
-    g_all = np.array([r["grad_norm"] for r in rows])
-    if math.isfinite(fit["slope"]):
-        xs = np.geomspace(np.nanmin(g_all), np.nanmax(g_all), 50)
-        ax.plot(xs, 10 ** fit["intercept"] * xs ** fit["slope"], "r-", linewidth=1,
-                label=f"fit: slope {fit['slope']:.2f}, r = {fit['pearson_r']:.2f}")
-    ax.legend(fontsize=7, loc="lower right", framealpha=0.6)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):  # a narrow range: label the decades' minor ticks sparsely
-        axis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False,
-                                                                minor_thresholds=(2, 0.5)))
-    ax.set_xlabel("gradient norm ‖∇f(x_t)‖")
-    ax.set_ylabel("local smoothness L̂_t")
-    fig.colorbar(points, ax=ax, label="step")
-    bx.set_xlabel("step")
-    bx.legend(fontsize=8)
-    for a in (ax, bx):
-        a.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    for ax, (name, study) in zip(axes[0], studies.items()):
+        mine = [r for r in rows if r["optimizer"] == name]
+        for i, seed in enumerate(sorted({r["seed"] for r in mine})):
+            runs = [r for r in mine if r["seed"] == seed]
+            points = ax.scatter([r["grad_norm"] for r in runs], [r["smoothness"] for r in runs],
+                                c=[r["step"] for r in runs], cmap="viridis", vmin=min(steps),
+                                vmax=max(steps), s=10, marker="os^vDp"[i % 6], label=f"seed {seed}")
+        fit = study["fit"]
+        if math.isfinite(fit["slope"]):
+            g = [r["grad_norm"] for r in mine]
+            xs = np.geomspace(min(g), max(g), 50)
+            ax.plot(xs, 10 ** fit["intercept"] * xs ** fit["slope"], "r-", linewidth=1,
+                    label=f"fit: slope {fit['slope']:.2f}, r = {fit['pearson_r']:.2f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # narrow ranges: label some minor ticks too
+            axis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False,
+                                                                    minor_thresholds=(2, 0.5)))
+        ax.set_title(f"{ {'adam': 'Adam', 'sgd': 'SGD'}[name]}, lr {study['learning_rate']:g}",
+                     fontsize=9)
+        ax.set_xlabel("gradient norm ‖∇f(x_t)‖")
+        ax.set_ylabel("local smoothness L̂_t")
+        ax.legend(fontsize=6, loc="lower right", framealpha=0.6)
+        ax.grid(alpha=0.3, which="both")
+    fig.colorbar(points, ax=axes[0].tolist(), label="step")
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -297,9 +304,13 @@ def flag_problem() -> str | None:
     for name, value in sizes.items():
         if value < 1:
             return f"--{name} must be a positive integer, got {value}"
-    for name, value in (("learning_rate", _LR.value), ("clip_norm", _CLIP.value)):
+    for name, value in (("adam_lr", _ADAM_LR.value), ("sgd_lr", _SGD_LR.value),
+                        ("clip_norm", _CLIP.value)):
         if not (value > 0 and math.isfinite(value)):
             return f"--{name} must be positive and finite, got {value}"
+    opts = _OPTIMIZERS.value
+    if not opts or len(set(opts)) != len(opts) or not set(opts) <= {"adam", "sgd"}:
+        return f"--optimizers must list adam and/or sgd, each once, got {','.join(opts)}"
     try:
         seeds = [int(v) for v in _SEEDS.value]
     except ValueError:
@@ -317,24 +328,32 @@ def main(argv):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(1)
-    seeds = [int(v) for v in _SEEDS.value]
-    config = make_config(_SMOKE.value, _NUM_STEPS.value, _HIDDEN.value, _BATCH.value,
-                         _SEQ_LEN.value, _LR.value, _CLIP.value, seeds[0], _DATA_PATH.value)
+    seeds = [int(v) for v in _SEEDS.value][:2 if _SMOKE.value else None]
     every = min(_EVERY.value, 2) if _SMOKE.value else _EVERY.value
-    seeds = seeds[:2] if _SMOKE.value else seeds
+    lrs = {name: {"adam": _ADAM_LR.value, "sgd": _SGD_LR.value}[name]
+           for name in _OPTIMIZERS.value}
+    configs = {name: make_config(_SMOKE.value, _NUM_STEPS.value, _HIDDEN.value, _BATCH.value,
+                                 _SEQ_LEN.value, lr, _CLIP.value, seeds[0], _DATA_PATH.value,
+                                 name) for name, lr in lrs.items()}
     from charrnn.errors import UserError
     start = time.perf_counter()
+    rows, studies = [], {}
     try:
-        rows, clip_fraction = train_and_measure(config, every, seeds)
+        for name, config in configs.items():
+            mine, clip_fraction = train_and_measure(config, every, seeds)
+            rows += [dict(optimizer=name, **r) for r in mine]
+            studies[name] = summarize(mine, config.train.num_steps, clip_fraction, lrs[name])
     except UserError as e:  # e.g. a corpus too short for one window
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    wall_s = time.perf_counter() - start
-    settings = settings_of(config, every, seeds, _SMOKE.value)
+    config = next(iter(configs.values()))
+    result = {"settings": settings_of(config, every, seeds, lrs, _SMOKE.value),
+              "studies": studies, "measurements": len(rows),
+              "wall_s": time.perf_counter() - start, "csv": "smoothness.csv",
+              "figure": "smoothness.png"}
     os.makedirs(_OUTDIR.value, exist_ok=True)
     write_csv(os.path.join(_OUTDIR.value, "smoothness.csv"), rows)
-    result = summarize(rows, settings, clip_fraction, wall_s)
-    plot(os.path.join(_OUTDIR.value, "smoothness.png"), rows, result["fit"])
+    plot(os.path.join(_OUTDIR.value, "smoothness.png"), rows, studies)
     cli.write_json(_OUTDIR.value, "smoothness.json", result)
 
 

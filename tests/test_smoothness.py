@@ -222,7 +222,7 @@ def test_section_finding_flips_with_the_numbers():
     assert "slope 0.83, r = 0.71" in g
     assert "second half alone as well" in g and "slope 0.64, r = 0.55" in g
     assert "does not grow" in n and "slope -0.12, r = -0.05" in n and "as well" not in n
-    assert "only weakly" in w and "the link is gone" in w and "early phase" in w
+    assert "only weakly" in w and "the link is gone" in w and "first half of the runs" in w
     assert "accounts for only 12% of the spread" in w  # r² = 0.35²
 
 

@@ -69,7 +69,7 @@ def _finding(optimizer: str, study: dict) -> str:
                  "that half alone cannot tell it from noise.")
     elif kind != "no":
         text += (f" In the second half alone the link is gone ({late_numbers}): it comes from the "
-                 "early phase, where both quantities fall from their initial values.")
+                 "first half of the runs.")
     elif late_kind != "no":
         text += f" In the second half alone a positive link appears ({late_numbers})."
     g = study["grad_norm"]

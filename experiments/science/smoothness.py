@@ -24,11 +24,11 @@ step's own initial hidden state (the function f the optimizer just stepped on):
 beside ‖∇f(x_t)‖ (the unclipped gradient norm) and the loss f(x_t). On a
 quadratic f = ½xᵀAx it is ‖AΔ‖/‖Δ‖ exactly: the curvature along the step.
 Zhang et al. estimate it from gradient differences over fractions of the update
-d = x_{t+1} − x_t; this study takes the half step. The fit is least squares of log L̂ on log ‖∇f‖
-(slope = the exponent p of L̂ ∝ ‖∇f‖^p) with the Pearson correlation of the
-logs, per update rule: over the measurements of all seeds pooled, over the
-second half of the runs alone (is the link more than the early drop of both from
-their initial values?) and per seed.
+d = x_{t+1} − x_t; this study takes the half step. The fit is least squares of
+log L̂ on log ‖∇f‖ (slope = the exponent p of L̂ ∝ ‖∇f‖^p) with the Pearson
+correlation of the logs, per update rule: over the measurements of all seeds pooled, over the
+second half of the runs alone (does the link outlast the first phase of
+training?) and per seed.
 
     python experiments/science/smoothness.py --outdir=DIR [--smoke] [--seeds=0,1,2]
         [--optimizers=adam,sgd] [--adam_lr=2e-3] [--sgd_lr=1.0] [--clip_norm=0.25]
@@ -139,7 +139,8 @@ def make_config(smoke: bool, num_steps: int, hidden: int, batch: int, seq_len: i
 def train_and_measure(config, measure_every: int, seeds=None) -> tuple[list, float]:
     """Train ``config`` once per seed (default: ``config.seed``) with
     :func:`charrnn.step.make_train_step`, measuring every ``measure_every`` steps (step 0
-    first). Returns (rows with :data:`COLUMNS`, fraction of all steps that clipped).
+    first). Returns (rows with the :data:`COLUMNS` but ``optimizer``, fraction of all steps
+    that clipped).
 
     The seed sets the initial weights and the data offsets, as in a charrnn run; the
     step and the measurement are compiled once for all seeds.

@@ -16,42 +16,52 @@ from experiments.configs import default
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = default.get_config()
-    # A small model trained long enough for gradient spikes to appear.
+    # A small model, trained to near its plateau (REPORT.md states how near: the plateau
+    # check trains the best LSTM/Adam setting twice as long). Sized so that the whole grid
+    # (270 runs) and the check take about 50 minutes on 2 CPU cores (docs/design-notes.md,
+    # "Clip ablation at a trained operating point").
     config.model.hidden_size = 128
     config.model.num_layers = 1
     config.model.embed_dim = 32
     config.train.batch_size = 32
     config.train.seq_len = 64  # BPTT length: longer windows, larger spikes
-    config.train.num_steps = 600  # sized so that the full grid fits the report's CPU budget
+    config.train.num_steps = 3000
     config.train.eval_batch_size = 32
     config.optim.schedule = "constant"
-    # Small inputs: the recurrence, not the input, drives the hidden state, so the
-    # unclipped SGD runs explode (with N(0, 1) embeddings they did not: docs/design-notes.md,
-    # "Clip ablation: input scale and SGD rate").
-    config.model.embed_init_std = 0.1
+    # N(0, 1) embeddings: with 0.1 the LSTM sat on the unigram plateau for ~1250 of 3000
+    # steps (val 2.56 bpc at the end, 2.48 with these).
+    config.model.embed_init_std = 1.0
 
     config.sweep = ml_collections.ConfigDict()
-    config.sweep.cells = ("rnn", "lstm")
+    config.sweep.cells = ("rnn", "irnn", "lstm")
     config.sweep.optimizers = ("sgd", "adam")
-    config.sweep.seeds = (0, 1)
-    # Rules of charrnn/clipping.py; each but 'none' is swept over its strengths below.
-    config.sweep.rules = ("none", "global_norm")
+    config.sweep.seeds = (0, 1, 2)
+    # Every rule of charrnn/clipping.py, each but 'none' at the strengths below.
+    config.sweep.rules = _all_rules()
     # Strength labels per rule: absolute ('2.5': τ, bound, λ, percentile, z-score) or, for
-    # global_norm, multiples of the warm-up mean norm ('0.5x'). Every rule has an entry
-    # (its default strength) so that any can be put in sweep.rules from the command line.
+    # global_norm, multiples of the warm-up mean norm ('0.5x'). Every rule has an entry.
     config.sweep.strengths = ml_collections.ConfigDict(_default_strengths())
-    config.sweep.strengths.global_norm = ("0.1x", "0.5x", "1x", "2x", "5x", "10x")
-    config.sweep.strengths.autoclip = ("10", "50", "90")  # percentiles
-    config.sweep.strengths.zclip = ("1.5", "2.5", "3.5")  # z-score thresholds
+    config.sweep.strengths.global_norm = ("0.25x", "1x", "4x", "16x")
+    config.sweep.strengths.value = ("0.001", "0.01")  # bound on each component
+    config.sweep.strengths.agc = ("0.01", "0.1")  # λ: ‖G_u‖/‖W_u‖ allowed per unit
+    config.sweep.strengths.block_rms = ("0.001", "0.01")  # RMS allowed per tensor
+    config.sweep.strengths.autoclip = ("10", "50")  # percentiles of the norms seen
+    config.sweep.strengths.zclip = ("1.5", "2.5")  # z-score thresholds
     config.sweep.warmup_steps = 20  # windows whose mean grad norm at init is the reference
-    config.sweep.eval_every = 100  # steps between val evaluations (and at step 0 and the end)
+    config.sweep.eval_every = 250  # steps between val evaluations (and at step 0 and the end)
     config.sweep.eval_chars = 32768  # val characters evaluated (0 = the whole val split)
-    # SGD at 1.0 explodes without clipping on the tanh RNN (design notes); Adam at its usual rate.
-    config.sweep.learning_rate = ml_collections.ConfigDict({"sgd": 1.0, "adam": 2e-3})
+    # SGD at 1.0 as in the design notes; Adam at 5e-3: 2.48 val bpc after 3000 steps of
+    # the LSTM against 2.49 at 2e-3 (measured with global_norm 1x, seed 0).
+    config.sweep.learning_rate = ml_collections.ConfigDict({"sgd": 1.0, "adam": 5e-3})
 
     if arg:
         apply_variant(config, arg)
     return config
+
+
+def _all_rules() -> tuple:
+    from charrnn import clipping
+    return tuple(clipping.RULES)
 
 
 def _default_strengths() -> dict:

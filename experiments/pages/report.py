@@ -148,7 +148,8 @@ def cliff(work: str, smoke: bool) -> dict:
 
 
 def smoothness(work: str, smoke: bool) -> dict:
-    return _script_result(work, "smoothness", "science.smoothness", smoke, extra=_data_flags())
+    extra = [f"--data_path={os.path.abspath(_DATA_PATH.value)}"] if _DATA_PATH.value else []
+    return _script_result(work, "smoothness", "science.smoothness", smoke, extra=extra)
 
 
 def train_lm(work: str, smoke: bool) -> str:

@@ -1,8 +1,8 @@
 """The experiment scripts end to end, tiny settings, as separate processes.
 
 One combined smoke test: ``report.py --smoke`` runs exploding_gradients.py,
-launch.py, clip_ablation.py and bench_sweep.py with ``--smoke`` and writes the
-report, so every script's outputs are checked in one run (about a minute).
+launch.py, clip_ablation.py, bench_sweep.py, cliff.py and smoothness.py with
+``--smoke`` and writes the report, so every script's outputs are checked in one run (about a minute).
 The quality page is checked on synthetic workdirs, in process.
 """
 
@@ -51,7 +51,9 @@ def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp
                  "exploding/jacobian_norms.png", "ablation/clip_ablation.csv",
                  "ablation/clip_ablation.md", "ablation/val_bpc_vs_threshold.png",
                  "ablation/loss_curves.png", "ablation/grad_norm_traces.png",
-                 "bench/bench_sweep.json", "lm/metrics.jsonl"]:
+                 "ablation/threshold_in_force.png", "ablation/plateau.json",
+                 "bench/bench_sweep.json", "lm/metrics.jsonl", "cliff/cliff.json",
+                 "cliff/cliff.png", "smoothness/smoothness.json", "smoothness/smoothness.png"]:
         assert (work / path).is_file(), path
     bench = json.loads((work / "bench" / "bench_sweep.json").read_text())
     assert set(bench["ratio"]) == {"1", "2", "0"} and all(v > 0 for v in bench["ratio"].values())
@@ -59,10 +61,14 @@ def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp
     report = (out / "REPORT.md").read_text()
     for heading in ["## 1. Exploding gradients", "### 1.2 The L2-norm clipping algorithm",
                     "## 2. The training loop", "### 2.1 Does the threshold matter",
-                    "### 2.2 Many runs in one program", "## 3. Training versus inference"]:
+                    "### 1.3 The cliff of a one-unit recurrent network",
+                    "### 1.4 Smoothness against the gradient norm",
+                    "### 2.2 Every clipping rule at a trained operating point",
+                    "### 2.3 Many runs in one program", "## 3. Training versus inference"]:
         assert heading in report
     figures = re.findall(r"\]\(([^)]+\.png)\)", report)
-    assert len(figures) == 5 and all((out / f).is_file() for f in figures)
+    assert len(figures) == 8 and all((out / f).is_file() for f in figures)
+    assert "**Trained to the plateau?**" in report
     # Code is quoted from the source, the telemetry read back from TensorBoard's files.
     assert "clipped, clip_state = clip.update(grads" in report
     assert "`train/clip_cosine`" in report and "`val/whh_spectral_radius/0`" in report
@@ -141,7 +147,7 @@ def test_quality_page_names_the_variant_the_launches_and_the_crossing(tmp_path):
     assert "| `fast` | `experiments/configs/default.py:tinyshakespeare_fast` with " \
         "`train.num_steps=4` |" in text
     # first val <= 1.5 at step 2 (not the best, at step 3); the last train record
-    assert "| 1.4900 at step 2, 2.0 min | 1.4500 at step 3, 3.0 min | 1.3000 (step 2) |" in text
+    assert "| 1.4900 at step 2, 2.0 min | 1.4500 at step 3, 3.0 min | — | 1.3000 (step 2) |" in text
     assert "bfloat16 products" in text
     assert ("  - from step 0 (2026-11-29T10:00:00+00:00): Test CPU 9000, 2 CPUs, 1 × cpu (cpu); "
             "python 3.11.9, jax 0.10.2, jaxlib 0.10.2, flax 0.12.0, optax 0.2.8, "
@@ -213,3 +219,34 @@ def test_quality_page_sums_wall_time_over_launches(tmp_path):
     # 120 s before the restart + 30 s and 90 s after it
     assert "| 1.4000 at step 3, 2.5 min | 1.3000 at step 4, 3.5 min |" in text
     assert "| 2 | 1.6000 | 1.000 | 2.0 min |" in text
+
+
+def test_quality_page_shows_averaged_weights_milestones_and_archived_runs(tmp_path):
+    val = [(1, 1.52, 1.60), (2, 1.47, 1.44), (3, 1.42, 1.39), (4, 1.41, 1.395)]
+    records = [{"step": s, "split": "val", "loss": raw, "bpc": raw / 0.693, "ema_loss": avg,
+                "ema_bpc": avg / 0.693, "wall_s": 60.0 * s} for s, raw, avg in val]
+    work = _workdir(tmp_path / "avg", _config("tinyshakespeare_ema"), records,
+                    [dict(LAUNCH, config_arg="experiments/configs/default.py:tinyshakespeare_ema")])
+    run = quality.summarize(work, 1.5)
+    assert run["best"]["step"] == 4 and run["best_ema"]["step"] == 3
+    # levels reached by the lower of the two: 1.50 at step 2 (raw 1.47), 1.45 at step 2
+    # (averaged 1.44), 1.40 at step 3 (averaged 1.39; the raw weights never get there)
+    assert [r["step"] if r else None for r in run["milestones"].values()] == [2, 2, 3]
+    archive = tmp_path / "archive.json"
+    archive.write_text(json.dumps({"source": "an old page", "note": "Old evaluation.", "rows": [
+        {"run": "ts_old", "config": "LSTM", "first": "1.49 at step 9", "best": "1.41 at step 12",
+         "last_train": "1.2 (step 12)"}]}))
+    text = quality.page([run], 1.5, "cmd", str(archive))
+    assert "| 1.4100 at step 4, 4.0 min | 1.3900 at step 3, 3.0 min |" in text
+    assert "| `avg` | step 2, 2.0 min | step 2, 2.0 min | step 3, 3.0 min |" in text
+    assert "| 3 | 1.4200 | 2.049 | 1.3900 | 3.0 min |" in text
+    head, _, tail = text.partition("## Earlier runs, measured with the old evaluation")
+    assert "ts_old" not in head
+    assert "Old evaluation. Source: an old page." in tail
+    assert "| `ts_old` | LSTM | 1.49 at step 9 | 1.41 at step 12 | 1.2 (step 12) |" in tail
+    # a run without averaged weights has no such column in its curve
+    raw_only = [{k: v for k, v in r.items() if not k.startswith("ema")} for r in records[:1]]
+    plain = quality.summarize(_workdir(tmp_path / "plain", _config("smoke"), raw_only,
+                                       [dict(LAUNCH, config_arg=None, argv=[])]), 1.5)
+    assert plain["best_ema"] is None
+    assert "| 1 | 1.5200 | 2.193 | 1.0 min |" in quality.page([plain], 1.5, "cmd")

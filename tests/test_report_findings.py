@@ -66,6 +66,9 @@ def test_rule_comparison_sentences_follow_the_numbers():
     assert by_opt["sgd"]["diverged"] == {"none": 3}
     line = report_rules._winner_line(by_opt["sgd"])
     assert "best global_norm 1x at 2" in line and "0.500 bpc behind, larger than" in line
+    single = report_rules._winner_line(report_rules.winners(
+        [{**r, "seeds": 1} for r in _table(sgd, adam)])[1])
+    assert "one seed: no spread" in single
     assert "without clipping 3/3 seeds diverged" in line and "diverged runs: none 3" in line
     # Adam's 0.04 lead is within a 0.05 std; SGD's 0.5 spread > Adam's 0.05
     close = report_rules._winner_line(report_rules.winners(_table(sgd, adam, std=0.05))[0])

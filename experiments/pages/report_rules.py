@@ -55,10 +55,13 @@ def _winner_line(w) -> str:
     if runner is not None:
         lead = runner["final_val_bpc"] - best["final_val_bpc"]
         noise = max(best["final_val_bpc_std"], runner["final_val_bpc_std"])
-        verdict = ("larger than the seeds' spread" if lead > noise else
-                   "within the seeds' spread: the two are not told apart")
-        text += (f"; the best other rule, {_setting(runner)}, is {lead:.3f} bpc behind, "
-                 f"{verdict} (std {fmt(noise, 2)})")
+        if min(best["seeds"], runner["seeds"]) < 2:
+            verdict = "one seed: no spread to weigh it against"
+        elif lead > noise:
+            verdict = f"larger than the seeds' spread (std {fmt(noise, 2)})"
+        else:
+            verdict = f"within the seeds' spread (std {fmt(noise, 2)}): the two are not told apart"
+        text += f"; the best other rule, {_setting(runner)}, is {lead:.3f} bpc behind, {verdict}"
     if none is not None:
         if none["diverged"]:
             text += f"; without clipping {none['diverged']}/{none['seeds']} seeds diverged"
@@ -101,6 +104,7 @@ def _rule_wins(ws: list) -> str:
         won = [w["best"]["rule"] for w in ws if w["optimizer"] == opt and w["best"]]
         if not won:
             continue
+        won = ["no clipping" if rule == "none" else rule for rule in won]
         counts = {rule: won.count(rule) for rule in dict.fromkeys(won)}
         top = max(counts.values())
         leaders = [rule for rule, n in counts.items() if n == top]

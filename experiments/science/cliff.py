@@ -48,11 +48,6 @@ from absl import app, flags
 
 from experiments import cli
 
-_OUTDIR = flags.DEFINE_string("outdir", None, "Directory for the JSON, CSV and figure.")
-_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
-_LR = flags.DEFINE_float("lr", None, "SGD learning rate η (default: the setting's).")
-_TAU = flags.DEFINE_float("tau", None, "Global-norm clipping threshold τ (default: the setting's).")
-
 X0, TARGET, T = 0.5, 0.7, 50  # Pascanu et al. 2013, §2.3 and Fig. 6
 
 # Our choices (the paper does not state them). Starts lie on the high-loss side of
@@ -283,5 +278,10 @@ def main(argv):
     run_and_write(_OUTDIR.value, setting, smoke=_SMOKE.value)
 
 
+# flags only when run as a script: tests import this module beside other scripts
 if __name__ == "__main__":
+    _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for the JSON, CSV and figure.")
+    _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
+    _LR = flags.DEFINE_float("lr", None, "SGD learning rate η (default: the setting's).")
+    _TAU = flags.DEFINE_float("tau", None, "Global-norm clipping threshold τ (default: the setting's).")
     app.run(main)

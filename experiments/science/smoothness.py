@@ -53,25 +53,6 @@ from absl import app, flags
 
 from experiments import cli
 
-_OUTDIR = flags.DEFINE_string("outdir", None, "Directory for the CSV, the figure and the JSON.")
-_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 1200, "Training steps of each run.")
-_EVERY = flags.DEFINE_integer("measure_every", 12, "Steps between measurements (step 0 first).")
-_HIDDEN = flags.DEFINE_integer("hidden_size", 128, "H of the one LSTM layer.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "B.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "T per window.")
-_OPTIMIZERS = flags.DEFINE_list("optimizers", ["adam", "sgd"], "Update rules after clipping, "
-                                "one study each: adam, sgd (plain, no momentum).")
-_ADAM_LR = flags.DEFINE_float("adam_lr", 2e-3, "Adam's learning rate (constant).")
-_SGD_LR = flags.DEFINE_float("sgd_lr", 1.0, "SGD's learning rate (constant; with τ = 0.25 "
-                             "every clipped step is 0.25 long).")
-_CLIP = flags.DEFINE_float("clip_norm", 0.25, "τ of global-norm clipping (0.25: about the median "
-                           "gradient norm of the Adam runs, so that clipping is active).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initial weights and data offsets), "
-                          "one run each; the fit pools them.")
-_DATA_PATH = flags.DEFINE_string("data_path", "", "A text file; default: the built-in corpus "
-                                 "'shakespeare'.")
-
 COLUMNS = ("optimizer", "seed", "step", "grad_norm", "smoothness", "loss", "update_norm", "clipped")
 HALF = 0.5  # the fraction c of the update at which the second gradient is taken
 
@@ -358,5 +339,24 @@ def main(argv):
     cli.write_json(_OUTDIR.value, "smoothness.json", result)
 
 
+# flags only when run as a script: tests import this module beside other scripts
 if __name__ == "__main__":
+    _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for the CSV, the figure and the JSON.")
+    _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes: the same pipeline in seconds.")
+    _NUM_STEPS = flags.DEFINE_integer("num_steps", 1200, "Training steps of each run.")
+    _EVERY = flags.DEFINE_integer("measure_every", 12, "Steps between measurements (step 0 first).")
+    _HIDDEN = flags.DEFINE_integer("hidden_size", 128, "H of the one LSTM layer.")
+    _BATCH = flags.DEFINE_integer("batch_size", 32, "B.")
+    _SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "T per window.")
+    _OPTIMIZERS = flags.DEFINE_list("optimizers", ["adam", "sgd"], "Update rules after clipping, "
+                                    "one study each: adam, sgd (plain, no momentum).")
+    _ADAM_LR = flags.DEFINE_float("adam_lr", 2e-3, "Adam's learning rate (constant).")
+    _SGD_LR = flags.DEFINE_float("sgd_lr", 1.0, "SGD's learning rate (constant; with τ = 0.25 "
+                                 "every clipped step is 0.25 long).")
+    _CLIP = flags.DEFINE_float("clip_norm", 0.25, "τ of global-norm clipping (0.25: about the median "
+                               "gradient norm of the Adam runs, so that clipping is active).")
+    _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (initial weights and data offsets), "
+                              "one run each; the fit pools them.")
+    _DATA_PATH = flags.DEFINE_string("data_path", "", "A text file; default: the built-in corpus "
+                                     "'shakespeare'.")
     app.run(main)

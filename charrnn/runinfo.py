@@ -141,14 +141,22 @@ def _version(package: str) -> str | None:
 
 def _package_commit() -> str | None:
     """git HEAD of the checkout that holds this package; None when installed elsewhere."""
-    package_dir = os.path.dirname(os.path.abspath(__file__))
-    repo = os.path.dirname(package_dir)
+    return git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def git_commit(repo: str) -> str | None:
+    """HEAD of the git checkout rooted at ``repo``, with ``+uncommitted`` when tracked files
+    differ from it (the code that ran is then not that commit's); None if ``repo`` is not
+    the root of a checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True,
+                              timeout=10)
     try:
-        out = subprocess.run(["git", "-C", repo, "rev-parse", "--show-toplevel", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        out = git("rev-parse", "--show-toplevel", "HEAD")
+        lines = out.stdout.split()
+        if out.returncode != 0 or len(lines) != 2 or not _same_file(lines[0], repo):
+            return None  # site-packages inside some other repository is not our commit
+        changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    lines = out.stdout.split()
-    if out.returncode != 0 or len(lines) != 2 or not _same_file(lines[0], repo):
-        return None  # site-packages inside some other repository is not our commit
-    return lines[1]
+    return lines[1] + ("+uncommitted" if changed else "")

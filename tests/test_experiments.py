@@ -236,7 +236,8 @@ def test_quality_page_shows_averaged_weights_milestones_and_archived_runs(tmp_pa
     archive.write_text(json.dumps({"source": "an old page", "note": "Old evaluation.", "rows": [
         {"run": "ts_old", "config": "LSTM", "first": "1.49 at step 9", "best": "1.41 at step 12",
          "last_train": "1.2 (step 12)"}]}))
-    text = quality.page([run], 1.5, "cmd", str(archive))
+    text = quality.page([run], 1.5, "cmd", str(archive), {"avg": "ran beside a test."})
+    assert "charrnn commit abc1234\n  - note: ran beside a test.\n" in text
     assert "| 1.4100 at step 4, 4.0 min | 1.3900 at step 3, 3.0 min |" in text
     assert "| `avg` | step 2, 2.0 min | step 2, 2.0 min | step 3, 3.0 min |" in text
     assert "| 3 | 1.4200 | 2.049 | 1.3900 | 3.0 min |" in text

@@ -210,3 +210,23 @@ def test_eval_loss_is_one_streams_whatever_the_batch(smoke_config):
     for b in (3, 64):
         assert abs(loss(b, burn_in=0) - one) > 2e-4
         assert loss(b) == pytest.approx(one, abs=2e-4)
+
+
+def test_the_launch_record_names_the_commit_and_says_when_the_code_differs(tmp_path):
+    from charrnn import runinfo
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (repo / "f.py").write_text("x = 1\n")
+    git("add", "f.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = git("rev-parse", "HEAD")
+    assert runinfo.git_commit(str(repo)) == head
+    (repo / "new.py").write_text("")  # untracked files are not the code that ran
+    assert runinfo.git_commit(str(repo)) == head
+    (repo / "f.py").write_text("x = 2\n")
+    assert runinfo.git_commit(str(repo)) == head + "+uncommitted"
+    (repo / "sub").mkdir()
+    assert runinfo.git_commit(str(repo / "sub")) is None  # not the root of the checkout

@@ -181,10 +181,15 @@ def make_train_step(model, config, mesh=None):
 
 
 def eval_step(params, carry, x, y, mask, *, model):
-    """Summed cross-entropy (nats) over the unmasked positions of one window."""
+    """Cross-entropy (nats) summed over the unmasked positions of each row of one window: [B].
+
+    Per row, so that with the rows sharded over devices the program has no collective:
+    the host adds the rows up (an all-reduce of the sum in every window deadlocked on two
+    CPU devices: the devices' threads waited in different windows' rendezvous).
+    """
     carry, logits = model(params, carry, x)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return carry, jnp.sum(nll * mask)
+    return carry, jnp.sum(nll * mask, axis=-1)
 
 
 def make_eval_step(model):
@@ -205,7 +210,7 @@ def evaluate(eval_fn, model, params, ids: np.ndarray, batch_size: int, seq_len: 
     total, count = 0.0, 0
     for x, y, mask in data.eval_windows(ids, batch_size, seq_len, burn_in):
         carry, nll = eval_fn(params, carry, x, y, mask)
-        total += nll  # stays on device until the end
+        total += nll  # per row [B], stays on device (and sharded) until the end
         count += int(mask.sum())
-    loss = float(total) / count
+    loss = float(np.asarray(jax.device_get(total), np.float64).sum()) / count
     return {"loss": loss, "bpc": loss / LN2}

@@ -327,7 +327,7 @@ def default_runs_per_chunk() -> int:
 
 
 def make_group_eval(model: models.CharRNN):
-    """Summed val nats of one window for R runs: params[R], carry[R], shared x, y, mask."""
+    """Val nats of one window per run and row [R, B]: params[R], carry[R], shared x, y, mask."""
     step = functools.partial(step_lib.eval_step, model=model)
     return jax.jit(jax.vmap(step, in_axes=(0, 0, None, None, None)))
 
@@ -348,7 +348,7 @@ def evaluate_group(eval_fn, model, params, ids, batch_size: int, seq_len: int,
         carry, nll = eval_fn(params, carry, x, y, mask)
         total = total + nll
         count += int(mask.sum())
-    return np.asarray(total, np.float64) / count
+    return np.asarray(total, np.float64).sum(axis=-1) / count
 
 
 def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: int | None = None,

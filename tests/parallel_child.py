@@ -10,6 +10,7 @@ The last stdout line is a JSON object the parent test asserts on.
 """
 
 import json
+import re
 import os
 import sys
 
@@ -58,6 +59,17 @@ def train_steps(config, dp: parallel.DataParallel) -> dict:
                          for c in jax.tree.leaves(state.carry)]
     out["param_replicated"] = all(p.sharding.is_fully_replicated
                                   for p in jax.tree.leaves(state.params))
+    # evaluation with the batch rows over the devices: the loss of the whole split, and the
+    # compiled window has no collective (an all-reduce per window deadlocked on 2 devices)
+    eval_fn = dp.wrap_eval(step_lib.make_eval_step(model))
+    ids = vocab.encode(text)[:2000]
+    out["val_loss"] = step_lib.evaluate(eval_fn, model, state.params, ids, 8, 16)["loss"]
+    if dp.mesh is not None:
+        window = next(data.eval_windows(ids, 8, 16, data.EVAL_BURN_IN))
+        carry, x, y, mask = parallel.shard_batch((model.initial_carry(8), *window), dp.mesh)
+        hlo = step_lib.make_eval_step(model).lower(state.params, carry, x, y, mask).compile()
+        out["eval_collectives"] = sorted(set(re.findall(
+            r"all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter", hlo.as_text())))
     return out
 
 

@@ -49,6 +49,8 @@ def test_four_devices_match_one_device_including_a_clipped_step(text_file):
     for a, b in zip(four["params"], one["params"]):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
     assert four["param_replicated"]
+    assert four["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert four["eval_collectives"] == []
     assert four["carry_spec"] == ["P('data',)"] * 2  # LSTM (c, h), rows over the mesh
     assert "batch_size = 6 does not split over 4 devices" in r["error"]
 

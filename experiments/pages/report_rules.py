@@ -77,24 +77,32 @@ def _winner_line(w) -> str:
 
 
 def _optimizer_finding(ws: list) -> str:
-    """Which optimizer the choice of rule matters more for, from the spreads."""
-    spread = {}
+    """Per cell, how far apart the settings end with SGD and with Adam; which rules
+    diverged anywhere."""
+    spread = {(w["cell"], w["optimizer"]): w["spread"] for w in ws}
+    cells = sorted({c for c, o in spread if (c, "sgd") in spread and (c, "adam") in spread})
+    pairs = [(c, spread[(c, "sgd")], spread[(c, "adam")]) for c in cells
+             if math.isfinite(spread[(c, "sgd")]) and math.isfinite(spread[(c, "adam")])]
+    out = ""
+    if pairs:
+        less = sum(a < s for _, s, a in pairs)
+        verdict = ("on every cell" if less == len(pairs) else
+                   "on no cell" if less == 0 else f"on {less} of {len(pairs)} cells")
+        out += ("Spread of the mean final val bpc over the settings with no diverged seed, "
+                "SGD against Adam: " + ", ".join(f"{cell_name(c)} {s:.3f} / {a:.3f}"
+                                                for c, s, a in pairs)
+                + f"; the choice of rule and strength mattered less with Adam {verdict}. ")
+    diverged = {}
     for w in ws:
-        if math.isfinite(w["spread"]):
-            spread.setdefault(w["optimizer"], []).append(w["spread"])
-    if "sgd" not in spread or "adam" not in spread:
-        return ""
-    s, a = max(spread["sgd"]), max(spread["adam"])
-    if a < s:
-        verdict = ("the choice of rule and strength matters less with Adam than with SGD")
+        for rule, n in w["diverged"].items():
+            diverged[rule] = diverged.get(rule, 0) + n
+    if diverged:
+        out += ("Diverged runs, by rule: " + ", ".join(f"{r} {n}" for r, n in
+                                                      sorted(diverged.items()))
+                + "; every other rule trained every run.")
     else:
-        verdict = ("the choice of rule and strength matters at least as much with Adam as with "
-                   "SGD")
-    diverged = {opt: sum(sum(w["diverged"].values()) for w in ws if w["optimizer"] == opt)
-                for opt in ("sgd", "adam")}
-    return (f"Over the settings with no diverged seed, the mean final val bpc spans up to "
-            f"{s:.3f} bpc with SGD and {a:.3f} with Adam (largest over the cells): {verdict}. "
-            f"Diverged runs: {diverged['sgd']} with SGD, {diverged['adam']} with Adam.\n")
+        out += "No run diverged under any rule."
+    return out + "\n"
 
 
 def _rule_wins(ws: list) -> str:

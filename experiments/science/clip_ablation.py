@@ -116,8 +116,9 @@ def plateau_check(config, outdir: str, factor: int) -> dict | None:
     """Train the best clipped LSTM/Adam setting of the grid (its first seed) ``factor``
     times as long and write DIR/plateau.json: its val bpc at the grid's length and at
     the end. With a constant learning rate (the grid's schedule) the longer run is the
-    grid's run for its first ``train.num_steps`` steps, so the difference is what more
-    training would still have bought."""
+    grid's run continued, up to floating-point differences between the two compiled
+    programs (one run here, a vmapped group there), which grow over training: both values
+    at the grid's length are kept. The difference is what more training still buys."""
     from charrnn import sweep
     from charrnn.step import LN2
     rows = [r["row"] for r in load_runs(outdir)]

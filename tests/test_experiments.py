@@ -55,6 +55,11 @@ def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp
                  "bench/bench_sweep.json", "lm/metrics.jsonl", "cliff/cliff.json",
                  "cliff/cliff.png", "smoothness/smoothness.json", "smoothness/smoothness.png"]:
         assert (work / path).is_file(), path
+    # the studies' outputs, checked where they are made once (their own test modules)
+    import test_cliff
+    import test_smoothness
+    test_cliff.check_smoke_outputs(work / "cliff")
+    test_smoothness.check_smoke_outputs(work / "smoothness")
     bench = json.loads((work / "bench" / "bench_sweep.json").read_text())
     assert set(bench["ratio"]) == {"1", "2", "0"} and all(v > 0 for v in bench["ratio"].values())
 

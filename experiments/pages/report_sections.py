@@ -73,7 +73,7 @@ def section_answers(results) -> str:
     words = {"grows": "grew with", "weak": "grew only weakly with", "no": "did not grow with"}
     studies = results["smoothness"]["studies"]
     q1.append("along an LSTM's training the local smoothness "
-              + "; ".join(f"{words[report_smoothness.verdict(st['fit'])]} the gradient norm under "
+              + ", and ".join(f"{words[report_smoothness.verdict(st['fit'])]} the gradient norm under "
                           f"{report_smoothness._name(opt)} (slope {st['fit']['slope']:.2f}, "
                           f"r {st['fit']['pearson_r']:.2f})" for opt, st in studies.items())
               + " (§1.4)")

@@ -212,5 +212,15 @@ def evaluate(eval_fn, model, params, ids: np.ndarray, batch_size: int, seq_len: 
         carry, nll = eval_fn(params, carry, x, y, mask)
         total += nll  # per row [B], stays on device (and sharded) until the end
         count += int(mask.sum())
-    loss = float(np.asarray(jax.device_get(total), np.float64).sum()) / count
+    loss = _sum_rows(total) / count
     return {"loss": loss, "bpc": loss / LN2}
+
+
+def _sum_rows(total) -> float:
+    """The per-row totals added up in float64; in a multi-process run, every process's rows."""
+    if getattr(total, "is_fully_addressable", True):
+        rows = jax.device_get(total)
+    else:
+        from jax.experimental import multihost_utils
+        rows = multihost_utils.process_allgather(total, tiled=True)
+    return float(np.asarray(rows, np.float64).sum())

@@ -11,6 +11,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # tests start: the same program (e.g. the smoke config's train step) compiles once.
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="charrnn-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+# Cache every program, not only those that took over a second to compile (JAX's default):
+# the tests' tiny programs each compile in well under a second, dozens of times over.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 

@@ -151,3 +151,15 @@ def test_the_answers_at_a_glance_follow_the_numbers():
     assert "clipping did not separate the step lengths" in contrary
     assert "did not grow with the gradient norm under Adam" in contrary
     assert "with sgd: tanh RNN value 0.01 (1.900 bpc)" in contrary
+
+
+def test_the_noise_floor_is_the_gap_of_settings_that_never_clipped():
+    rows = [dict(_row("lstm", "adam", "none", "none", 2.455), clip_fraction=0.0),
+            dict(_row("lstm", "adam", "global_norm", "16x", 2.487), clip_fraction=0.0),
+            dict(_row("lstm", "adam", "global_norm", "0.25x", 2.40), clip_fraction=1.0)]
+    floor = report_rules.noise_floor(rows)
+    assert floor["count"] == 1 and abs(floor["gap"] - 0.032) < 1e-9
+    assert "differs from no clipping by up to 0.032 bpc (LSTM + adam, global_norm 16x)" in \
+        report_rules._noise(floor)
+    rows[1]["clip_fraction"] = 0.01  # it clipped: no longer the same computation
+    assert report_rules.noise_floor(rows) is None and report_rules._noise(None) == ""

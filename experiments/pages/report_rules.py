@@ -124,6 +124,36 @@ def _rule_wins(ws: list) -> str:
     return ("Winners: " + "; ".join(lines) + ".\n") if lines else ""
 
 
+def noise_floor(rules_table: list) -> dict | None:
+    """The largest gap between no clipping and a clipping setting that never clipped a
+    step (clip fraction exactly 0: the same updates in exact arithmetic), over the
+    (cell, optimizer) pairs: how far two compiled programs of one computation drift apart."""
+    gaps = []
+    for r in rules_table:
+        if r["rule"] == "none" or r["clip_fraction"] != 0.0 or not _ok(r):
+            continue
+        none = next((n for n in rules_table if n["rule"] == "none" and n["cell"] == r["cell"]
+                     and n["optimizer"] == r["optimizer"] and _ok(n)), None)
+        if none is not None:
+            gaps.append((abs(r["final_val_bpc"] - none["final_val_bpc"]), r))
+    if not gaps:
+        return None
+    gap, row = max(gaps, key=lambda g: g[0])
+    return {"gap": gap, "row": row, "count": len(gaps)}
+
+
+def _noise(floor) -> str:
+    if floor is None:
+        return ""
+    r = floor["row"]
+    return (f"**Noise beyond the seeds.** {floor['count']} settings never clipped a step, so in "
+            f"exact arithmetic they are the unclipped run; their mean final val bpc still "
+            f"differs from no clipping by up to {floor['gap']:.3f} bpc ({cell_name(r['cell'])} + "
+            f"{r['optimizer']}, {_setting(r)}): two compiled programs of the same computation "
+            "round differently, and the difference grows over training. Gaps of that size "
+            "between settings are not evidence for either.\n")
+
+
 def _plateau(p) -> str:
     if not p:
         return ""
@@ -166,6 +196,7 @@ seed diverged:
 
 {''.join(_winner_line(w) for w in ws)}
 {_rule_wins(ws)}{_optimizer_finding(ws)}
+{_noise(noise_floor(a['rules_table']))}
 The adaptive rules move their threshold during training (AutoClip: a percentile of the norms
 seen; ZClip: the mean plus z standard deviations of an EMA of them); the threshold in force at
 every step of seed {min(sw['seeds'])}'s runs, over the pre-clip norm (grey):

@@ -18,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = default.get_config()
     # A small model, trained to near its plateau (REPORT.md states how near: the plateau
     # check trains the best LSTM/Adam setting twice as long). Sized so that the whole grid
-    # (270 runs) and the check take about 50 minutes on 2 CPU cores (docs/design-notes.md,
+    # (270 runs) and the check took 41 minutes on 2 CPU cores (2454 s, 2026-11-30) (docs/design-notes.md,
     # "Clip ablation at a trained operating point").
     config.model.hidden_size = 128
     config.model.num_layers = 1

@@ -92,9 +92,13 @@ def _panels(records, order):
     plt = _plt()
     groups = sorted({(r["row"]["cell"], r["row"]["optimizer"]) for r in records})
     seed = min(r["row"]["seed"] for r in records)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    # one column per optimizer when there are several cells (a row per cell), else a row
+    opts = sorted({opt for _, opt in groups})
+    rows = len(groups) // len(opts) if len(groups) > 3 and len(groups) % len(opts) == 0 else 1
+    cols = len(groups) // rows
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     panels = []
-    for ax, (cell, opt) in zip(axes[0], groups):
+    for ax, (cell, opt) in zip(axes.ravel(), groups):
         rs = sorted((r for r in records if r["row"]["cell"] == cell
                      and r["row"]["optimizer"] == opt and r["row"]["seed"] == seed), key=order)
         panels.append((ax, cell, opt, seed, rs))
@@ -173,6 +177,9 @@ def plot_thresholds_in_force(path, records) -> bool:
             shown = _smooth(np.where(np.isfinite(tau), tau, np.nan), width)
             ax.plot(np.arange(shown.size) + width, shown, color=f"C{i}", linewidth=1,
                     label=f"{r['row']['rule']} {r['row']['threshold']}")
+        if not any(np.isfinite(np.asarray(r["history"]["grad_norm"], float)).any() for r in rs):
+            ax.text(0.5, 0.5, "no finite norm: these runs diverged", transform=ax.transAxes,
+                    ha="center", fontsize=8)
         ax.set_yscale("log")
         ax.set_title(f"{cell} / {opt}: threshold in force, seed {seed}", fontsize=9)
         ax.set_xlabel("step")

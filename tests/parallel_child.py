@@ -68,8 +68,7 @@ def train_steps(config, dp: parallel.DataParallel) -> dict:
         window = next(data.eval_windows(ids, 8, 16, data.EVAL_BURN_IN))
         carry, x, y, mask = parallel.shard_batch((model.initial_carry(8), *window), dp.mesh)
         hlo = step_lib.make_eval_step(model).lower(state.params, carry, x, y, mask).compile()
-        out["eval_collectives"] = sorted(set(re.findall(
-            r"all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter", hlo.as_text())))
+        out["eval_collectives"] = collectives(hlo.as_text())
     return out
 
 
@@ -100,6 +99,12 @@ def sweep_configs(corpus: str) -> list:
     return [sweep.run_config(base, r, t) for r, t in zip(runs, taus)], taus
 
 
+def collectives(hlo: str) -> list:
+    """The cross-device operations named in a compiled program's HLO text."""
+    return sorted(set(re.findall(
+        r"all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter", hlo)))
+
+
 def sweep_layout(configs, taus, vocab_size: int, mesh) -> dict:
     """How the compiled group step lays out its runs on ``mesh``: output specs, collectives."""
     import re
@@ -116,8 +121,7 @@ def sweep_layout(configs, taus, vocab_size: int, mesh) -> dict:
     new_state = compiled.output_shardings[0]
     hlo = compiled.as_text()
     return {"param_specs": sorted({str(s.spec) for s in jax.tree.leaves(new_state.params)}),
-            "collectives": sorted(set(re.findall(
-                r"all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter", hlo)))}
+            "collectives": collectives(hlo)}
 
 
 def check_sweep(corpus: str) -> dict:

@@ -39,7 +39,6 @@ def winners(rules_table: list) -> list:
                 diverged[r["rule"]] = diverged.get(r["rule"], 0) + r["diverged"]
         out.append({"cell": cell, "optimizer": opt, "best": best, "runner_up": runner,
                     "none": none, "diverged": diverged,
-                    "runs": sum(r["seeds"] for r in rows),
                     "spread": (ok[-1]["final_val_bpc"] - ok[0]["final_val_bpc"]) if ok
                     else float("nan")})
     return out

@@ -101,15 +101,12 @@ PLATEAU = "plateau.json"
 
 def best_clipped(rows: list, cell: str = "lstm", optimizer: str = "adam"):
     """(rule, strength label) of the clipped setting of ``cell``/``optimizer`` with the
-    lowest mean final val bpc over seeds (diverged runs count with their bpc); None if
-    the grid has no such run."""
-    import numpy as np
-    groups = {}
-    for r in rows:
-        if r["cell"] == cell and r["optimizer"] == optimizer and r["rule"] != "none":
-            groups.setdefault((r["rule"], r["threshold"]), []).append(r["final_val_bpc"])
-    scored = [(np.mean(v), k) for k, v in groups.items() if np.all(np.isfinite(v))]
-    return min(scored)[1] if scored else None
+    lowest mean final val bpc over seeds (:func:`grouped`; settings with a non-finite
+    mean left out); None if the grid has no such run."""
+    table = [r for r in grouped(rows) if r["cell"] == cell and r["optimizer"] == optimizer
+             and r["rule"] != "none" and math.isfinite(r["final_val_bpc"])]
+    best = min(table, key=lambda r: r["final_val_bpc"], default=None)
+    return None if best is None else (best["rule"], best["threshold"])
 
 
 def plateau_check(config, outdir: str, factor: int) -> dict | None:

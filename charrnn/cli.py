@@ -160,8 +160,9 @@ def _split_cpu(config) -> None:
     Runs before JAX creates a device; a multi-process run keeps its own layout.
     """
     from charrnn import cells, cpu_devices
+    from charrnn import config as config_lib
     count = cpu_devices.choose(
-        config.train.get("cpu_devices", "auto"), hidden_size=config.model.hidden_size,
+        config_lib.upgrade(config).train.cpu_devices, hidden_size=config.model.hidden_size,
         num_gates=cells.get(config.model.cell).num_gates, batch_size=config.train.batch_size)
     cpu_devices.apply(count)
 

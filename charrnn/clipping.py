@@ -140,8 +140,16 @@ def from_config(optim_config, strength=None) -> Clip:
     rule = get(optim_config.clip_mode)
     if strength is None:
         strength = strength_of(rule, optim_config)
-    transform = rule.make(strength, **settings_of(rule, optim_config))
-    return Clip(transform, lambda state: rule.threshold(state, strength))
+    return from_rule(rule.name, strength, **settings_of(rule, optim_config))
+
+
+def from_rule(name: str, strength=None, **settings) -> Clip:
+    """The registered rule ``name`` at ``strength`` (default: its strength field's
+    default) with ``settings`` (kwargs; defaults where absent)."""
+    rule = get(name)
+    if strength is None and rule.strength is not None:
+        strength = rule.strength.default
+    return Clip(rule.make(strength, **settings), lambda state: rule.threshold(state, strength))
 
 
 def config_problems(optim_config) -> list[str]:

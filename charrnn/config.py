@@ -1,14 +1,16 @@
-"""Checks of a run config, in one place, before anything runs.
+"""The config schema and its checks, in one place, JAX-free, before anything runs.
 
-:func:`validate` answers every bad value with one line naming the field, the
-value and what is allowed, instead of a failure deep inside JAX or optax
-minutes later. The command line (:mod:`charrnn.cli`) calls it right after
-flag parsing (before JAX is imported) and :func:`charrnn.train.train_and_evaluate`
-calls it again for library users.
-
-The names of the choices are repeated here rather than imported from
-``optim`` so that validating needs no JAX; ``tests/test_robustness.py``
-checks that the copies match. Cell names are read from the cell registry
+:data:`CHOICES` is the one list of each field's allowed names (the optimizer,
+the schedule, the built-in corpora, ...): ``optim`` and ``data`` read theirs
+from here. :data:`ADDED` gives the fields added after the first release with
+the value a config without them means; :func:`upgrade` fills them into a
+config saved by an older version (the one place that knows them: no
+``.get(field, default)`` elsewhere). :func:`validate` answers every bad value
+with one line naming the field, the value and what is allowed, instead of a
+failure deep inside JAX or optax minutes later. The command line
+(:mod:`charrnn.cli`) calls it right after flag parsing (before JAX is
+imported) and :func:`charrnn.train.train_and_evaluate` calls it again for
+library users. Cell names are read from the cell registry
 (:mod:`charrnn.cells`), which lists the built-in ones without importing JAX;
 the clipping rules and their fields from the registry in ``charrnn.clipping``
 (imported only after the plain checks pass).
@@ -22,19 +24,20 @@ import math
 from charrnn import cpu_devices  # no JAX
 from charrnn.errors import UserError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")  # optim.OPTIMIZERS
-SCHEDULES = ("constant", "cosine")  # optim.SCHEDULES
-CORPORA = ("shakespeare", "tinyshakespeare")  # data.BUILTIN_CORPORA
-MATMUL_DTYPES = ("float32", "bfloat16")
-DROPOUT_MASKS = ("step", "locked")  # the kinds of models.CharRNN.dropout_mask
+# field: its allowed values (the first is the default where ADDED names the field)
+CHOICES = {
+    "optim.name": ("adam", "adamw", "sgd"),
+    "optim.schedule": ("constant", "cosine"),
+    "data.name": ("shakespeare", "tinyshakespeare"),  # the built-in corpora (charrnn.data)
+    "model.matmul_dtype": ("float32", "bfloat16"),
+    "model.dropout_mask": ("step", "locked"),  # the kinds of models.CharRNN.dropout_mask
+}
 
 _POSITIVE_INTS = (
     "model.hidden_size", "model.num_layers", "model.embed_dim",
     "train.batch_size", "train.seq_len", "train.num_steps", "train.log_every",
     "train.eval_every", "train.checkpoint_every", "train.eval_batch_size",
     "train.max_consecutive_nonfinite", "train.keep_checkpoints")
-_CHOICES = {"optim.name": OPTIMIZERS, "optim.schedule": SCHEDULES,
-            "model.matmul_dtype": MATMUL_DTYPES, "model.dropout_mask": DROPOUT_MASKS}
 # field: (low, high, high included); checked only where the field matters (see _applies).
 _RANGES = {
     "data.val_fraction": (0.0, 1.0, False),
@@ -49,11 +52,11 @@ _RANGES = {
     "optim.ema_decay": (0.0, 1.0, False),
 }
 # Fields added after the first release, with the value a config without them means
-# (configs saved in older checkpoints lack them).
-_OPTIONAL = {"model.embed_init_std": 1.0, "model.weight_drop": 0.0,
-             "model.matmul_dtype": "float32", "optim.weight_decay": 0.0,
-             "train.cpu_devices": "auto", "model.dropout_mask": "step",
-             "optim.ema_decay": 0.0}
+# (configs saved in older checkpoints lack them): what upgrade() fills in.
+ADDED = {"model.fast_vjp": True, "model.remat": False, "model.embed_init_std": 1.0,
+         "model.weight_drop": 0.0, "model.matmul_dtype": CHOICES["model.matmul_dtype"][0],
+         "model.dropout_mask": CHOICES["model.dropout_mask"][0], "optim.weight_decay": 0.0,
+         "train.cpu_devices": "auto", "optim.ema_decay": 0.0}
 
 
 class ConfigError(UserError, ValueError):
@@ -70,8 +73,10 @@ def validate(config) -> None:
         value = _get(config, field, problems)
         if value is not _MISSING and not (_is_int(value) and value > 0):
             problems.append(f"{field} must be a positive integer, got {value!r}")
-    for field, choices in _CHOICES.items():
+    for field, choices in CHOICES.items():
         value = _get(config, field, problems)
+        if field == "data.name":
+            continue  # read only without data.path: a cross-field check below
         if value is not _MISSING and value not in choices:
             problems.append(f"unknown {field} {value!r}; choose from {', '.join(choices)}")
     for field, (low, high, closed) in _RANGES.items():
@@ -134,9 +139,10 @@ def _cross_field_problems(config) -> list[str]:
     if held_out >= 1.0:
         problems.append(f"data.val_fraction + data.test_fraction = {held_out:g} leave no "
                         "training text; their sum must be below 1")
-    if not config.data.path and config.data.name not in CORPORA:
+    corpora = CHOICES["data.name"]
+    if not config.data.path and config.data.name not in corpora:
         problems.append(f"unknown corpus data.name {config.data.name!r}; known names: "
-                        f"{', '.join(CORPORA)} (or pass a file with --config.data.path=...)")
+                        f"{', '.join(corpora)} (or pass a file with --config.data.path=...)")
     if not _is_known_encoding(config.data.encoding):
         problems.append(f"unknown text encoding data.encoding {config.data.encoding!r} "
                         "(e.g. utf-8, latin-1, cp1252, utf-16)")
@@ -176,8 +182,8 @@ def _get(config, field: str, problems: list):
         try:
             value = value[name]
         except (KeyError, TypeError):
-            if field in _OPTIONAL:
-                return _OPTIONAL[field]
+            if field in ADDED:
+                return ADDED[field]
             problems.append(f"the config has no field {field}")
             return _MISSING
     return value
@@ -189,3 +195,19 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def upgrade(config, section: str | None = None):
+    """A copy of a run config (a ConfigDict or a dict, e.g. one saved in an older
+    checkpoint) with every field of :data:`ADDED` it lacks set to its default.
+    ``section``: ``config`` is that block only (e.g. ``"model"``)."""
+    import ml_collections
+    config = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else config)
+    for field, default in ADDED.items():
+        block, name = field.split(".")
+        target = config if section == block else (
+            config[block] if section is None and block in config else None)
+        if target is not None and name not in target:
+            with target.unlocked():
+                target[name] = default
+    return config

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
+from charrnn import config as config_lib  # JAX-free
 from charrnn.errors import UserError
 
 
@@ -105,7 +106,7 @@ class Vocab:
 # ---------------------------------------------------------------------------
 # Corpora
 
-BUILTIN_CORPORA = ("shakespeare", "tinyshakespeare")
+BUILTIN_CORPORA = config_lib.CHOICES["data.name"]
 
 TINYSHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
@@ -125,6 +126,11 @@ def load_text(name: str = "shakespeare", path: str | None = None,
     known = ", ".join(BUILTIN_CORPORA)
     raise DataError(f"unknown corpus {name!r}; known names: {known} "
                     "(or pass a file with --config.data.path=...)")
+
+
+def load_corpus(data_config) -> str:
+    """The text a run's ``data`` config block names (``data.path`` wins over ``data.name``)."""
+    return load_text(data_config.name, data_config.path or None, data_config.encoding)
 
 
 def _read_file(path: str, encoding: str) -> str:
@@ -353,6 +359,11 @@ class Batcher:
         if self._window == self.windows_per_epoch:
             self._epoch, self._window = epoch + 1, 0
         return x, y, window == 0
+
+    def next_batch(self) -> dict:
+        """The next window as the train step's batch: ``{"x", "y": [B, T], "reset": bool []}``."""
+        x, y, reset = self.next()
+        return {"x": x, "y": y, "reset": np.bool_(reset)}
 
     def state_dict(self) -> dict:
         """The position of the NEXT window: {"epoch": e, "window": w}."""

@@ -27,9 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from charrnn import cells as cell_registry
+from charrnn import config as config_lib
 from charrnn import scan
 
 CELLS = cell_registry.names()  # the built-in cell names (the registry's)
+MATMUL_DTYPE = config_lib.CHOICES["model.matmul_dtype"][0]  # float32: the default operand type
 
 Carry = Any  # one carry per layer: [B, H] (rnn, irnn, gru, mgu) or a (c, h) pair (lstm)
 
@@ -43,7 +45,7 @@ class CellModule(nn.Module):
     """
     cell: Any  # a charrnn.cells.base.Cell
     hidden_size: int
-    matmul_dtype: str = "float32"  # operand type of the products (see scan.matmul)
+    matmul_dtype: str = MATMUL_DTYPE  # operand type of the products (see scan.matmul)
 
     @nn.compact
     def __call__(self, carry, x):
@@ -62,7 +64,7 @@ class CellModule(nn.Module):
         return self.cell.init_carry(batch_size, self.hidden_size)
 
 
-def cell_module(name: str, hidden_size: int, matmul_dtype: str = "float32") -> CellModule:
+def cell_module(name: str, hidden_size: int, matmul_dtype: str = MATMUL_DTYPE) -> CellModule:
     """The Flax module of the cell registered as ``name`` (e.g. ``cell_module("rnn", 64)``)."""
     return CellModule(cell_registry.get(name), hidden_size=hidden_size, matmul_dtype=matmul_dtype)
 
@@ -113,23 +115,20 @@ class CharRNN:
     dropout: float = 0.0
     fast_vjp: bool = True
     remat: bool = False
-    matmul_dtype: str = "float32"
+    matmul_dtype: str = MATMUL_DTYPE
     embed_init_std: float = 1.0
     weight_drop: float = 0.0
     dropout_mask: str = "step"
 
     @classmethod
     def from_config(cls, model_config, vocab_size: int) -> "CharRNN":
-        # .get: configs saved before a field existed still load.
-        return cls(vocab_size=vocab_size, cell=model_config.cell,
-                              hidden_size=model_config.hidden_size, num_layers=model_config.num_layers,
-                              embed_dim=model_config.embed_dim, dropout=model_config.dropout,
-                              fast_vjp=model_config.get("fast_vjp", True),
-                              remat=model_config.get("remat", False),
-                              matmul_dtype=model_config.get("matmul_dtype", "float32"),
-                              embed_init_std=model_config.get("embed_init_std", 1.0),
-                              weight_drop=model_config.get("weight_drop", 0.0),
-                              dropout_mask=model_config.get("dropout_mask", "step"))
+        """The model of a ``model`` config block (one saved by an older version too)."""
+        m = config_lib.upgrade(model_config, section="model")
+        return cls(vocab_size=vocab_size, cell=m.cell, hidden_size=m.hidden_size,
+                   num_layers=m.num_layers, embed_dim=m.embed_dim, dropout=m.dropout,
+                   fast_vjp=m.fast_vjp, remat=m.remat, matmul_dtype=m.matmul_dtype,
+                   embed_init_std=m.embed_init_std, weight_drop=m.weight_drop,
+                   dropout_mask=m.dropout_mask)
 
     @property
     def cell_def(self):

@@ -1,31 +1,43 @@
-"""The optimizer: a clipping rule followed by Adam, AdamW or SGD.
+"""The optimizer: a clipping rule followed by Adam, AdamW or SGD, built once per run.
 
-    tx = optax.chain(clip(τ), adam(schedule))
+    update = base(schedule)( clip(τ)(∇θ L) )        (optax.chain(clip, base), by hand)
 
-The clipping rules live in :mod:`charrnn.clipping` (their registry); this
-module chains the one ``optim.clip_mode`` names in front of the update rule.
+:class:`Optimizer` is the one object that the train step, the sweep, resuming
+and the studies use: :meth:`Optimizer.from_config` builds the clipping rule
+(:mod:`charrnn.clipping`, the one ``optim.clip_mode`` names), the update rule
+and its learning-rate schedule from a run config; :meth:`Optimizer.init`
+makes its state and :meth:`Optimizer.update` steps it. The state's layout
+(a ``(clip state, update-rule state)`` pair, as ``optax.chain`` keeps it, so
+checkpoints of every earlier version restore) is this class's business alone.
 
-Clipping is the first link of the chain, so it acts on the raw gradient
-exactly between ``jax.value_and_grad`` and the optimizer's update (Pascanu,
-Mikolov & Bengio 2013, "On the difficulty of training recurrent neural
-networks", Algorithm 1). For ``global_norm`` the project matches optax:
+Clipping acts on the raw gradient exactly between ``jax.value_and_grad`` and
+the update rule (Pascanu, Mikolov & Bengio 2013, "On the difficulty of
+training recurrent neural networks", Algorithm 1). For ``global_norm`` the
+project matches optax:
 
     g = ||∇θ L||_2 ;  ĝ = ∇θ L · τ / g  if g > τ,  else ∇θ L
 
 (no epsilon: PyTorch's ``clip_grad_norm_`` divides by g + 1e-6 instead.)
 Scaling every component by the same factor keeps the gradient's direction.
+
+The optimizer also owns the averaged weights' decay (``optim.ema_decay``,
+0 = none): ema_k = d·ema_{k-1} + (1-d)·θ_k after every step.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from charrnn import clipping
+from charrnn import config as config_lib
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = config_lib.CHOICES["optim.name"]
+SCHEDULES = config_lib.CHOICES["optim.schedule"]
 
 
 def make_schedule(optim_config, num_steps: int) -> optax.Schedule:
@@ -41,15 +53,8 @@ def make_schedule(optim_config, num_steps: int) -> optax.Schedule:
     raise ValueError(f"unknown optim.schedule {optim_config.schedule!r}; choose from {SCHEDULES}")
 
 
-def make_clip(optim_config) -> optax.GradientTransformation:
-    """The clipping link of the chain: the registered rule ``optim.clip_mode``
-    (:mod:`charrnn.clipping`) at the config's strength."""
-    return clipping.from_config(optim_config).transform
-
-
-def make_base_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
-    """The update rule that receives the (possibly clipped) gradient."""
-    schedule = make_schedule(optim_config, num_steps)
+def make_base_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The update rule that receives the (possibly clipped) gradient, at ``schedule``."""
     if optim_config.name == "adam":
         return optax.adam(schedule, b1=optim_config.b1, b2=optim_config.b2)
     if optim_config.name == "adamw":
@@ -67,9 +72,49 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    """``optax.chain(clip, adam|adamw|sgd)`` for a full run config."""
-    return optax.chain(make_clip(config.optim), make_base_optimizer(config.optim, config.train.num_steps))
+class Update(NamedTuple):
+    """What one :meth:`Optimizer.update` gives back."""
+    updates: Any  # the parameter change, θ ← θ + updates
+    clipped: Any  # the gradient after the clipping rule (what the update rule read)
+    state: Any  # the optimizer state after the step
+    threshold: jax.Array  # float32 []: the clipping threshold in force (inf: none)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """The clipping rule, the update rule and its schedule of one run (or one
+    sweep group, whose strength is a traced scalar), plus the averaging decay."""
+    clip: clipping.Clip
+    base: optax.GradientTransformation
+    schedule: optax.Schedule
+    ema_decay: float = 0.0
+
+    @classmethod
+    def from_config(cls, config, strength=None) -> "Optimizer":
+        """The optimizer of a full run config; ``strength``: the clipping rule's
+        strength instead of the config's (a sweep passes a traced scalar)."""
+        optim_config = config_lib.upgrade(config).optim
+        schedule = make_schedule(optim_config, config.train.num_steps)
+        return cls(clip=clipping.from_config(optim_config, strength),
+                   base=make_base_optimizer(optim_config, schedule), schedule=schedule,
+                   ema_decay=float(optim_config.ema_decay))
+
+    @classmethod
+    def frozen(cls) -> "Optimizer":
+        """No clipping and a zero update: a step with it measures without moving."""
+        return cls(clip=clipping.from_rule("none"), base=optax.set_to_zero(),
+                   schedule=optax.constant_schedule(0.0))
+
+    def init(self, params):
+        return (self.clip.transform.init(params), self.base.init(params))
+
+    def update(self, grads, state, params) -> Update:
+        """Clip the raw gradient, then step the update rule on the clipped one."""
+        clip_state, base_state = state
+        # Gradient clipping sits here: after the backward pass, before the update rule.
+        clipped, clip_state = self.clip.transform.update(grads, clip_state, params)
+        updates, base_state = self.base.update(clipped, base_state, params)
+        return Update(updates, clipped, (clip_state, base_state), self.clip.threshold(clip_state))
 
 
 def global_norm(tree) -> jnp.ndarray:

@@ -7,7 +7,7 @@ Data parallelism on a one-axis mesh named ``data``:
     batch x, y [B, T], carry [B, H] -> rows sharded    NamedSharding(mesh, P('data'))
 
 The train step is one ``jax.jit`` of a ``jax.shard_map``
-(``step.make_train_step(model, config, mesh)``): each device runs the forward
+(``step.make_train_step(model, optimizer, mesh)``): each device runs the forward
 and backward pass on its rows, then the loss and the gradient are averaged over
 the devices (one all-reduce), so the gradient the step sees (and clips by its
 global norm) is the gradient of the whole batch's mean loss, exactly as on one
@@ -242,13 +242,13 @@ class DataParallel:
         return jax.tree.map(_put, state, self.state_shardings(state))
 
     def wrap_step(self, step_fn):
-        """``step_fn(state, batch, key)`` fed with the batch rows sharded over the mesh."""
+        """``step_fn(state, batch)`` fed with the batch rows sharded over the mesh."""
         if self.mesh is None:
             return step_fn
         mesh = self.mesh
 
-        def step(state, batch, key):
-            return step_fn(state, shard_batch(batch, mesh), key)
+        def step(state, batch):
+            return step_fn(state, shard_batch(batch, mesh))
         return step
 
     def wrap_eval(self, eval_fn):

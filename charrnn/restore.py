@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from charrnn import clipping, data, models, optim
+from charrnn import config as config_lib
 from charrnn import step as step_lib
 from charrnn.checkpoint import CheckpointError, Checkpointer
 
@@ -67,12 +68,12 @@ def check_resumable(meta: dict, config, text_sha256: str) -> None:
     was trained on, absent in checkpoints written before it was kept).
     ``text_sha256``: that of the text this run has read.
     """
-    saved, current = meta["config"], config.to_dict()
+    saved, current = config_lib.upgrade(meta["config"]).to_dict(), config_lib.upgrade(config).to_dict()
     differing = differences(saved, current, _SHAPE_FIELDS + _SAME_RUN_FIELDS)
     if current["optim"]["name"] == "sgd" and (
             bool(saved["optim"].get("momentum")) != bool(current["optim"]["momentum"])):
         differing.append("optim.momentum (on/off)")  # plain SGD keeps no momentum state
-    if bool(_field(saved, "optim.ema_decay")) != bool(current["optim"].get("ema_decay")):
+    if bool(saved["optim"]["ema_decay"]) != bool(current["optim"]["ema_decay"]):
         differing.append("optim.ema_decay (on/off)")  # the averaged weights are state
     differing += clipping.resume_problems(saved.get("optim", {}), current["optim"])
     old, new = corpus_of(saved), corpus_of(current)
@@ -188,24 +189,23 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "raw")
     """
     if weights not in WEIGHTS:
         raise CheckpointError(f"unknown --weights={weights!r}; choose from {', '.join(WEIGHTS)}")
-    import ml_collections
     ckpt = Checkpointer(workdir, create=False)
     try:
         step, meta = ckpt.restore_meta(step)
-        config = ml_collections.ConfigDict(meta["config"])
+        config = config_lib.upgrade(meta["config"])
         vocab = data.Vocab.from_json(meta["vocab"])
         model = models.CharRNN.from_config(config.model, vocab.size)
         # Shapes only (initialising the weights would compile dozens of ops), placed on
         # this process's first device: the checkpoint's own shardings name the devices
         # that saved it (e.g. cuda:0), which this machine may not have.
-        has_ema = step_lib.ema_decay(config) > 0
+        optimizer = optim.Optimizer.from_config(config)
+        has_ema = optimizer.ema_decay > 0
         if weights == "ema" and not has_ema:
             raise CheckpointError(
                 f"--weights=ema: the run in {workdir} kept no averaged weights "
                 "(optim.ema_decay was 0); use --weights=raw")
         like = jax.eval_shape(lambda: step_lib.init_state(
-            model, optim.make_optimizer(config), config.train.batch_size, config.seed,
-            ema=has_ema))
+            model, optimizer, config.train.batch_size, config.seed))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), like)
         state = ckpt.restore_state(step, like)
@@ -220,9 +220,9 @@ def evaluate_workdir(workdir: str, step: int | None = None, weights: str = "auto
     (default: the latest) with ``weights`` (see :func:`load_checkpoint`); printed."""
     config, vocab, model, params, step = load_checkpoint(workdir, step, weights)
     if weights == "auto":
-        weights = "ema" if step_lib.ema_decay(config) > 0 else "raw"
+        weights = "ema" if config.optim.ema_decay > 0 else "raw"
     print(f"step {step} | {'averaged' if weights == 'ema' else 'raw'} weights", flush=True)
-    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
+    text = data.load_corpus(config.data)
     _, val_ids, test_ids = data.split(vocab.encode(text), config.data.val_fraction,
                                       config.data.test_fraction)
     eval_fn = step_lib.make_eval_step(model)

@@ -7,9 +7,9 @@ One training iteration, in the order the seed describes it:
    window (truncated BPTT);
 2. loss: mean cross-entropy against the next characters, in nats/char;
 3. backward pass (BPTT through the scan): raw gradients g;
-4. clipping: ``clip.update(g)`` — exactly between the backward pass and the
-   optimizer (see :func:`train_step`);
-5. optimizer step: Adam (or SGD) on the clipped gradient.
+4. clipping: the rule of ``optim.clip_mode`` — exactly between the backward
+   pass and the update rule (:meth:`optim.Optimizer.update`);
+5. the update rule: Adam (or SGD) on the clipped gradient.
 
 Everything here is a pure function of arrays (plus the jit wrappers that bind
 a model and an optimizer); the host loop that feeds it is :mod:`charrnn.train`.
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from charrnn import clipping, data, diagnostics, hostmem, models, optim, parallel
+from charrnn import data, diagnostics, hostmem, models, optim, parallel
 
 LN2 = math.log(2.0)
 
@@ -37,9 +37,9 @@ class TrainState:
     """Everything a step changes; a pytree of arrays (saved as-is in checkpoints)."""
     step: jax.Array  # int32 []: steps taken (skipped non-finite steps included)
     params: dict
-    opt_state: Any  # (clip state, optimizer state), as optax.chain keeps it
+    opt_state: Any  # optim.Optimizer's state (its own layout)
     carry: tuple  # hidden state carried into the next window, [B, H] per layer
-    rng: jax.Array  # uint32 key data; dropout key of step s = fold_in(key, s)
+    rng: jax.Array  # uint32 key data; the dropout key of step s is fold_in(key, s)
     nonfinite_run: jax.Array  # int32 []: consecutive skipped steps so far
     nonfinite_total: jax.Array  # int32 []: all skipped steps
     # Averaged weights (optim.ema_decay > 0; None when off): ema_k = d·ema_{k-1} + (1-d)·θ_k
@@ -47,21 +47,16 @@ class TrainState:
     ema: Any = None
 
 
-def ema_decay(config) -> float:
-    """The run's optim.ema_decay (0: no averaged weights; configs saved before it: 0)."""
-    return float(config.optim.get("ema_decay", 0.0))
-
-
-def init_state(model: models.CharRNN, tx: optax.GradientTransformation, batch_size: int,
-               seed: int, ema: bool = False) -> TrainState:
-    """Step 0 of a run; ``ema``: also keep averaged weights (:func:`ema_decay` > 0)."""
+def init_state(model: models.CharRNN, optimizer: optim.Optimizer, batch_size: int,
+               seed: int) -> TrainState:
+    """Step 0 of a run (with averaged weights when ``optimizer.ema_decay`` > 0)."""
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
     params = model.init(init_key)
     zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
-    return TrainState(step=zero(), params=params, opt_state=tx.init(params),
+    return TrainState(step=zero(), params=params, opt_state=optimizer.init(params),
                       carry=model.initial_carry(batch_size),
                       rng=jax.random.key_data(dropout_key), nonfinite_run=zero(), nonfinite_total=zero(),
-                      ema=jax.tree.map(jnp.copy, params) if ema else None)
+                      ema=jax.tree.map(jnp.copy, params) if optimizer.ema_decay else None)
 
 
 def update_ema(ema, params, decay):
@@ -78,28 +73,28 @@ def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), carry
 
 
-def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
-               clip: optax.GradientTransformation, optimizer: optax.GradientTransformation,
-               schedule, axis_name: str | None = None,
-               clip_threshold=None, ema_decay: float = 0.0) -> tuple[TrainState, dict]:
+def step_key(state: TrainState) -> jax.Array:
+    """The dropout key of the step ``state`` is about to take: ``fold_in(key(rng), step)``."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def train_step(state: TrainState, batch: dict, *, model: models.CharRNN,
+               optimizer: optim.Optimizer, axis_name: str | None = None) -> tuple[TrainState, dict]:
     """One update: forward, loss, gradient, clip, optimizer step.
 
     batch: ``x``, ``y`` int [B, T] and ``reset`` bool [] (start of an epoch:
-    the carried hidden state restarts from zeros). key: dropout key of this step.
-    A step whose loss, gradient or update is not finite changes neither the
-    parameters nor the optimizer state; it is counted instead. (An update whose
-    norm overflows float32, e.g. Adam with a learning rate of 1e20, counts too:
-    applying it would leave finite but meaningless weights, and the next loss inf.)
+    the carried hidden state restarts from zeros). The step's dropout key is
+    :func:`step_key` of the state. A step whose loss, gradient or update is not
+    finite changes neither the parameters nor the optimizer state; it is counted
+    instead. (An update whose norm overflows float32, e.g. Adam with a learning
+    rate of 1e20, counts too: applying it would leave finite but meaningless
+    weights, and the next loss inf.)
 
     ``axis_name``: run per device under ``jax.shard_map`` over the batch rows
     (:func:`make_train_step` with a mesh): the loss and the gradient are averaged
     over that axis right after the backward pass (equal shares, so this is the
     whole batch's mean and its gradient), and everything after, clipping
     included, sees exactly what one device would.
-
-    ``clip_threshold``: clip state after the update -> the threshold in force
-    (``clipping.Clip.threshold``), logged as ``clip_threshold``; None logs none.
-    ``ema_decay``: d of the averaged weights ``state.ema`` (when the state keeps them).
     """
     carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), state.carry)
     rows = None
@@ -107,31 +102,31 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
         local = batch["x"].shape[0]
         rows = (jax.lax.axis_index(axis_name) * local, local * jax.lax.axis_size(axis_name))
     (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, model, carry, batch["x"], batch["y"], key, rows)
+        state.params, model, carry, batch["x"], batch["y"], step_key(state), rows)
     if axis_name is not None:
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
 
     grad_norm = optim.global_norm(grads)  # g = ||∇θ L||_2, before clipping
-    clip_state, opt_state = state.opt_state
-    # Gradient clipping sits here: after the backward pass, before the optimizer.
-    clipped, clip_state = clip.update(grads, clip_state, state.params)
-    updates, opt_state = optimizer.update(clipped, opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = None if state.ema is None else update_ema(state.ema, params, ema_decay)
+    # Clipping, then the update rule (optim.Optimizer.update): between the backward pass
+    # and the parameter update.
+    step = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, step.updates)
+    ema = None if state.ema is None else update_ema(state.ema, params, optimizer.ema_decay)
 
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optim.global_norm(updates)))
+              & jnp.isfinite(optim.global_norm(step.updates)))
     keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     nonfinite_run = jnp.where(finite, 0, state.nonfinite_run + 1)
     new_state = TrainState(
         step=state.step + 1,
         params=keep_new(params, state.params),
-        opt_state=keep_new((clip_state, opt_state), state.opt_state),
+        opt_state=keep_new(step.state, state.opt_state),
         carry=keep_new(new_carry, jax.tree.map(jnp.zeros_like, new_carry)),
         rng=state.rng, nonfinite_run=nonfinite_run,
         nonfinite_total=state.nonfinite_total + (1 - finite.astype(jnp.int32)),
         ema=None if ema is None else keep_new(ema, state.ema))
 
+    clipped = step.clipped
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
@@ -141,17 +136,17 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
         "clipped": jnp.any(jnp.array([jnp.any(a != b) for a, b in
                                       zip(jax.tree.leaves(clipped), jax.tree.leaves(grads))])),
         "nonfinite": 1 - finite.astype(jnp.int32),
-        "lr": schedule(state.step),
+        "lr": optimizer.schedule(state.step),
+        "clip_threshold": step.threshold,
     }
-    if clip_threshold is not None:
-        metrics["clip_threshold"] = clip_threshold(clip_state)
     for layer, w_grad in enumerate(models.recurrent_weights(grads)):
         metrics[f"whh_grad_norm/{layer}"] = jnp.linalg.norm(w_grad)
     return new_state, metrics
 
 
-def make_train_step(model, config, mesh=None):
-    """``train_step`` bound to this run's model and optimizer, jitted once, state donated.
+def make_train_step(model, optimizer: optim.Optimizer, mesh=None):
+    """``train_step`` bound to this run's model and optimizer, jitted once, state donated:
+    ``(state, batch) -> (state, metrics)``.
 
     With a data ``mesh`` (:class:`parallel.DataParallel`'s) each device steps its
     rows of the batch and carry under ``jax.shard_map``, with one all-reduce of
@@ -161,23 +156,31 @@ def make_train_step(model, config, mesh=None):
     """
     hostmem.keep_freed_memory()  # on CPU, stops every step page-faulting its buffers in again
     axis = None if mesh is None else mesh.axis_names[0]
-    clip = clipping.from_config(config.optim)
-    step = functools.partial(
-        train_step, model=model, clip=clip.transform, clip_threshold=clip.threshold,
-        optimizer=optim.make_base_optimizer(config.optim, config.train.num_steps),
-        schedule=optim.make_schedule(config.optim, config.train.num_steps), axis_name=axis,
-        ema_decay=ema_decay(config))
+    step = functools.partial(train_step, model=model, optimizer=optimizer, axis_name=axis)
     if mesh is not None:
         rows, whole = parallel.P(axis), parallel.P()
         state = TrainState(step=whole, params=whole, opt_state=whole, carry=rows, rng=whole,
                            nonfinite_run=whole, nonfinite_total=whole,
-                           ema=whole if ema_decay(config) else None)
+                           ema=whole if optimizer.ema_decay else None)
         batch = {"x": rows, "y": rows, "reset": whole}
         # check_vma=False: the scan's custom VJPs (charrnn.scan) do not type their
         # cotangents by device variance; train_step averages the gradient itself.
-        step = jax.shard_map(step, mesh=mesh, in_specs=(state, batch, whole),
+        step = jax.shard_map(step, mesh=mesh, in_specs=(state, batch),
                              out_specs=(state, whole), check_vma=False)
     return jax.jit(step, donate_argnums=0)
+
+
+def run_steps(step_fn, state, next_batch, start: int, stop: int):
+    """The one loop over training steps: from step ``start`` to ``stop``, feed
+    ``next_batch()`` to ``state, metrics = step_fn(state, batch)``.
+
+    Yields ``(steps done, state, metrics)`` after each step; what to record,
+    evaluate or save in between is the caller's (the training loop, a sweep's
+    single run or group, the studies).
+    """
+    for step in range(start, stop):
+        state, metrics = step_fn(state, next_batch())
+        yield step + 1, state, metrics
 
 
 def eval_step(params, carry, x, y, mask, *, model):
@@ -192,35 +195,44 @@ def eval_step(params, carry, x, y, mask, *, model):
     return carry, jnp.sum(nll * mask, axis=-1)
 
 
-def make_eval_step(model):
-    return jax.jit(functools.partial(eval_step, model=model))
+def make_eval_step(model, runs: bool = False):
+    """:func:`eval_step` jitted; ``runs``: over the params and carries of many runs
+    stacked on a leading axis [R, ...] (a sweep group), the windows shared."""
+    step = functools.partial(eval_step, model=model)
+    return jax.jit(jax.vmap(step, in_axes=(0, 0, None, None, None)) if runs else step)
 
 
 def evaluate(eval_fn, model, params, ids: np.ndarray, batch_size: int, seq_len: int,
-             burn_in: int = data.EVAL_BURN_IN) -> dict:
+             burn_in: int = data.EVAL_BURN_IN, num_runs: int | None = None) -> dict:
     """Loss over a whole split, the hidden state carried from window to window.
 
     The split is read as ``batch_size`` streams, each of which first reads the
     ``burn_in`` characters before its start without scoring them
     (:func:`data.eval_windows`), so the loss is that of one stream carried
     through the whole split, whatever the batch size.
+    ``num_runs``: ``params`` are R runs' stacked (``eval_fn`` from
+    ``make_eval_step(model, runs=True)``); the losses are then arrays [R].
     Returns ``{"loss": nats/char, "bpc": bits/char}``.
     """
     carry = model.initial_carry(batch_size)
+    if num_runs is not None:
+        carry = jax.tree.map(lambda a: jnp.stack([a] * num_runs), carry)
     total, count = 0.0, 0
     for x, y, mask in data.eval_windows(ids, batch_size, seq_len, burn_in):
         carry, nll = eval_fn(params, carry, x, y, mask)
-        total += nll  # per row [B], stays on device (and sharded) until the end
+        total = total + nll  # per row [(R,) B], stays on device (and sharded) until the end
         count += int(mask.sum())
     loss = _sum_rows(total) / count
     return {"loss": loss, "bpc": loss / LN2}
 
 
-def _sum_rows(total) -> float:
-    """The per-row totals added up in float64; in a multi-process run, every process's rows."""
+def _sum_rows(total):
+    """The per-row totals [(R,) B] added up over the rows in float64 (a float, or [R]);
+    in a multi-process run, every process's rows."""
     if getattr(total, "is_fully_addressable", True):
         rows = jax.device_get(total)
     else:
         from jax.experimental import multihost_utils
         rows = multihost_utils.process_allgather(total, tiled=True)
-    return float(np.asarray(rows, np.float64).sum())
+    summed = np.asarray(rows, np.float64).sum(axis=-1)
+    return float(summed) if summed.ndim == 0 else summed

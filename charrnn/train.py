@@ -35,7 +35,7 @@ from charrnn.metrics import MetricWriter
 from charrnn.step import LN2
 
 
-def summarize(step_metrics: list[dict]) -> dict:
+def train_record(step_metrics: list[dict]) -> dict:
     """One train record from the per-step metrics since the last record (host arrays)."""
     stacked = {k: np.stack([m[k] for m in step_metrics]) for k in step_metrics[0]}
     finite = stacked["nonfinite"] == 0
@@ -74,7 +74,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, launch: dic
     config_lib.validate(config)
     config = _with_absolute_path(config)
     # Read before the workdir is touched: a bad data file leaves no trace there.
-    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
+    text = data.load_corpus(config.data)
     num_train, _, _ = data.split_sizes(len(text), config.data.val_fraction,
                                        config.data.test_fraction)
     data.check_fits_one_window(num_train, config.train.batch_size, config.train.seq_len)
@@ -107,11 +107,11 @@ def _train_and_evaluate(config, workdir: str, text: str, launch: dict, init) -> 
                                               config.data.test_fraction)
     batcher = data.Batcher(train_ids, config.train.batch_size, config.train.seq_len, config.seed)
     model = models.CharRNN.from_config(config.model, start.vocab.size)
+    optimizer = optim.Optimizer.from_config(config)
     # One device: no mesh. Several (or several processes): batch rows over a data mesh.
     dp = parallel.DataParallel.create(config.train.batch_size)
     state = dp.create_state(functools.partial(
-        step_lib.init_state, model, optim.make_optimizer(config), config.train.batch_size,
-        config.seed, ema=step_lib.ema_decay(config) > 0))
+        step_lib.init_state, model, optimizer, config.train.batch_size, config.seed))
     pending = []  # per-step metrics since the last train record
     if start.step:
         state = ckpt.restore_state(start.step, state)
@@ -138,7 +138,7 @@ def _train_and_evaluate(config, workdir: str, text: str, launch: dict, init) -> 
                          start_step=start.step, checkpoints=ckpt.directory,
                          init_from=start.init_from), flush=True)
 
-    loop = _Loop(config, model, start, batcher, ckpt, writer, (val_ids, test_ids), dp)
+    loop = _Loop(config, model, optimizer, start, batcher, ckpt, writer, (val_ids, test_ids), dp)
     with _StopOnSignal() as stop:
         try:
             return loop.run(state, stop, pending)
@@ -179,13 +179,14 @@ class _StopOnSignal:
 class _Loop:
     """The host side of training: feeding batches, logging, evaluating, saving."""
 
-    def __init__(self, config, model, start, batcher, ckpt, writer, eval_splits, dp=None):
+    def __init__(self, config, model, optimizer, start, batcher, ckpt, writer, eval_splits,
+                 dp=None):
         """``start``: a :class:`restore.RunStart` (vocabulary, text hash, fine-tuning source)."""
         self.config, self.model, self.start = config, model, start
         self.batcher, self.ckpt, self.writer = batcher, ckpt, writer
         self.val_ids, self.test_ids = eval_splits
         self.dp = dp or parallel.DataParallel(mesh=None)
-        self.step_fn = self.dp.wrap_step(step_lib.make_train_step(model, config, self.dp.mesh))
+        self.step_fn = self.dp.wrap_step(step_lib.make_train_step(model, optimizer, self.dp.mesh))
         self.eval_fn = self.dp.wrap_eval(step_lib.make_eval_step(model))
 
     def run(self, state: step_lib.TrainState, stop: _StopOnSignal,
@@ -193,7 +194,6 @@ class _Loop:
         """Steps from ``state.step`` to ``train.num_steps``; ``pending``: the per-step
         metrics since the last train record, as saved in the checkpoint resumed from."""
         cfg = self.config.train
-        base_key = jax.random.wrap_key_data(np.asarray(state.rng))
         start = int(state.step)
         chars_per_step = cfg.batch_size * cfg.seq_len
         pending, result = list(pending or []), {}
@@ -201,12 +201,10 @@ class _Loop:
         self.started = tick  # eval records carry wall_s: seconds since this process began training
         if start >= cfg.num_steps:
             print(f"already trained for {start} steps (train.num_steps={cfg.num_steps})", flush=True)
-        for step in range(start, cfg.num_steps):
-            x, y, reset = self.batcher.next()
-            batch = {"x": x, "y": y, "reset": np.bool_(reset)}
-            state, metrics = self.step_fn(state, batch, jax.random.fold_in(base_key, step))
+        steps = step_lib.run_steps(self.step_fn, state, self.batcher.next_batch, start,
+                                   cfg.num_steps)
+        for done, state, metrics in steps:
             pending.append(metrics)
-            done = step + 1
             last = done == cfg.num_steps
             if done == start + 1:
                 jax.block_until_ready(metrics)
@@ -216,7 +214,7 @@ class _Loop:
             else:
                 timed_steps += 1
             if done % cfg.log_every == 0 or last:
-                record = summarize(jax.device_get(pending))
+                record = train_record(jax.device_get(pending))
                 elapsed = time.perf_counter() - tick
                 rate = timed_steps / elapsed if timed_steps else float("nan")
                 record["chars_per_sec"] = rate * chars_per_step

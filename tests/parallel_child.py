@@ -44,14 +44,13 @@ def train_steps(config, dp: parallel.DataParallel) -> dict:
     batcher = data.Batcher(vocab.encode(text), config.train.batch_size, config.train.seq_len,
                            config.seed)
     model = models.CharRNN.from_config(config.model, vocab.size)
-    state = dp.place_state(step_lib.init_state(model, optim.make_optimizer(config),
-                                            config.train.batch_size, config.seed))
-    step_fn = dp.wrap_step(step_lib.make_train_step(model, config, dp.mesh))
+    optimizer = optim.Optimizer.from_config(config)
+    state = dp.place_state(step_lib.init_state(model, optimizer, config.train.batch_size,
+                                               config.seed))
+    step_fn = dp.wrap_step(step_lib.make_train_step(model, optimizer, dp.mesh))
     out = {"loss": [], "grad_norm": [], "clipped": []}
     for step in range(NUM_STEPS):
-        x, y, reset = batcher.next()
-        batch = {"x": x, "y": y, "reset": np.bool_(reset)}
-        state, metrics = step_fn(state, batch, jax.random.fold_in(jax.random.key(1), step))
+        state, metrics = step_fn(state, batcher.next_batch())
         for key in out:
             out[key].append(jax.device_get(metrics[key]).item())
     out["params"] = [np.asarray(p).tolist() for p in jax.tree.leaves(state.params)]

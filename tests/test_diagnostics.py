@@ -128,6 +128,6 @@ def test_train_step_reports_the_clip_cosine(smoke_config):
     for mode, below_one in (("global_norm", False), ("value", True)):
         smoke_config.optim.clip_mode, smoke_config.optim.clip_norm = mode, 1e-3
         _, state, step_fn = _setup(smoke_config)
-        _, m = step_fn(state, _batch(smoke_config), jax.random.key(0))
+        _, m = step_fn(state, _batch(smoke_config))
         cosine = float(m["clip_cosine"])
         assert (cosine < 0.999) if below_one else cosine == pytest.approx(1.0, abs=1e-6)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from charrnn import models, optim
@@ -25,11 +26,17 @@ def _flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
-def test_make_clip_is_the_configured_rule_at_the_configured_strength():
-    clip = optim.make_clip(_optim_config(clip_norm=2.5))
+def _clip(**optim_fields):
+    config = ml_collections.ConfigDict({"optim": _optim_config(**optim_fields),
+                                        "train": {"num_steps": 10}})
+    return optim.Optimizer.from_config(config).clip.transform
+
+
+def test_the_optimizer_clips_with_the_configured_rule_at_the_configured_strength():
+    clip = _clip(clip_norm=2.5)
     clipped, _ = clip.update(GRADS, clip.init(GRADS))
     np.testing.assert_allclose(_flat(clipped), _flat(GRADS) * 0.5, rtol=1e-6)
-    clip = optim.make_clip(_optim_config(clip_mode="value", clip_norm=1.0))
+    clip = _clip(clip_mode="value", clip_norm=1.0)
     np.testing.assert_array_equal(_flat(clip.update(GRADS, clip.init(GRADS))[0]), [1.0, 0.0, 1.0])
 
 
@@ -37,14 +44,14 @@ def _real_step(smoke_config, **optim_fields):
     """(params before, grads at them, params after, metrics) of one real train step."""
     smoke_config.optim.update(optim_fields)
     model = models.CharRNN.from_config(smoke_config.model, 12)
-    state = step_lib.init_state(model, optim.make_optimizer(smoke_config),
-                             smoke_config.train.batch_size, smoke_config.seed)
+    optimizer = optim.Optimizer.from_config(smoke_config)
+    state = step_lib.init_state(model, optimizer, smoke_config.train.batch_size, smoke_config.seed)
     batch = _batch(smoke_config)
     before = jax.tree.map(np.array, state.params)
     carry = model.initial_carry(smoke_config.train.batch_size)
     grads = jax.grad(lambda p: step_lib.loss_fn(p, model, carry, batch["x"], batch["y"])[0])(
         state.params)
-    state, metrics = step_lib.make_train_step(model, smoke_config)(state, batch, jax.random.key(0))
+    state, metrics = step_lib.make_train_step(model, optimizer)(state, batch)
     return before, grads, jax.tree.map(np.array, state.params), metrics
 
 
@@ -78,17 +85,18 @@ def test_adam_update_differs_with_and_without_clipping(smoke_config):
         config = ml_collections.ConfigDict(smoke_config.to_dict())
         config.optim.update(name="adam", clip_mode=clip_mode, clip_norm=1e-2)
         model = models.CharRNN.from_config(config.model, 12)
-        state = step_lib.init_state(model, optim.make_optimizer(config), config.train.batch_size, 0)
+        optimizer = optim.Optimizer.from_config(config)
+        state = step_lib.init_state(model, optimizer, config.train.batch_size, 0)
         start = jax.tree.map(jnp.array, state.params)
-        step = step_lib.make_train_step(model, config)
+        step = step_lib.make_train_step(model, optimizer)
         batches = [_batch(config, 0), _batch(config, 1)]
         for i, b in enumerate(batches):
-            state, _ = step(state, b, jax.random.key(i))
+            state, _ = step(state, b)
         return model, config, start, batches, jax.tree.map(np.array, state.params)
 
     model, config, start, batches, clipped_run = two_steps("global_norm")
     *_, raw_run = two_steps("none")
-    adam = optim.make_base_optimizer(config.optim, config.train.num_steps)
+    adam = optax.adam(config.optim.learning_rate, b1=config.optim.b1, b2=config.optim.b2)
     params, opt_state = start, adam.init(start)
     carry = model.initial_carry(config.train.batch_size)  # every batch has reset=True
     for b in batches:  # the reference: optax.adam on hand-clipped gradients
@@ -106,7 +114,7 @@ def test_unknown_choices_are_rejected(field, value):
     config = ml_collections.ConfigDict({"optim": _optim_config(**{field: value}),
                                         "train": {"num_steps": 10}})
     with pytest.raises(ValueError, match="unknown"):
-        optim.make_optimizer(config)
+        optim.Optimizer.from_config(config)
 
 
 def test_cosine_schedule_warms_up_then_decays():
@@ -122,9 +130,9 @@ def test_adamw_decays_the_matrices_and_not_the_biases():
     # every parameter of two or more axes, and 0 on the vectors.
     config = ml_collections.ConfigDict({"optim": _optim_config(name="adamw", weight_decay=0.5),
                                         "train": {"num_steps": 10}})
-    tx = optim.make_optimizer(config)
+    tx = optim.Optimizer.from_config(config)
     params = {"kernel": jnp.array([[1.0, -2.0], [3.0, 4.0]]), "bias": jnp.array([5.0, 6.0])}
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
+    updates = tx.update(zeros, tx.init(params), params).updates
     np.testing.assert_allclose(updates["kernel"], -1e-2 * 0.5 * params["kernel"], rtol=1e-6)
     np.testing.assert_array_equal(updates["bias"], [0.0, 0.0])

@@ -364,7 +364,7 @@ def test_restoring_a_checkpoint_executes_no_pickle(reference, monkeypatch):
     try:
         _, meta = ckpt.restore_meta(step)  # what a resumed run reads: meta, then the full state
         like = jax.eval_shape(lambda: step_lib.init_state(
-            model, optim.make_optimizer(config), config.train.batch_size, config.seed))
+            model, optim.Optimizer.from_config(config), config.train.batch_size, config.seed))
         state = ckpt.restore_state(step, like)
     finally:
         ckpt.close()

@@ -20,9 +20,9 @@ from conftest import REPO
 
 def _setup(config, vocab_size=12):
     model = models.CharRNN.from_config(config.model, vocab_size)
-    state = step_lib.init_state(model, optim.make_optimizer(config), config.train.batch_size,
-                                config.seed, ema=step_lib.ema_decay(config) > 0)
-    return model, state, step_lib.make_train_step(model, config)
+    optimizer = optim.Optimizer.from_config(config)
+    state = step_lib.init_state(model, optimizer, config.train.batch_size, config.seed)
+    return model, state, step_lib.make_train_step(model, optimizer)
 
 
 def _batch(config, vocab_size=12, seed=0):
@@ -35,7 +35,7 @@ def _batch(config, vocab_size=12, seed=0):
 def test_one_train_step_starts_near_uniform_loss(smoke_config):
     _, state, step_fn = _setup(smoke_config)
     before = jax.tree.map(np.array, state.params)
-    state, m = step_fn(state, _batch(smoke_config), jax.random.key(0))
+    state, m = step_fn(state, _batch(smoke_config))
     # A fresh model predicts nearly uniformly: cross-entropy ≈ ln V.
     assert float(m["loss"]) == pytest.approx(math.log(12), abs=0.1)
     assert np.isfinite(float(m["grad_norm"])) and int(state.step) == 1
@@ -46,7 +46,7 @@ def test_one_train_step_starts_near_uniform_loss(smoke_config):
 def test_reported_norms_are_before_and_after_the_clip(smoke_config):
     smoke_config.optim.clip_norm = 1e-3  # every step clips
     _, state, step_fn = _setup(smoke_config)
-    _, m = step_fn(state, _batch(smoke_config), jax.random.key(0))
+    _, m = step_fn(state, _batch(smoke_config))
     assert float(m["grad_norm"]) > 1e-3
     assert float(m["grad_norm_clipped"]) == pytest.approx(1e-3, rel=1e-4)
     assert bool(m["clipped"])
@@ -61,7 +61,7 @@ def test_a_nonfinite_step_changes_nothing_and_is_counted(smoke_config):
         "kernel": state.params["head"]["kernel"].at[0, 0].set(jnp.inf),
         "bias": state.params["head"]["bias"]}})
     before = jax.tree.map(np.array, (state.params, state.opt_state, state.ema))
-    state, m = step_fn(state, _batch(smoke_config), jax.random.key(0))
+    state, m = step_fn(state, _batch(smoke_config))
     assert int(m["nonfinite"]) == 1 and int(state.nonfinite_run) == 1
     after = jax.tree.map(np.array, (state.params, state.opt_state, state.ema))
     jax.tree.map(np.testing.assert_array_equal, before, after)
@@ -74,7 +74,7 @@ def test_averaged_weights_are_the_closed_form_of_the_steps_taken(smoke_config):
     _, state, step_fn = _setup(smoke_config)
     thetas = [jax.tree.map(np.array, state.params)]
     for i in range(k):
-        state, _ = step_fn(state, _batch(smoke_config, seed=i), jax.random.key(i))
+        state, _ = step_fn(state, _batch(smoke_config, seed=i))
         thetas.append(jax.tree.map(np.array, state.params))
     weights = [d ** k] + [(1 - d) * d ** (k - i) for i in range(1, k + 1)]
     closed = jax.tree.map(lambda *ts: sum(w * t.astype(np.float64) for w, t in zip(weights, ts)),

@@ -59,20 +59,19 @@ def measure(smoke: bool, steps: int, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     tokens = lambda: jnp.asarray(rng.integers(0, _VOCAB, (B, T), dtype=np.int32))
     batch = {"x": tokens(), "y": tokens(), "reset": np.bool_(False)}
-    key = jax.random.key(0)
-
     def timed(step_fn):
         def run(state):
             for _ in range(steps):
-                state, m = step_fn(state, batch, key)
+                state, m = step_fn(state, batch)
             jax.block_until_ready(m)
             return state
         return run
 
     runs, states, times = {}, {}, {}
     for rule, config in configs.items():
-        runs[rule] = timed(step_lib.make_train_step(model, config))
-        state = step_lib.init_state(model, optim.make_optimizer(config), B, config.seed)
+        optimizer = optim.Optimizer.from_config(config)
+        runs[rule] = timed(step_lib.make_train_step(model, optimizer))
+        state = step_lib.init_state(model, optimizer, B, config.seed)
         states[rule] = runs[rule](state)  # compile and warm up
         times[rule] = []
     for _ in range(repeats):

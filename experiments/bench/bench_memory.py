@@ -73,15 +73,15 @@ def first_step(config_arg: str) -> dict:
     imported = time.perf_counter()
     config = default.get_config(config_arg or None)
     model = models.CharRNN.from_config(config.model, 65)
-    state = step_lib.init_state(model, optim.make_optimizer(config), config.train.batch_size,
-                             config.seed)
-    step = step_lib.make_train_step(model, config)
+    optimizer = optim.Optimizer.from_config(config)
+    state = step_lib.init_state(model, optimizer, config.train.batch_size, config.seed)
+    step = step_lib.make_train_step(model, optimizer)
     rng = np.random.default_rng(0)
     shape = (config.train.batch_size, config.train.seq_len)
     batch = {"x": rng.integers(0, 65, shape, dtype=np.int32),
              "y": rng.integers(0, 65, shape, dtype=np.int32), "reset": np.bool_(True)}
     begin = time.perf_counter()
-    state, metrics = step(state, batch, jax.random.key(0))
+    state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     done = time.perf_counter()
     return {"config": f"default.py{':' + config_arg if config_arg else ''}",

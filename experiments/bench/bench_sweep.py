@@ -68,18 +68,18 @@ def measure(config, num_runs: int, chunks: list, steps: int, repeats: int) -> di
                "reset": jnp.zeros((num_runs,), bool)}
     run_batch = [jax.tree.map(lambda a: a[r], batches) for r in range(num_runs)]
     seeds = [_with_seed(config, s) for s in range(num_runs)]
-    step_one = step_lib.make_train_step(model, seeds[0])
-    key = jax.random.key(0)
+    optimizers = [optim.Optimizer.from_config(c) for c in seeds]
+    step_one = step_lib.make_train_step(model, optimizers[0])
 
     def sequential(states):
         for r in range(num_runs):  # run r's steps, then the next run's
             for _ in range(steps):
-                states[r], m = step_one(states[r], run_batch[r], key)
+                states[r], m = step_one(states[r], run_batch[r])
         jax.block_until_ready(m)
         return states
 
-    variants = {"sequential": ([step_lib.init_state(model, optim.make_optimizer(c), B, c.seed)
-                                for c in seeds], sequential)}
+    variants = {"sequential": ([step_lib.init_state(model, tx, B, c.seed)
+                                for tx, c in zip(optimizers, seeds)], sequential)}
     taus = jnp.ones((num_runs,), jnp.float32)
     for chunk in chunks:
         step_all = sweep.make_group_step(model, seeds[0], chunk)

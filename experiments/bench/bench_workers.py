@@ -117,23 +117,20 @@ class JaxTrain(Task):
         config = charrnn_config(spec)
         self.model = models.CharRNN.from_config(config.model, VOCAB)
         dp = parallel.DataParallel.create(spec["batch"])
+        optimizer = optim.Optimizer.from_config(config)
         self.state = dp.create_state(functools.partial(
-            step_lib.init_state, self.model, optim.make_optimizer(config), spec["batch"],
-            config.seed))
-        self.step = dp.wrap_step(step_lib.make_train_step(self.model, config, dp.mesh))
+            step_lib.init_state, self.model, optimizer, spec["batch"], config.seed))
+        self.step = dp.wrap_step(step_lib.make_train_step(self.model, optimizer, dp.mesh))
         shape = (spec["batch"], spec["seq_len"])
         self.batch = {"x": _random_tokens(shape, 1), "y": _random_tokens(shape, 2),
                       "reset": np.bool_(False)}
-        self.key, self.count = jax.random.key(0), 0
         self.unit_size = shape[0] * shape[1]
 
     def run_units(self, n):
         import jax
         pending = None
         for _ in range(n):  # one step in flight while the next is dispatched, as in training
-            self.state, metrics = self.step(self.state, self.batch,
-                                            jax.random.fold_in(self.key, self.count))
-            self.count += 1
+            self.state, metrics = self.step(self.state, self.batch)
             if pending is not None:
                 jax.block_until_ready(pending)
             pending = metrics["loss"]

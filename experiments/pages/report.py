@@ -195,7 +195,7 @@ def measure_lm(lm: str, outdir: str, smoke: bool) -> dict:
 
     config, vocab, model, params, step = restore.load_checkpoint(lm)
     records = metrics.read_metrics(lm)
-    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
+    text = data.load_corpus(config.data)
     _, val_ids, _ = data.split(vocab.encode(text), config.data.val_fraction,
                                config.data.test_fraction)
     B, T = 2, min(config.train.seq_len, 64)

@@ -131,15 +131,15 @@ def train_and_measure(config, measure_every: int, seeds=None) -> tuple[list, flo
     from charrnn import data, models, optim
     from charrnn import step as step_lib
 
-    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
+    text = data.load_corpus(config.data)
     vocab = data.Vocab.from_text(text)
     train_ids, _, _ = data.split(vocab.encode(text), config.data.val_fraction,
                                  config.data.test_fraction)
     model = models.CharRNN.from_config(config.model, vocab.size)
-    tx, batch_size = optim.make_optimizer(config), config.train.batch_size
+    tx, batch_size = optim.Optimizer.from_config(config), config.train.batch_size
     # one compiled program rather than op-by-op dispatch (seconds of compiling tiny ops)
     init = jax.jit(lambda seed: step_lib.init_state(model, tx, batch_size, seed))
-    step_fn = step_lib.make_train_step(model, config)
+    step_fn = step_lib.make_train_step(model, tx)
 
     @jax.jit
     def measure(params, delta, carry, x, y):
@@ -162,26 +162,31 @@ def _one_run(state, step_fn, measure, batcher, num_steps: int, measure_every: in
     returns the measured rows (device values)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from charrnn import optim
+    from charrnn import step as step_lib
 
-    base_key = jax.random.wrap_key_data(np.asarray(state.rng))
-    rows = []
-    for t in range(num_steps):
-        x, y, reset = batcher.next()
-        due = t % measure_every == 0
-        if due:  # copies: the step donates the state's buffers
-            before = jax.tree.map(jnp.copy, state.params)
-            carry = jax.tree.map(lambda c: jnp.zeros_like(c) if reset else jnp.copy(c), state.carry)
-        state, metrics = step_fn(state, {"x": x, "y": y, "reset": np.bool_(reset)},
-                                 jax.random.fold_in(base_key, t))
+    def snapshot(state, due):  # copies: the step donates the state's buffers
+        return jax.tree.map(jnp.copy, (state.params, state.carry)) if due else None
+
+    last = {}
+
+    def next_batch():  # kept: the measurement reads the batch of the step just taken
+        last["batch"] = batcher.next_batch()
+        return last["batch"]
+
+    rows, before = [], snapshot(state, True)  # step 0 is measured
+    for done, state, metrics in step_lib.run_steps(step_fn, state, next_batch, 0, num_steps):
         clipped.append(metrics["clipped"])
-        if due:
-            delta = jax.tree.map(lambda a, b: a - b, state.params, before)
-            grad_norm, smooth = measure(before, delta, carry, x, y)
-            rows.append({"seed": seed, "step": t, "grad_norm": grad_norm, "smoothness": smooth,
-                         "loss": metrics["loss"], "update_norm": optim.global_norm(delta),
-                         "clipped": metrics["clipped"]})
+        if before is not None:
+            (params, carry), batch = before, last["batch"]
+            if batch["reset"]:
+                carry = jax.tree.map(jnp.zeros_like, carry)
+            delta = jax.tree.map(lambda a, b: a - b, state.params, params)
+            grad_norm, smooth = measure(params, delta, carry, batch["x"], batch["y"])
+            rows.append({"seed": seed, "step": done - 1, "grad_norm": grad_norm,
+                         "smoothness": smooth, "loss": metrics["loss"],
+                         "update_norm": optim.global_norm(delta), "clipped": metrics["clipped"]})
+        before = snapshot(state, done % measure_every == 0 and done < num_steps)
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The character-level language model: embedding -> stacked cells -> logits.
+"""The character-level language model: embedding -> stacked layers -> logits.
 
 A cell is defined once in :mod:`charrnn.cells` (its parameters, carry and
 update); :class:`CellModule` is the Flax module derived from it. Every cell
@@ -7,18 +7,21 @@ keeps its recurrent weights in one parameter named ``W_hh`` (shape
 weights in ``W_xh`` (``[E, G*H]``) and its bias in ``b`` (``[G*H]``). One
 matmul per weight per step computes all gates at once.
 
-The time loop is :func:`unroll`, one ``jax.lax.scan`` over a step function;
-training, evaluation, priming and sampling all go through it. For training
-speed, :meth:`CharRNN.__call__` by default runs each layer as one
-``jax.lax.scan`` whose backward pass is derived from the cell's update
-(:mod:`charrnn.scan`); ``fast_vjp=False`` (plain autodiff of :func:`unroll`
-over the Flax modules) gives the same numbers and is the reference.
+A :class:`Layer` is one cell over time behind its input projection (layer 0:
+token ids through the embedding; above it: the outputs of the layer below
+through W_xh). It runs a window one of two ways, chosen by one argument:
+``fast`` (training, evaluation and priming: :func:`charrnn.scan.recurrence`,
+a scan whose backward pass is derived from the cell) or the reference
+(autodiff of :func:`unroll` over the Flax module, which diagnostics
+differentiate step by step and tests compare against); and it takes one
+step at a time for sampling (:meth:`Layer.step`). :class:`CharRNN` builds
+the layers and composes them with dropout (:mod:`charrnn.dropout`) and the
+output head.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable
 
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 
 from charrnn import cells as cell_registry
 from charrnn import config as config_lib
+from charrnn import dropout as dropout_lib
 from charrnn import scan
 
 CELLS = cell_registry.names()  # the built-in cell names (the registry's)
@@ -70,12 +74,99 @@ def cell_module(name: str, hidden_size: int, matmul_dtype: str = MATMUL_DTYPE) -
 
 
 def unroll(step: Callable, carry, xs, unroll_steps: int = 1):
-    """The one time loop: ``jax.lax.scan`` of ``step(carry, x_t) -> (carry, y_t)``.
+    """The reference time loop: ``jax.lax.scan`` of ``step(carry, x_t) -> (carry, y_t)``.
 
     xs is a pytree with time as its leading axis ([T, ...]); returns
     (final carry, ys [T, ...]).
     """
     return jax.lax.scan(step, carry, xs, unroll=unroll_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """Layer ``index`` of a model: its input projection, then the cell over time.
+
+    Layer 0 reads token ids: its input pre-activation x_t W_xh + b is row
+    ``token_t`` of the table P = embed W_xh + b [V, G*H] (:func:`input_table`).
+    One V x E x G*H product replaces a T*B x E x G*H one, and the gradient of
+    the lookup (a scatter-add into P) replaces two more such products; where a
+    window has fewer tokens than the vocabulary, the embeddings are looked up
+    and projected instead. The layers above read the outputs h [.., H] of the
+    layer below through W_xh and b.
+    """
+    index: int
+    cell: Any  # a charrnn.cells.base.Cell
+    hidden_size: int
+    vocab_size: int
+    matmul_dtype: str = MATMUL_DTYPE
+
+    @property
+    def name(self) -> str:
+        return f"layer_{self.index}"
+
+    @property
+    def reads_tokens(self) -> bool:
+        return self.index == 0
+
+    @property
+    def module(self) -> CellModule:
+        return CellModule(self.cell, hidden_size=self.hidden_size, matmul_dtype=self.matmul_dtype)
+
+    def cell_step(self, params: dict) -> Callable:
+        """The reference step, ``(carry, x_t [B, in]) -> (carry, h_t [B, H])`` (x_t
+        the embeddings for layer 0), from the model's ``params``."""
+        p = {"params": params[self.name]}
+        return lambda carry, x: self.module.apply(p, carry, x)
+
+    def run(self, params: dict, carry, xs, *, fast: bool = True, unroll_steps: int = 1,
+            remat: bool = False):
+        """The layer over a window: xs token ids [T, B] (layer 0) or the layer below's
+        outputs [T, B, in] -> (carry after step T, hs [T, B, H]).
+
+        ``fast``: :func:`charrnn.scan.recurrence` (the derived backward); else the
+        reference, autodiff of :func:`unroll`. ``remat``: the backward pass
+        recomputes the forward pass in chunks of about √T steps (:func:`_remat_chunks`).
+        """
+        table = None
+        if self.reads_tokens:
+            if fast and self.vocab_size <= xs.size:
+                table = input_table(params)
+            else:
+                xs = params["embed"][xs]
+        p = params[self.name]
+
+        def over_time(inputs, carry, xs):
+            p, table = inputs
+            if not fast:
+                return unroll(self.cell_step({self.name: p}), carry, xs, unroll_steps)
+            return scan.recurrence(self.cell, p, carry, xs, table=table, unroll=unroll_steps,
+                                   matmul_dtype=self.matmul_dtype)
+        if remat:
+            return _remat_chunks(over_time, (p, table), carry, xs)
+        return over_time((p, table), carry, xs)
+
+    def step_weights(self, params: dict) -> tuple:
+        """What every sampling step of this layer reads, prepared once per loop:
+        (W_hh cast to the products' operand type, the cell's extras) and the input
+        projection (layer 0: the table P; above: W_xh cast, and b)."""
+        dtype = jnp.dtype(self.matmul_dtype)
+        p = params[self.name]
+        w_hh, extras, _ = scan.split_params(p)
+        projection = ((input_table(params),) if self.reads_tokens
+                      else (p["W_xh"].astype(dtype), p["b"]))
+        return (w_hh.astype(dtype), extras), projection
+
+    def step(self, weights: tuple, carry, x):
+        """One step (sampling): x token ids [B] (layer 0) or the layer below's h [B, in]
+        -> (carry, h [B, H]); ``weights`` from :meth:`step_weights`."""
+        rec, projection = weights
+        if self.reads_tokens:
+            (table,) = projection
+            zx = table[x]
+        else:
+            w_xh, b = projection
+            zx = scan.matmul(x, w_xh, w_xh.dtype) + b
+        return scan.cell_step(self.cell, rec, carry, zx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,19 +227,21 @@ class CharRNN:
         return cell_registry.get(self.cell)
 
     @property
-    def cells(self):
+    def layers(self) -> tuple[Layer, ...]:
         cell = self.cell_def
-        return [CellModule(cell, hidden_size=self.hidden_size, matmul_dtype=self.matmul_dtype)
-                for _ in range(self.num_layers)]
+        return tuple(Layer(i, cell, self.hidden_size, self.vocab_size, self.matmul_dtype)
+                     for i in range(self.num_layers))
 
     def init(self, key) -> dict:
         keys = jax.random.split(key, self.num_layers + 2)
         params = {"embed": jax.random.normal(keys[0], (self.vocab_size, self.embed_dim))
                   * self.embed_init_std}
         in_dim = self.embed_dim
-        for layer, cell in enumerate(self.cells):
+        for layer in self.layers:
             x = jnp.zeros((1, in_dim))
-            params[f"layer_{layer}"] = cell.init(keys[layer + 1], cell.initial_carry(1), x)["params"]
+            module = layer.module
+            params[layer.name] = module.init(keys[layer.index + 1], module.initial_carry(1),
+                                             x)["params"]
             in_dim = self.hidden_size
         head = nn.Dense(self.vocab_size)
         params["head"] = head.init(keys[-1], jnp.zeros((1, in_dim)))["params"]
@@ -156,13 +249,12 @@ class CharRNN:
 
     def initial_carry(self, batch_size: int) -> tuple:
         """Zero hidden state: a tuple with one carry per layer."""
-        return tuple(cell.initial_carry(batch_size) for cell in self.cells)
+        return tuple(self.cell_def.init_carry(batch_size, self.hidden_size)
+                     for _ in range(self.num_layers))
 
     def cell_step(self, params: dict, layer: int) -> Callable:
-        """The step function of one layer, ``(carry, x_t [B, in]) -> (carry, h_t [B, H])``."""
-        cell = self.cells[layer]
-        p = {"params": params[f"layer_{layer}"]}
-        return lambda carry, x: cell.apply(p, carry, x)
+        """Layer ``layer``'s reference step (:meth:`Layer.cell_step`)."""
+        return self.layers[layer].cell_step(params)
 
     def __call__(self, params, carry, tokens, dropout_key=None, unroll_steps: int = 1,
                  batch_rows=None):
@@ -170,82 +262,42 @@ class CharRNN:
 
         tokens: int [B, T]; carry: from :meth:`initial_carry` or a previous call.
         Returns (carry after the last step, logits [B, T, V]). Layers run one after
-        another, each a full scan over time; dropout only when ``dropout_key`` is given.
+        another, each a full scan over time (:meth:`Layer.run`, fast unless
+        ``fast_vjp`` is off); dropout only when ``dropout_key`` is given.
         ``batch_rows`` (start, total): these B rows are rows start..start+B-1 of a
         batch of ``total`` (one device's share under data parallelism); dropout then
         applies to them the whole batch's mask rows, as on one device.
         """
-        tokens = jnp.swapaxes(tokens, 0, 1)  # [T, B], time-major for scan
-        params = self._drop_recurrent_weights(params, dropout_key)
+        xs = jnp.swapaxes(tokens, 0, 1)  # [T, B], time-major for scan
+        params = dropout_lib.drop_recurrent_weights(params, dropout_key, self.weight_drop,
+                                                    self.num_layers)
         new_carry = []
-        for layer in range(self.num_layers):
-            if layer == 0:
-                xs = self._first_layer_inputs(params, tokens)
-            run = functools.partial(self._run_layer, layer=layer, unroll_steps=unroll_steps)
-            if self.remat:
-                c, xs = _remat_chunks(run, params, carry[layer], xs)
-            else:
-                c, xs = run(params, carry[layer], xs)
+        for layer in self.layers:
+            c, xs = layer.run(params, carry[layer.index], xs, fast=self.fast_vjp,
+                              unroll_steps=unroll_steps, remat=self.remat)
             new_carry.append(c)
-            xs = self._dropout(xs, dropout_key, layer, batch_rows)
+            xs = dropout_lib.dropout(xs, dropout_key, self.dropout, layer.index,
+                                     self.dropout_mask == "locked", batch_rows)
         return tuple(new_carry), jnp.swapaxes(self._head(params, xs), 0, 1)
 
-    def _first_layer_inputs(self, params, tokens):
-        """What layer 0 reads: embeddings [T, B, E], or for the fast path tokens [T, B].
-
-        The fast path folds the embedding into layer 0's input projection: with
-        the table P = embed W_xh + b [V, G*H], x_t W_xh + b is row tokens_t of P,
-        looked up inside the time loop. One V x E x G*H product replaces a
-        T*B x E x G*H one, and the gradient of the lookup (a scatter-add into P)
-        replaces two more such products.
-        """
-        if self.fast_vjp and self.vocab_size <= tokens.size:
-            return tokens
-        return params["embed"][tokens]
-
-    def _run_layer(self, params, carry, xs, *, layer, unroll_steps):
-        """One layer over a window: xs [T, B, in] (or tokens [T, B]) -> (carry, hs [T, B, H])."""
-        if not self.fast_vjp:
-            return unroll(self.cell_step(params, layer), carry, xs, unroll_steps)
-        p = params[f"layer_{layer}"]
-        table = _input_table(params) if xs.ndim == 2 else None  # layer 0 reads token ids
-        return scan.recurrence(self.cell_def, p, carry, xs, table=table, unroll=unroll_steps,
-                               matmul_dtype=self.matmul_dtype)
-
     def step_weights(self, params) -> dict:
-        """What every inference step reads, prepared once before a sampling loop.
-
-        Per layer, ``rec``: W_hh cast to the products' operand type and the
-        cell's extras; the input side: for layer 0 the table P = embed W_xh + b
-        [V, G*H] of training's fast path (row token_t is x_t W_xh + b, so a step
-        does one product fewer), for the others W_xh (cast) and b. The head's
-        kernel (cast) and bias. (Measured: docs/design-notes.md, "step_weights".)
+        """What every inference step reads, prepared once before a sampling loop:
+        each layer's :meth:`Layer.step_weights`, and the head's kernel (cast to the
+        products' operand type) and bias. (Measured: docs/design-notes.md, "step_weights".)
         """
         dtype = jnp.dtype(self.matmul_dtype)
-        layers = []
-        for layer in range(self.num_layers):
-            p = params[f"layer_{layer}"]
-            w_hh, extras, _ = scan.split_params(p)
-            rec = (w_hh.astype(dtype), extras)
-            inputs = ((_input_table(params),) if layer == 0
-                      else (p["W_xh"].astype(dtype), p["b"]))
-            layers.append((rec, inputs))
         head = (params["head"]["kernel"].astype(dtype), params["head"]["bias"])
-        return {"layers": tuple(layers), "head": head}
+        return {"layers": tuple(layer.step_weights(params) for layer in self.layers),
+                "head": head}
 
     def step(self, weights, carry, token):
         """One character through all layers (inference): token int [B] -> (carry, logits [B, V]).
 
-        weights: :meth:`step_weights` of the parameters, made once per loop. Each
-        layer is the cell's update (:func:`charrnn.scan.cell_step`).
+        weights: :meth:`step_weights` of the parameters, made once per loop.
         """
-        cell = self.cell_def
-        (rec, (table,)), *upper = weights["layers"]
-        c, x = scan.cell_step(cell, rec, carry[0], table[token])
-        new_carry = [c]
-        for layer, (rec, (w_xh, b)) in enumerate(upper, start=1):
-            zx = scan.matmul(x, w_xh, w_xh.dtype) + b
-            c, x = scan.cell_step(cell, rec, carry[layer], zx)
+        x, new_carry = token, []
+        for layer, layer_weights in zip(self.layers, weights["layers"]):
+            c, x = layer.step(layer_weights, carry[layer.index], x)
             new_carry.append(c)
         kernel, bias = weights["head"]
         return tuple(new_carry), scan.matmul(x, kernel, kernel.dtype) + bias
@@ -255,75 +307,15 @@ class CharRNN:
         return scan.matmul(h, params["head"]["kernel"], jnp.dtype(self.matmul_dtype)) \
             + params["head"]["bias"]
 
-    def _drop_recurrent_weights(self, params, key):
-        if key is None or self.weight_drop == 0.0:
-            return params
-        keep = 1.0 - self.weight_drop
-        params = dict(params)
-        for layer in range(self.num_layers):
-            p = dict(params[f"layer_{layer}"])
-            layer_key = jax.random.fold_in(jax.random.fold_in(key, self.num_layers), layer)
-            mask = keep_mask(layer_key, keep, p["W_hh"].shape)
-            p["W_hh"] = jnp.where(mask, p["W_hh"] / keep, 0.0)
-            params[f"layer_{layer}"] = p
-        return params
 
-    def _dropout(self, x, key, layer, batch_rows=None):
-        """x [T, B, H] with inverted dropout; ``batch_rows``: see :meth:`__call__`.
-
-        The mask is [T, B, H] (``dropout_mask='step'``) or [1, B, H] broadcast over
-        the T steps (``'locked'``).
-        """
-        if key is None or self.dropout == 0.0:
-            return x
-        keep = 1.0 - self.dropout
-        shape = (1,) + x.shape[1:] if self.dropout_mask == "locked" else x.shape
-        mask = keep_mask(jax.random.fold_in(key, layer), keep, shape, batch_rows)
-        return jnp.where(mask, x / keep, 0.0)
-
-
-def _input_table(params):
+def input_table(params):
     """embed W_xh + b of layer 0 [V, G*H]: row v is the input pre-activation of token v."""
     p = params["layer_0"]
     return params["embed"] @ p["W_xh"] + p["b"]
 
 
-def keep_mask(key, keep: float, shape, rows=None) -> jax.Array:
-    """Bernoulli(keep) booleans of ``shape``: a dropout mask.
-
-    Each element is an integer hash of its index, seeded by two words drawn
-    from ``key``: two rounds of Chris Wellons' "lowbias32" mixer (constants
-    0x7feb352d, 0x846ca68b), a bijection of 32-bit integers whose output bits
-    pass avalanche tests. A few integer operations per element instead of
-    threefry's rounds (timings: docs/design-notes.md, "keep_mask").
-
-    ``rows`` (start, total): ``shape[1]`` is rows start.. of an axis of ``total``;
-    the result is those rows of the mask of that larger shape, hashing only their
-    own indices (one device's share of a data-parallel batch).
-    """
-    seed = jax.random.bits(key, (2,), jnp.uint32)
-    if rows is None:
-        x = jax.lax.iota(jnp.uint32, math.prod(shape))
-    else:
-        start, total = rows
-        t, b, rest = (jax.lax.broadcasted_iota(jnp.uint32, (shape[0], shape[1],
-                                                            math.prod(shape[2:])), axis)
-                      for axis in range(3))
-        start = jnp.asarray(start).astype(jnp.uint32)  # a traced device offset under shard_map
-        x = ((t * total + (start + b)) * math.prod(shape[2:]) + rest).reshape(-1)
-    x = _lowbias32(_lowbias32(x ^ seed[0]) ^ seed[1])
-    threshold = min(int(keep * 2.0 ** 32), 2 ** 32 - 1)  # P(x < threshold) = keep (to 2^-32)
-    return (x < jnp.uint32(threshold)).reshape(shape)
-
-
-def _lowbias32(x):
-    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
-    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _remat_chunks(run, params, carry, xs):
-    """``run(params, carry, xs)`` over chunks of time under ``jax.checkpoint``.
+def _remat_chunks(run, inputs, carry, xs):
+    """``run(inputs, carry, xs)`` over chunks of time under ``jax.checkpoint``.
 
     The backward pass keeps only each chunk's inputs and its starting carry
     and recomputes the chunk's forward pass: activation memory goes from
@@ -334,7 +326,7 @@ def _remat_chunks(run, params, carry, xs):
     k = _chunk_length(T)
     chunks = xs.reshape(T // k, k, *xs.shape[1:])
     body = jax.checkpoint(run)
-    carry, hs = jax.lax.scan(lambda c, x: body(params, c, x), carry, chunks)
+    carry, hs = jax.lax.scan(lambda c, x: body(inputs, c, x), carry, chunks)
     return carry, hs.reshape(T, *hs.shape[2:])
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import FAST_AND_ONE_AUTODIFF
-from charrnn import models
+from charrnn import dropout, models
 
 
 def _model(cell, **kw):
@@ -93,30 +93,29 @@ def test_dropout_only_with_a_key():
 
 def test_dropout_on_some_rows_uses_those_rows_of_the_whole_batch_mask():
     # What one device of a data mesh does with its rows 2..3 of a batch of 6.
-    model = _model("lstm", dropout=0.5)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 6, 8)), jnp.float32)  # [T, B, H]
     key = jax.random.key(4)
-    whole = model._dropout(x, key, layer=1)
-    part = model._dropout(x[:, 2:4], key, 1, batch_rows=(2, 6))
+    whole = dropout.dropout(x, key, 0.5, layer=1)
+    part = dropout.dropout(x[:, 2:4], key, 0.5, 1, batch_rows=(2, 6))
     np.testing.assert_array_equal(part, whole[:, 2:4])
     assert (np.asarray(part) == 0).any() and (np.asarray(part) != 0).any()
     # ... with the offset traced, as under shard_map (only those rows are hashed)
-    traced = jax.jit(lambda start: model._dropout(x[:, 2:4], key, 1, batch_rows=(start, 6)))
+    traced = jax.jit(lambda start: dropout.dropout(x[:, 2:4], key, 0.5, 1, batch_rows=(start, 6)))
     np.testing.assert_array_equal(traced(jnp.int32(2)), whole[:, 2:4])
 
 
 @pytest.mark.parametrize("keep", [0.6, 0.75, 0.9])
 def test_keep_mask_is_bernoulli_keep_and_independent(keep):
     n = 1 << 20
-    a = np.asarray(models.keep_mask(jax.random.key(0), keep, (n,)))
-    b = np.asarray(models.keep_mask(jax.random.key(1), keep, (n,)))
+    a = np.asarray(dropout.keep_mask(jax.random.key(0), keep, (n,)))
+    b = np.asarray(dropout.keep_mask(jax.random.key(1), keep, (n,)))
     sigma = np.sqrt(keep * (1 - keep) / n)
     assert abs(a.mean() - keep) < 5 * sigma
     # Independent across keys and between neighbouring elements: P(both kept) = keep².
     assert abs(np.mean(a & b) - keep ** 2) < 5 * sigma
     assert abs(np.mean(a[1:] & a[:-1]) - keep ** 2) < 5 * sigma
     # Same key, same mask; a shape is the flat mask reshaped.
-    np.testing.assert_array_equal(models.keep_mask(jax.random.key(0), keep, (n // 4, 4)),
+    np.testing.assert_array_equal(dropout.keep_mask(jax.random.key(0), keep, (n // 4, 4)),
                                   a.reshape(-1, 4))
 
 
@@ -129,7 +128,7 @@ def test_weight_drop_is_dropconnect_on_the_recurrent_matrices(cell, fast_vjp):
         p = params[f"layer_{layer}"]
         p["W_hh"] = p["W_hh"] + 0.01 * jax.random.normal(jax.random.key(layer), p["W_hh"].shape)
     key = jax.random.key(5)
-    dropped = model._drop_recurrent_weights(params, key)
+    dropped = dropout.drop_recurrent_weights(params, key, 1 - keep, model.num_layers)
     for layer in range(2):
         w, d = params[f"layer_{layer}"]["W_hh"], dropped[f"layer_{layer}"]["W_hh"]
         kept = np.asarray(d != 0)
@@ -163,10 +162,10 @@ def test_dropout_masks_per_step_or_locked_over_the_window(kind):
     draws a new one at every step; under data parallelism each device gets its rows
     of the whole batch's mask."""
     keep, T, B, H = 0.75, 16, 32, 64
-    model = _model("lstm", hidden_size=H, dropout=1 - keep, dropout_mask=kind)
     x = jnp.ones((T, B, H))
     key = jax.random.key(3)
-    y = np.asarray(model._dropout(x, key, layer=0))
+    locked = kind == "locked"
+    y = np.asarray(dropout.dropout(x, key, 1 - keep, 0, locked))
     kept = y != 0
     np.testing.assert_allclose(y[kept], 1 / keep, rtol=1e-6)
     n = T * B * H if kind == "step" else B * H  # independent draws
@@ -175,9 +174,9 @@ def test_dropout_masks_per_step_or_locked_over_the_window(kind):
     assert same_over_time == (kind == "locked")
     if kind == "step":  # neighbouring steps independent: P(kept at t and t+1) = keep²
         assert abs(np.mean(kept[1:] & kept[:-1]) - keep ** 2) < 5 * np.sqrt(keep * (1 - keep) / n)
-    assert not np.array_equal(kept, np.asarray(model._dropout(x, key, layer=1)) != 0)
+    assert not np.array_equal(kept, np.asarray(dropout.dropout(x, key, 1 - keep, 1, locked)) != 0)
     # Rows 8..15 of a batch of 32 (one device's share) get those rows of the full mask.
-    part = np.asarray(model._dropout(x[:, 8:16], key, layer=0, batch_rows=(8, B)))
+    part = np.asarray(dropout.dropout(x[:, 8:16], key, 1 - keep, 0, locked, batch_rows=(8, B)))
     np.testing.assert_array_equal(part, y[:, 8:16])
 
 

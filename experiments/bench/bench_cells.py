@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import statistics
 import time
@@ -35,13 +36,25 @@ B, T, E, V = 32, 128, 64, 65
 
 
 @dataclasses.dataclass(frozen=True)
+class _Layer(models.Layer):
+    """A layer that runs through ``impl(cell, params, carry, xs, table)``."""
+    impl: object = None
+
+    def run(self, params, carry, xs, *, fast=True, unroll_steps=1, remat=False):
+        table = models.input_table(params) if self.reads_tokens else None
+        return self.impl(self.cell, params[self.name], carry, xs, table)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Model(models.CharRNN):
     """CharRNN whose layers run through ``impl(cell name, cell, params, carry, xs, table)``."""
     impl: object = None
 
-    def _run_layer(self, params, carry, xs, *, layer, unroll_steps):
-        table = models._input_table(params) if xs.ndim == 2 else None
-        return self.impl(self.cell, self.cell_def, params[f"layer_{layer}"], carry, xs, table)
+    @property
+    def layers(self):
+        impl = functools.partial(self.impl, self.cell)
+        return tuple(_Layer(layer.index, layer.cell, layer.hidden_size, layer.vocab_size,
+                            layer.matmul_dtype, impl) for layer in super().layers)
 
 
 def contenders(old_module):

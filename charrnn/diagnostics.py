@@ -6,7 +6,9 @@ such factors: their norm is at most ||W_hh||₂^k (|tanh'| ≤ γ = 1), and for 
 linear RNN it grows like ρ(W_hh)^k (Pascanu, Mikolov & Bengio 2013, §2).
 
 :func:`jacobian_norms` measures ||∂h_T/∂h_{T-k}||₂ for k = 1..K by reverse-mode
-autodiff through the same ``models.unroll`` scan that training uses;
+autodiff through the reference time loop (``models.reference_scan`` over the
+cell's Flax module: the same update as training's fast scan, whose custom
+backward gives no per-step Jacobian);
 :func:`tree_cosine` measures how much a clipping rule turns the gradient.
 """
 
@@ -87,7 +89,7 @@ def jacobian_norms(step: Callable, carry, xs, max_k: int | None = None) -> jax.A
         raise ValueError(f"max_k must be in 1..{T} (the sequence length), got {max_k}")
 
     def one(c, x):  # one sequence: leaves [1, ...], inputs [T, 1, ...]
-        c, _ = models.unroll(step, c, jax.tree.map(lambda a: a[:T - K], x))
+        c, _ = models.reference_scan(step, c, jax.tree.map(lambda a: a[:T - K], x))
         flat, unravel = ravel_pytree(c)
         tail = jax.tree.map(lambda a: a[T - K:], x)
 
@@ -95,7 +97,7 @@ def jacobian_norms(step: Callable, carry, xs, max_k: int | None = None) -> jax.A
             def perturbed(state, inp):
                 x_t, d_t = inp
                 return step(unravel(ravel_pytree(state)[0] + d_t), x_t)
-            last, _ = models.unroll(perturbed, c, (tail, deltas))
+            last, _ = models.reference_scan(perturbed, c, (tail, deltas))
             return ravel_pytree(last)[0]
 
         jac = jax.jacrev(final_state)(jnp.zeros((K, flat.size), flat.dtype))  # [S, K, S]
@@ -119,7 +121,7 @@ def model_jacobian_norms(model: models.CharRNN, params: dict, tokens, layer: int
     xs = jnp.swapaxes(params["embed"][tokens], 0, 1)  # [T, B, E]
     carry = model.initial_carry(tokens.shape[0])
     for below in range(layer):
-        _, xs = models.unroll(model.cell_step(params, below), carry[below], xs)
+        _, xs = models.reference_scan(model.cell_step(params, below), carry[below], xs)
     return jacobian_norms(model.cell_step(params, layer), carry[layer], xs, max_k)
 
 

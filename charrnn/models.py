@@ -12,7 +12,7 @@ token ids through the embedding; above it: the outputs of the layer below
 through W_xh). It runs a window one of two ways, chosen by one argument:
 ``fast`` (training, evaluation and priming: :func:`charrnn.scan.recurrence`,
 a scan whose backward pass is derived from the cell) or the reference
-(autodiff of :func:`unroll` over the Flax module, which diagnostics
+(autodiff of :func:`reference_scan` over the Flax module, which diagnostics
 differentiate step by step and tests compare against); and it takes one
 step at a time for sampling (:meth:`Layer.step`). :class:`CharRNN` builds
 the layers and composes them with dropout (:mod:`charrnn.dropout`) and the
@@ -73,13 +73,13 @@ def cell_module(name: str, hidden_size: int, matmul_dtype: str = MATMUL_DTYPE) -
     return CellModule(cell_registry.get(name), hidden_size=hidden_size, matmul_dtype=matmul_dtype)
 
 
-def unroll(step: Callable, carry, xs, unroll_steps: int = 1):
+def reference_scan(step: Callable, carry, xs, unroll: int = 1):
     """The reference time loop: ``jax.lax.scan`` of ``step(carry, x_t) -> (carry, y_t)``.
 
     xs is a pytree with time as its leading axis ([T, ...]); returns
     (final carry, ys [T, ...]).
     """
-    return jax.lax.scan(step, carry, xs, unroll=unroll_steps)
+    return jax.lax.scan(step, carry, xs, unroll=unroll)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,13 +118,13 @@ class Layer:
         p = {"params": params[self.name]}
         return lambda carry, x: self.module.apply(p, carry, x)
 
-    def run(self, params: dict, carry, xs, *, fast: bool = True, unroll_steps: int = 1,
+    def run(self, params: dict, carry, xs, *, fast: bool = True, unroll: int = 1,
             remat: bool = False):
         """The layer over a window: xs token ids [T, B] (layer 0) or the layer below's
         outputs [T, B, in] -> (carry after step T, hs [T, B, H]).
 
         ``fast``: :func:`charrnn.scan.recurrence` (the derived backward); else the
-        reference, autodiff of :func:`unroll`. ``remat``: the backward pass
+        reference, autodiff of :func:`reference_scan`. ``remat``: the backward pass
         recomputes the forward pass in chunks of about √T steps (:func:`_remat_chunks`).
         """
         table = None
@@ -138,8 +138,8 @@ class Layer:
         def over_time(inputs, carry, xs):
             p, table = inputs
             if not fast:
-                return unroll(self.cell_step({self.name: p}), carry, xs, unroll_steps)
-            return scan.recurrence(self.cell, p, carry, xs, table=table, unroll=unroll_steps,
+                return reference_scan(self.cell_step({self.name: p}), carry, xs, unroll)
+            return scan.recurrence(self.cell, p, carry, xs, table=table, unroll=unroll,
                                    matmul_dtype=self.matmul_dtype)
         if remat:
             return _remat_chunks(over_time, (p, table), carry, xs)
@@ -180,7 +180,7 @@ class CharRNN:
     ``cell``: a registered name (:func:`charrnn.cells.names`) or
     ``package.module:Class`` naming a user's :class:`charrnn.cells.Cell` subclass.
     ``fast_vjp``: run the layers with the derived scan VJP of
-    :mod:`charrnn.scan` (default) instead of autodiff of :func:`unroll`.
+    :mod:`charrnn.scan` (default) instead of autodiff of :func:`reference_scan`.
     ``remat``: rematerialise in the backward pass (``jax.checkpoint`` over
     chunks of about √T steps) so that activation memory stays small at long T
     (config ``model.remat``; it changes memory and time, not results).
@@ -256,7 +256,7 @@ class CharRNN:
         """Layer ``layer``'s reference step (:meth:`Layer.cell_step`)."""
         return self.layers[layer].cell_step(params)
 
-    def __call__(self, params, carry, tokens, dropout_key=None, unroll_steps: int = 1,
+    def __call__(self, params, carry, tokens, dropout_key=None, unroll: int = 1,
                  batch_rows=None):
         """Teacher-forced forward pass.
 
@@ -274,7 +274,7 @@ class CharRNN:
         new_carry = []
         for layer in self.layers:
             c, xs = layer.run(params, carry[layer.index], xs, fast=self.fast_vjp,
-                              unroll_steps=unroll_steps, remat=self.remat)
+                              unroll=unroll, remat=self.remat)
             new_carry.append(c)
             xs = dropout_lib.dropout(xs, dropout_key, self.dropout, layer.index,
                                      self.dropout_mask == "locked", batch_rows)

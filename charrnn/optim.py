@@ -40,16 +40,25 @@ OPTIMIZERS = config_lib.CHOICES["optim.name"]
 SCHEDULES = config_lib.CHOICES["optim.schedule"]
 
 
-def make_schedule(optim_config, num_steps: int) -> optax.Schedule:
-    """Learning rate per step: constant, or linear warmup then cosine decay."""
-    lr = optim_config.learning_rate
+def make_schedule(optim_config, num_steps: int, learning_rate=None) -> optax.Schedule:
+    """Learning rate per step: constant, or linear warmup then cosine decay, peaking at
+    ``optim.learning_rate``. ``learning_rate`` (e.g. a sweep's traced scalar) replaces
+    that peak: the schedule is then its shape at peak 1, scaled by it (optax's cosine
+    schedule cannot take a traced peak)."""
+    if learning_rate is None:
+        return _schedule(optim_config, num_steps, optim_config.learning_rate)
+    unit = _schedule(optim_config, num_steps, 1.0)
+    return lambda count: learning_rate * unit(count)
+
+
+def _schedule(optim_config, num_steps: int, peak) -> optax.Schedule:
     if optim_config.schedule == "constant":
-        return optax.constant_schedule(lr)
+        return optax.constant_schedule(peak)
     if optim_config.schedule == "cosine":
         warmup = min(optim_config.warmup_steps, max(num_steps - 1, 0))
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=lr, warmup_steps=warmup,
-            decay_steps=max(num_steps, warmup + 1), end_value=lr * optim_config.final_lr_fraction)
+            init_value=0.0, peak_value=peak, warmup_steps=warmup,
+            decay_steps=max(num_steps, warmup + 1), end_value=peak * optim_config.final_lr_fraction)
     raise ValueError(f"unknown optim.schedule {optim_config.schedule!r}; choose from {SCHEDULES}")
 
 
@@ -72,6 +81,12 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+# The optimizer's scalars a sweep may pass as runtime values (keyword arguments of
+# Optimizer.from_config), with the config field each replaces. The update rules'
+# other scalars (b1, b2, weight decay, momentum) would join here by the same route.
+RUNTIME = {"strength": "the clipping rule's strength field", "learning_rate": "learning_rate"}
+
+
 class Update(NamedTuple):
     """What one :meth:`Optimizer.update` gives back."""
     updates: Any  # the parameter change, θ ← θ + updates
@@ -90,11 +105,13 @@ class Optimizer:
     ema_decay: float = 0.0
 
     @classmethod
-    def from_config(cls, config, strength=None) -> "Optimizer":
-        """The optimizer of a full run config; ``strength``: the clipping rule's
-        strength instead of the config's (a sweep passes a traced scalar)."""
+    def from_config(cls, config, strength=None, learning_rate=None) -> "Optimizer":
+        """The optimizer of a full run config. The runtime hyperparameters
+        (:data:`RUNTIME`), given, replace the config's: a sweep passes traced scalars
+        [] so that one compiled step serves every value. ``strength``: the clipping
+        rule's strength; ``learning_rate``: the schedule's peak."""
         optim_config = config_lib.upgrade(config).optim
-        schedule = make_schedule(optim_config, config.train.num_steps)
+        schedule = make_schedule(optim_config, config.train.num_steps, learning_rate)
         return cls(clip=clipping.from_config(optim_config, strength),
                    base=make_base_optimizer(optim_config, schedule), schedule=schedule,
                    ema_decay=float(optim_config.ema_decay))

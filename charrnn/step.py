@@ -125,7 +125,14 @@ def train_step(state: TrainState, batch: dict, *, model: models.CharRNN,
         rng=state.rng, nonfinite_run=nonfinite_run,
         nonfinite_total=state.nonfinite_total + (1 - finite.astype(jnp.int32)),
         ema=None if ema is None else keep_new(ema, state.ema))
+    return new_state, _step_metrics(loss, grads, grad_norm, step, finite,
+                                    optimizer.schedule(state.step))
 
+
+def _step_metrics(loss, grads, grad_norm, step: optim.Update, finite, lr) -> dict:
+    """What a train step logs: the loss, the gradient's norm before and after clipping
+    and how clipping changed it, the threshold in force, the learning rate, and each
+    layer's ||∂L/∂W_hh||."""
     clipped = step.clipped
     metrics = {
         "loss": loss,
@@ -136,12 +143,12 @@ def train_step(state: TrainState, batch: dict, *, model: models.CharRNN,
         "clipped": jnp.any(jnp.array([jnp.any(a != b) for a, b in
                                       zip(jax.tree.leaves(clipped), jax.tree.leaves(grads))])),
         "nonfinite": 1 - finite.astype(jnp.int32),
-        "lr": optimizer.schedule(state.step),
+        "lr": lr,
         "clip_threshold": step.threshold,
     }
     for layer, w_grad in enumerate(models.recurrent_weights(grads)):
         metrics[f"whh_grad_norm/{layer}"] = jnp.linalg.norm(w_grad)
-    return new_state, metrics
+    return metrics
 
 
 def make_train_step(model, optimizer: optim.Optimizer, mesh=None):

@@ -94,7 +94,7 @@ def sweep_configs(corpus: str) -> list:
     base.sweep.learning_rate.adam = 0.05  # big steps: the norms cross the thresholds
     runs = [sweep.Run("lstm", "adam", seed, label)
             for seed, label in ((0, "none"), (1, "0.1"), (0, "0.4"), (1, "0.32"))]
-    taus = [sweep.parse_threshold(r.threshold)[1] for r in runs]
+    taus = [sweep.parse_threshold(r.strength)[1] for r in runs]
     return [sweep.run_config(base, r, t) for r, t in zip(runs, taus)], taus
 
 
@@ -115,7 +115,7 @@ def sweep_layout(configs, taus, vocab_size: int, mesh) -> dict:
     batch = {"x": np.zeros((len(configs), c.batch_size, c.seq_len), np.int32),
              "y": np.zeros((len(configs), c.batch_size, c.seq_len), np.int32),
              "reset": np.zeros(len(configs), bool)}
-    args = parallel.shard_runs((state, batch, jnp.asarray(taus, jnp.float32)), mesh)
+    args = parallel.shard_runs((state, batch, {"strength": jnp.asarray(taus, jnp.float32)}), mesh)
     compiled = sweep.make_group_step(model, configs[0], 1, mesh).lower(*args).compile()
     new_state = compiled.output_shardings[0]
     hlo = compiled.as_text()

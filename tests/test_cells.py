@@ -19,7 +19,7 @@ from charrnn.cells.base import Cell
 from conftest import REPO
 
 B, E, H, T = 3, 5, 4, 7
-FIXTURE = os.path.join(REPO, "tests", "fixtures", "cells_a787547")
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "old_cell_checkpoints")
 
 
 def _random_params(cell, key=0, scale=0.7):
@@ -166,7 +166,8 @@ def test_bfloat16_scan_gradients_equal_bfloat16_autodiff(name):
 
 @pytest.mark.parametrize("name", ["rnn", "gru", "lstm"])
 def test_parameters_written_by_the_old_code_evaluate_and_sample_the_same(name):
-    """tests/fixtures/cells_a787547: a 3-step run of each cell saved by commit a787547
+    """tests/fixtures/old_cell_checkpoints: a 3-step run of each cell saved by the code before
+    cells were defined once (commit a787547)
     (make_fixture.py), with its loss on the text, a greedy sample and init sums."""
     expected = json.load(open(os.path.join(FIXTURE, "expected.json")))[name]
     text = open(os.path.join(FIXTURE, "text.txt")).read()

@@ -62,7 +62,7 @@ def test_tanh_norms_equal_the_product_of_step_jacobians():
     w = jax.random.normal(jax.random.key(6), (H, H)) * 0.8
     params, step = _tanh_cell(w, H, E, jax.random.key(7))
     xs = jax.random.normal(jax.random.key(8), (T, 1, E))
-    _, hs = models.unroll(step, jnp.zeros((1, H)), xs)
+    _, hs = models.reference_scan(step, jnp.zeros((1, H)), xs)
     hs = np.asarray(hs[:, 0], np.float64)
     norms = np.asarray(diagnostics.jacobian_norms(step, jnp.zeros((1, H)), xs))[0]
     product = np.eye(H)

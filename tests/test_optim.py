@@ -1,5 +1,7 @@
 """Clipping tied to its definition: ĝ = g·τ/||g|| when ||g|| > τ, else g."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -106,6 +108,29 @@ def test_adam_update_differs_with_and_without_clipping(smoke_config):
         params = jax.tree.map(lambda p, u: p + u, params, updates)
     np.testing.assert_allclose(_flat(clipped_run), _flat(params), rtol=1e-4, atol=1e-6)
     assert np.max(np.abs(_flat(clipped_run) - _flat(raw_run))) > 1e-4
+
+
+@pytest.mark.parametrize("name,schedule", [("sgd", "constant"), ("adam", "cosine")])
+def test_a_traced_learning_rate_steps_as_the_constant_does(smoke_config, name, schedule):
+    """One compiled step serves every learning rate of a sweep: with the rate a traced
+    scalar the update equals the update of the optimizer built with that constant."""
+    smoke_config.optim.update(name=name, schedule=schedule, warmup_steps=2, learning_rate=0.3)
+    model = models.CharRNN.from_config(smoke_config.model, 12)
+    constant = optim.Optimizer.from_config(smoke_config)
+    state = step_lib.init_state(model, constant, smoke_config.train.batch_size, 0)
+    state = state.replace(step=jnp.int32(3))  # past the warm-up: the schedule's rate matters
+    batch = _batch(smoke_config)
+    want_state, want = jax.jit(functools.partial(step_lib.train_step, model=model,
+                                                 optimizer=constant))(state, batch)
+
+    def traced(state, batch, lr):
+        tx = optim.Optimizer.from_config(smoke_config, learning_rate=lr)
+        return step_lib.train_step(state, batch, model=model, optimizer=tx)
+    got_state, got = jax.jit(traced)(state, batch, jnp.float32(0.3))
+    np.testing.assert_allclose(_flat(got_state.params), _flat(want_state.params), rtol=1e-6)
+    assert float(got["lr"]) == pytest.approx(float(want["lr"])) and float(want["lr"]) > 0.1
+    _, other = jax.jit(traced)(state, batch, jnp.float32(0.03))  # the rate is really read
+    assert float(other["lr"]) == pytest.approx(0.1 * float(want["lr"]))
 
 
 @pytest.mark.parametrize("field,value", [("clip_mode", "bogus"), ("name", "bogus"),

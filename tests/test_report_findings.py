@@ -97,7 +97,7 @@ def test_plateau_sentence_follows_the_gain():
     assert report_rules._plateau(None) == ""
 
 
-def test_adam_contrast_says_nearly_every_gradient_only_when_it_is():
+def test_optimizer_contrast_says_nearly_every_gradient_only_when_it_is():
     def table(adam_fraction):
         rows = []
         for opt, frac in (("sgd", 0.5), ("adam", adam_fraction)):
@@ -108,7 +108,7 @@ def test_adam_contrast_says_nearly_every_gradient_only_when_it_is():
         return rows
 
     def contrast(rows):
-        """clip_ablation.adam_contrast's shape, by hand: spread, clip fraction per threshold."""
+        """clip_ablation.optimizer_contrast's shape, by hand: spread, clip fraction per threshold."""
         out = {}
         for opt in ("sgd", "adam"):
             rs = [r for r in rows if r["optimizer"] == opt]

@@ -40,7 +40,8 @@ def test_the_grid_is_a_fixed_order_product(ablation_config):
     runs = sweep.make_grid(s)
     per_cell_opt = sum(1 if r == "none" else len(s.strengths[r]) for r in s.rules)
     assert len(runs) == len(s.cells) * len(s.optimizers) * len(s.seeds) * per_cell_opt
-    assert runs[0] == sweep.Run(s.cells[0], s.optimizers[0], s.seeds[0], "none", "none")
+    assert runs[0] == sweep.Run(s.cells[0], s.optimizers[0], s.seeds[0], "none", "none",
+                                s.learning_rate[s.optimizers[0]])
     assert [r.rule for r in runs[:per_cell_opt]] == [r for r in s.rules for _ in (
         ["none"] if r == "none" else s.strengths[r])]  # strengths vary fastest, then rules
     assert len({r.name for r in runs}) == len(runs)
@@ -50,6 +51,21 @@ def test_the_grid_is_a_fixed_order_product(ablation_config):
     s.cells, s.optimizers = ("rnn",), ("adam", "adamw")  # adamw has no learning rate there
     with pytest.raises(sweep.SweepError, match="no entry for optimizer 'adamw'"):
         sweep.make_grid(s)
+
+
+def test_learning_rates_are_an_axis_of_the_grid(ablation_config):
+    s = ablation_config.sweep
+    s.cells, s.optimizers, s.rules, s.seeds = ("rnn",), ("sgd", "adam"), ("none",), (0,)
+    s.learning_rates = {"sgd": (0.1, 1.0, 3.0), "adam": (1e-3,)}  # wins over learning_rate
+    runs = sweep.make_grid(s)
+    assert [(r.optimizer, r.learning_rate) for r in runs] == [
+        ("sgd", 0.1), ("sgd", 1.0), ("sgd", 3.0), ("adam", 1e-3)]
+    assert len({r.group for r in runs}) == 2  # the rates of an optimizer share a program
+    assert sweep.run_config(ablation_config, runs[2]).optim.learning_rate == 3.0
+    for bad in ((), (0.0,), (-1.0,), ("fast",), (float("inf"),)):
+        s.learning_rates.sgd = bad
+        with pytest.raises(sweep.SweepError, match="sweep.learning_rates.sgd must be positive"):
+            sweep.make_grid(s)
 
 
 @pytest.mark.parametrize("rules,strengths,message", [
@@ -97,15 +113,19 @@ def test_reference_norm_is_the_mean_norm_at_the_initial_parameters(ablation_conf
 
 # A stateless rule (global_norm, with a threshold that clips and one that does not: the
 # unclipped case stands for "none") and both stateful ones.
-@pytest.mark.parametrize("rule,labels", [
-    ("global_norm", ("0.3x", "100")), ("zclip", ("0.5", "3")), ("autoclip", ("10", "100"))])
-def test_one_program_sweep_equals_separate_runs(ablation_config, rule, labels):
+@pytest.mark.parametrize("rule,labels,optimizer", [
+    ("global_norm", ("0.3x", "100"), "sgd"), ("zclip", ("0.5", "3"), "sgd"),
+    ("autoclip", ("10", "100"), "sgd"), ("global_norm", ("0.3x", "100"), "adam")])
+def test_one_program_sweep_equals_separate_runs(ablation_config, rule, labels, optimizer):
     """R runs of a rule in one program (vmapped, or one by one) = each trained alone with
-    the plain train step; for zclip too, whose state (EMA statistics) each run keeps."""
+    the plain train step; for zclip too, whose state (EMA statistics) each run keeps. The
+    runs differ in seed, strength and learning rate (runtime values of one program)."""
     ablation_config.optim.zclip_warmup = 2  # z-scores from step 3 of 5
     corpus = sweep.Corpus.from_config(ablation_config)
-    runs = [sweep.Run("rnn", "sgd", seed, label, rule) for seed, label in enumerate(labels)]
-    taus, refs = sweep.thresholds(ablation_config, runs, corpus)
+    rates = {"sgd": (1.0, 0.25), "adam": (5e-3, 2e-2)}[optimizer]
+    runs = [sweep.Run("rnn", optimizer, seed, label, rule, lr)
+            for seed, (label, lr) in enumerate(zip(labels, rates))]
+    taus, refs = sweep.strengths(ablation_config, runs, corpus)
     configs = [sweep.run_config(ablation_config, r, t) for r, t in zip(runs, taus)]
     steps = 5
     vmapped = sweep.run_group(configs, taus, corpus, runs_per_chunk=0, num_steps=steps)
@@ -117,8 +137,9 @@ def test_one_program_sweep_equals_separate_runs(ablation_config, rule, labels):
             np.testing.assert_allclose(other[key], alone[key], rtol=2e-5, err_msg=key)
         np.testing.assert_array_equal(got["clipped"], alone["clipped"])
     assert list(vmapped[0]["val_steps"]) == [0, 5]  # eval_every 6 > 5 steps: start and end
+    assert [c.optim.learning_rate for c in configs] == list(rates)
     if rule == "global_norm":
-        assert taus[0] == pytest.approx(0.3 * refs[("rnn", "sgd", 0)]) and taus[1] == 100.0
+        assert taus[0] == pytest.approx(0.3 * refs[("rnn", optimizer, 0)]) and taus[1] == 100.0
         assert vmapped[0]["clipped"].all() and not vmapped[1]["clipped"].any()
         np.testing.assert_allclose(vmapped[0]["grad_norm_clipped"], taus[0], rtol=1e-5)
         np.testing.assert_allclose(vmapped[0]["clip_threshold"], taus[0], rtol=1e-6)

@@ -14,4 +14,4 @@ from charrnn.sweep.grid import (Run, SweepError, make_grid, parse_strength, pars
 from charrnn.sweep.results import summarize
 from charrnn.sweep.run import (STEP_METRICS, Corpus, default_runs_per_chunk, group_mesh,
                                init_group, make_group_step, reference_norm, run_group,
-                               run_single, stack_batches, thresholds)
+                               run_single, stack_batches, strengths)

@@ -26,22 +26,26 @@ class SweepError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One point of the grid. ``threshold``: the rule's strength label: 'none' (rule
-    none), '0.5x' (relative, norm-type rules) or '2.5' (absolute)."""
+    """One point of the grid. ``strength``: the rule's strength label: 'none' (rule
+    none), '0.5x' (relative, norm-type rules) or '2.5' (absolute: τ, a bound, λ, a
+    percentile or a z-score, whatever the rule's strength is)."""
     cell: str
     optimizer: str
     seed: int
-    threshold: str
+    strength: str
     rule: str = "global_norm"
+    learning_rate: float | None = None  # None: the sweep config's one rate for the optimizer
 
     @property
     def name(self) -> str:
-        clip = "none" if self.rule == "none" else f"{self.rule}_{self.threshold}"
-        return f"{self.cell}-{self.optimizer}-seed{self.seed}-{clip}"
+        clip = "none" if self.rule == "none" else f"{self.rule}_{self.strength}"
+        lr = "" if self.learning_rate is None else f"-lr{self.learning_rate:g}"
+        return f"{self.cell}-{self.optimizer}{lr}-seed{self.seed}-{clip}"
 
     @property
     def group(self) -> tuple:
-        """Runs of one group share one compiled program."""
+        """Runs of one group share one compiled program: their seeds, strengths and
+        learning rates are runtime values."""
         return (self.rule, self.cell, self.optimizer)
 
 
@@ -96,33 +100,49 @@ def make_grid(sweep_config) -> list[Run]:
     for name in sweep_config.optimizers:
         if name not in optim.OPTIMIZERS:
             raise SweepError(f"unknown optimizer {name!r}; choose from {optim.OPTIMIZERS}")
-        if name not in sweep_config.learning_rate:
-            raise SweepError(f"sweep.learning_rate has no entry for optimizer {name!r}")
+        learning_rates(sweep_config, name)
     for rule in sweep_config.rules:
         if rule not in clipping.RULES:
             raise SweepError(f"unknown clipping rule {rule!r} in sweep.rules; choose from "
                              f"{', '.join(clipping.RULES)}")
         for label in _strength_labels(sweep_config, rule):
             parse_strength(rule, label)
-    runs = [Run(c, o, int(s), t, rule) for c in sweep_config.cells
-            for o in sweep_config.optimizers for rule in sweep_config.rules
+    runs = [Run(c, o, int(s), t, rule, lr) for c in sweep_config.cells
+            for o in sweep_config.optimizers for lr in learning_rates(sweep_config, o)
+            for rule in sweep_config.rules
             for s in sweep_config.seeds for t in _strength_labels(sweep_config, rule)]
     if not runs:
         raise SweepError("the grid is empty: give at least one cell, optimizer, rule and seed")
     return runs
 
 
+def learning_rates(sweep_config, optimizer: str) -> tuple:
+    """The learning rates the grid gives ``optimizer``: the list
+    ``sweep.learning_rates.<optimizer>``, else the one ``sweep.learning_rate.<optimizer>``."""
+    if "learning_rates" in sweep_config and optimizer in sweep_config.learning_rates:
+        field, rates = "learning_rates", tuple(sweep_config.learning_rates[optimizer])
+    elif "learning_rate" in sweep_config and optimizer in sweep_config.learning_rate:
+        field, rates = "learning_rate", (sweep_config.learning_rate[optimizer],)
+    else:
+        raise SweepError(f"sweep.learning_rates has no entry for optimizer {optimizer!r}")
+    if not rates or not all(isinstance(r, (int, float)) and not isinstance(r, bool)
+                            and 0 < r < math.inf for r in rates):
+        raise SweepError(f"sweep.{field}.{optimizer} must be positive numbers, got {rates!r}")
+    return tuple(float(r) for r in rates)
+
+
 def run_config(config, run: Run, tau: float = math.inf) -> ml_collections.ConfigDict:
     """The full training config of one run: the base config with the run's choices.
 
-    The learning rate comes from ``config.sweep.learning_rate[optimizer]``; the
-    rule's strength field (``clipping.Rule.strength``) is set to τ.
+    The learning rate is the run's (or, for a run without one, the grid's one rate
+    for its optimizer); the rule's strength field (``clipping.Rule.strength``) is set to τ.
     """
     c = ml_collections.ConfigDict(config.to_dict())
     c.seed = run.seed
     c.model.cell = run.cell
     c.optim.name = run.optimizer
-    c.optim.learning_rate = float(config.sweep.learning_rate[run.optimizer])
+    c.optim.learning_rate = (learning_rates(config.sweep, run.optimizer)[0]
+                             if run.learning_rate is None else run.learning_rate)
     rule = clipping.RULES[run.rule]
     c.optim.clip_mode = run.rule
     if rule.strength is not None and not math.isinf(tau):

@@ -23,7 +23,7 @@ def summarize(run: Run, tau: float, history: dict, reference: float | None = Non
     grad = history["grad_norm"][np.isfinite(history["grad_norm"])]
     return {
         "cell": run.cell, "optimizer": run.optimizer, "seed": run.seed, "rule": run.rule,
-        "threshold": run.threshold, "tau": tau, "reference_norm": reference,
+        "threshold": run.strength, "tau": tau, "reference_norm": reference,
         "mean_clip_threshold": _finite_mean(history.get("clip_threshold")),
         "final_val_bpc": final / step_lib.LN2, "best_val_bpc": float(finite_val.min()) / step_lib.LN2
         if finite_val.size else float("nan"),

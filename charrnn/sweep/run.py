@@ -88,7 +88,7 @@ def reference_norm(config, run: Run, corpus: Corpus) -> float:
     would measure the explosion. Every way of running the grid calls this, so
     all get the same τ.
     """
-    c = run_config(config, dataclasses.replace(run, rule="none", threshold="none"))
+    c = run_config(config, dataclasses.replace(run, rule="none", strength="none"))
     model = models.CharRNN.from_config(c.model, corpus.vocab_size)
     state = step_lib.init_state(model, optim.Optimizer.frozen(), c.train.batch_size, c.seed)
     batcher = data.Batcher(corpus.train_ids, c.train.batch_size, c.train.seq_len, c.seed)
@@ -108,16 +108,17 @@ def _frozen_step(model: models.CharRNN):
                                      optimizer=optim.Optimizer.frozen()))
 
 
-def thresholds(config, runs: list[Run], corpus: Corpus) -> tuple[list[float], dict]:
-    """(τ per run, reference norm per (cell, optimizer, seed) that needed one)."""
+def strengths(config, runs: list[Run], corpus: Corpus) -> tuple[list[float], dict]:
+    """(the strength of each run's rule as a number, the reference norm per (cell,
+    optimizer, seed) that needed one: a relative label 'Nx' is N times it)."""
     refs = {}
     for run in runs:
         key = (run.cell, run.optimizer, run.seed)
-        if parse_strength(run.rule, run.threshold)[0] == "relative" and key not in refs:
+        if parse_strength(run.rule, run.strength)[0] == "relative" and key not in refs:
             refs[key] = reference_norm(config, run, corpus)
     taus = []
     for run in runs:
-        kind, value = parse_strength(run.rule, run.threshold)
+        kind, value = parse_strength(run.rule, run.strength)
         taus.append(value * refs[(run.cell, run.optimizer, run.seed)] if kind == "relative"
                     else value)
     return taus, refs
@@ -128,11 +129,13 @@ def thresholds(config, runs: list[Run], corpus: Corpus) -> tuple[list[float], di
 
 
 def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh=None):
-    """The jitted step of R runs: (states[R], batches[R], taus[R]) -> (states, metrics[R]).
+    """The jitted step of R runs: (states[R], batches[R], hypers) -> (states, metrics[R]).
 
-    Each run's step is :func:`step.train_step` with the optimizer of ``config``
-    whose clipping rule has strength τ_r, a traced scalar
-    (:meth:`optim.Optimizer.from_config`; ignored by the rule none).
+    ``hypers``: runtime hyperparameters, name -> float32 [R], any of
+    :data:`optim.RUNTIME` (``strength``, ``learning_rate``). Each run's step is
+    :func:`step.train_step` with the optimizer of ``config`` whose values of those
+    are run r's, traced scalars (:meth:`optim.Optimizer.from_config`; the rule none
+    ignores a strength).
     ``runs_per_chunk`` C sets the layout:
     runs are vectorized C at a time by ``jax.vmap`` and the R / C chunks run one
     after another inside the same program (``jax.lax.map``). 0 (or ≥ R) vmaps
@@ -143,22 +146,22 @@ def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh
     over them (``jax.shard_map``: each device steps its R/N runs, laid out as
     above, with no communication); inputs come placed by
     :func:`parallel.shard_runs`.
-    ``config`` is any run config of the group (optimizer, learning rate, rule and
-    its secondary settings are shared). Each run's dropout key derives from its
+    ``config`` is any run config of the group (optimizer, rule and their other
+    settings are shared). Each run's dropout key derives from its
     own state (:func:`step.step_key`), as in :func:`run_single`.
     """
     if runs_per_chunk < 0:
         raise SweepError(f"runs_per_chunk must be >= 0, got {runs_per_chunk}")
 
-    def one_run(state, batch, tau):
-        optimizer = optim.Optimizer.from_config(config, strength=tau)
+    def one_run(state, batch, hypers):
+        optimizer = optim.Optimizer.from_config(config, **hypers)
         return step_lib.train_step(state, batch, model=model, optimizer=optimizer)
 
-    def group(states, batches, taus):
-        num_runs = taus.shape[0]
+    def group(states, batches, hypers):
+        num_runs = jax.tree.leaves(hypers)[0].shape[0]
         if runs_per_chunk == 0 or runs_per_chunk >= num_runs:
-            return jax.vmap(one_run)(states, batches, taus)
-        return jax.lax.map(lambda args: one_run(*args), (states, batches, taus),
+            return jax.vmap(one_run)(states, batches, hypers)
+        return jax.lax.map(lambda args: one_run(*args), (states, batches, hypers),
                            batch_size=runs_per_chunk)
 
     if mesh is not None:
@@ -190,8 +193,8 @@ def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: 
               num_steps: int | None = None, *, mesh=None) -> list[dict]:
     """Train R runs of one (rule, cell, optimizer) in one program; one history per run.
 
-    configs: run configs differing only in seed and the rule's strength, which
-    ``taus`` gives. ``runs_per_chunk``: see
+    configs: run configs differing only in seed, learning rate and the rule's
+    strength, which ``taus`` gives. ``runs_per_chunk``: see
     :func:`make_group_step` (None: :func:`default_runs_per_chunk`). Returns
     what :func:`run_single` returns, for each run, in order. ``mesh``
     (:func:`parallel.make_mesh`): the run axis split over its N devices, each
@@ -210,12 +213,14 @@ def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: 
         runs_per_chunk = default_runs_per_chunk()
     step_fn = make_group_step(model, first, runs_per_chunk, mesh)
     batchers = [data.Batcher(corpus.train_ids, B, T, c.seed) for c in configs]
-    # With a mesh each device holds R/N runs' states, batches and τ; without, a no-op.
+    # With a mesh each device holds R/N runs' states, batches and hyperparameters.
     place = (lambda tree: tree) if mesh is None else (lambda tree: parallel.shard_runs(tree, mesh))
-    state, tau = place((init_group(model, configs), jnp.asarray(taus, jnp.float32)))
+    hypers = {"strength": jnp.asarray(taus, jnp.float32),
+              "learning_rate": jnp.asarray([c.optim.learning_rate for c in configs], jnp.float32)}
+    state, hypers = place((init_group(model, configs), hypers))
     next_batch = lambda: place(stack_batches([b.next_batch() for b in batchers]))
     evaluate = _evaluator(model, first, corpus, num_runs=len(configs))
-    histories = _train(lambda s, b: step_fn(s, b, tau), state, next_batch, num_steps, evaluate,
+    histories = _train(lambda s, b: step_fn(s, b, hypers), state, next_batch, num_steps, evaluate,
                        len(configs), first.sweep.eval_every)
     return histories[:num_runs]
 

@@ -40,7 +40,7 @@ class _Layer(models.Layer):
     """A layer that runs through ``impl(cell, params, carry, xs, table)``."""
     impl: object = None
 
-    def run(self, params, carry, xs, *, fast=True, unroll_steps=1, remat=False):
+    def run(self, params, carry, xs, *, fast=True, unroll=1, remat=False):
         table = models.input_table(params) if self.reads_tokens else None
         return self.impl(self.cell, params[self.name], carry, xs, table)
 

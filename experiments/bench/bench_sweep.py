@@ -80,7 +80,7 @@ def measure(config, num_runs: int, chunks: list, steps: int, repeats: int) -> di
 
     variants = {"sequential": ([step_lib.init_state(model, tx, B, c.seed)
                                 for tx, c in zip(optimizers, seeds)], sequential)}
-    taus = jnp.ones((num_runs,), jnp.float32)
+    taus = {"strength": jnp.ones((num_runs,), jnp.float32)}
     for chunk in chunks:
         step_all = sweep.make_group_step(model, seeds[0], chunk)
 

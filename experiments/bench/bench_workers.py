@@ -164,7 +164,7 @@ class JaxSweep(Task):
             sweep.init_group(model, configs),
             {"x": _random_tokens(shape, 1), "y": _random_tokens(shape, 2),
              "reset": np.zeros((runs,), bool)},
-            jnp.asarray(np.geomspace(0.1, 10.0, runs), jnp.float32))
+            {"strength": jnp.asarray(np.geomspace(0.1, 10.0, runs), jnp.float32)})
         if mesh is not None:
             self.state, self.batch, self.taus = parallel.shard_runs(
                 (self.state, self.batch, self.taus), mesh)

@@ -9,8 +9,8 @@ import math
 
 from experiments.pages.report_format import cell_name, fmt
 
-# The grid's runs count as trained when twice the training improves the best clipped
-# LSTM/Adam setting by at most this (bits/char; issue 18's "within about 0.05 bpc").
+# The grid's runs count as trained (a plateau) when twice the training improves the best
+# clipped LSTM/Adam setting by at most this many bits/char.
 PLATEAU_TOLERANCE = 0.05
 
 

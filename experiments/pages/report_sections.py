@@ -142,8 +142,8 @@ $W_{{hh}} = \\rho Q$ with $Q$ orthogonal its norm is exactly $\\rho^k$.
 $W_{{hh}} = \\rho Q$ ($H = {s['hidden_size']}$, $Q$ random orthogonal, Gaussian inputs
 of std {s['input_scale']} per unit, {s['num_sequences']} sequences of $T = {s['seq_len']}$)
 and measures $\\lVert \\partial h_T/\\partial h_{{T-k}} \\rVert_2$ for $k = 1..T$ with
-`charrnn.diagnostics.jacobian_norms`: reverse-mode autodiff (`jax.jacrev`) through the same
-`models.unroll` scan the model uses, with a perturbation added to the state entering each
+`charrnn.diagnostics.jacobian_norms`: reverse-mode autodiff (`jax.jacrev`) through
+`models.reference_scan`, the time loop over the cell's update that training's fast scan also computes, with a perturbation added to the state entering each
 step (no finite differences). The fitted slope of $\\ln$-norm against $k$:
 
 {e['markdown']}

@@ -71,7 +71,7 @@ def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None,
         raise sweep.SweepError(f"--run_index={run_index} but the grid has {len(runs)} runs")
     selected = runs if run_index < 0 else [runs[run_index]]
     corpus = sweep.Corpus.from_config(config)
-    taus, refs = sweep.thresholds(config, selected, corpus)
+    taus, refs = sweep.strengths(config, selected, corpus)
     os.makedirs(os.path.join(outdir, "runs"), exist_ok=True)
     groups = {}
     for run, tau in zip(selected, taus):
@@ -211,7 +211,7 @@ def grouped(rows: list) -> list:
     return table
 
 
-def adam_contrast(table: list) -> list:
+def optimizer_contrast(table: list) -> list:
     """Per (cell, optimizer): how far each threshold moves the final val bpc from 'none'.
 
     ``spread``: max − min of the mean final val bpc over the thresholds whose
@@ -283,7 +283,7 @@ def aggregate(outdir: str) -> dict:
         with open(os.path.join(outdir, PLATEAU)) as f:
             plateau = json.load(f)
     summary = {"rows": rows, "table": table, "rules_table": rules_table, "markdown": md,
-               "contrast": adam_contrast(table), "plateau": plateau,
+               "contrast": optimizer_contrast(table), "plateau": plateau,
                "threshold_figure": threshold_figure,
                "seconds": training_seconds(records)}
     with open(os.path.join(outdir, "clip_ablation.json"), "w") as f:

@@ -22,7 +22,10 @@ def summarize(run: Run, tau: float, history: dict, reference: float | None = Non
     nonfinite = int(history["nonfinite"].sum())
     grad = history["grad_norm"][np.isfinite(history["grad_norm"])]
     return {
-        "cell": run.cell, "optimizer": run.optimizer, "seed": run.seed, "rule": run.rule,
+        "cell": run.cell, "optimizer": run.optimizer, "learning_rate": run.learning_rate,
+        "seed": run.seed, "rule": run.rule,
+        # the strength label ('0.5x', '2.5', 'none'; the column's name predates the rules
+        # whose strength is not a threshold) and its value
         "threshold": run.strength, "tau": tau, "reference_norm": reference,
         "mean_clip_threshold": _finite_mean(history.get("clip_threshold")),
         "final_val_bpc": final / step_lib.LN2, "best_val_bpc": float(finite_val.min()) / step_lib.LN2

@@ -215,8 +215,10 @@ def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: 
     batchers = [data.Batcher(corpus.train_ids, B, T, c.seed) for c in configs]
     # With a mesh each device holds R/N runs' states, batches and hyperparameters.
     place = (lambda tree: tree) if mesh is None else (lambda tree: parallel.shard_runs(tree, mesh))
-    hypers = {"strength": jnp.asarray(taus, jnp.float32),
-              "learning_rate": jnp.asarray([c.optim.learning_rate for c in configs], jnp.float32)}
+    hypers = {"strength": jnp.asarray(taus, jnp.float32)}
+    rates = [c.optim.learning_rate for c in configs]
+    if len(set(rates)) > 1:  # else the one rate is a constant of the program, as in run_single
+        hypers["learning_rate"] = jnp.asarray(rates, jnp.float32)
     state, hypers = place((init_group(model, configs), hypers))
     next_batch = lambda: place(stack_batches([b.next_batch() for b in batchers]))
     evaluate = _evaluator(model, first, corpus, num_runs=len(configs))

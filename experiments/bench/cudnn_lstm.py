@@ -99,6 +99,8 @@ class CudnnLSTM:
         return self.base.initial_carry(batch_size)
 
     def __getattr__(self, name):  # what else a step reads of a model: the base's fields
+        if name == "base":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.base, name)
 
     def __call__(self, params, carry, tokens, dropout_key=None, unroll_steps: int = 1,

@@ -173,7 +173,7 @@ def _selected(only, key) -> bool:
 
 def _measure_section(workers, section, groups, deadline, settings, log):
     """measure_group for each selected group until ``deadline`` (perf_counter); later
-    groups are recorded as skipped."""
+    groups are recorded as skipped, a group whose timing failed as failed."""
     out = {}
     for key, group in groups.items():
         if not _selected(settings["only"], f"{section}/{key}"):
@@ -184,8 +184,12 @@ def _measure_section(workers, section, groups, deadline, settings, log):
             log(f"{key}: skipped (time budget)")
             continue
         log(key)
-        out[key] = harness.measure_group(workers, group, settings["repeats"],
-                                         settings["window_s"], log)
+        try:
+            out[key] = harness.measure_group(workers, group, settings["repeats"],
+                                             settings["window_s"], log)
+        except RuntimeError as e:  # a contender failed between windows: the group is lost
+            out[key] = {label: {"error": str(e).splitlines()[0]} for label in group}
+            log(f"{key}: FAILED {e}")
     return out
 
 

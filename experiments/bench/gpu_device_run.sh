@@ -2,7 +2,7 @@
 # The GPU benchmark in one command, on a machine with an NVIDIA GPU whose Python already
 # has jax (CUDA), flax, optax, orbax-checkpoint, absl-py, torch (CUDA) and matplotlib:
 #
-#     bash experiments/bench/gpu_device_run.sh [OUTDIR]
+#     bash experiments/bench/gpu_device_run.sh [OUTDIR [more gpu.py flags]]
 #
 # from the repository root. Wheels found in .whl/ (git-ignored; docs/design-notes.md,
 # "The GPU benchmark", gives the pip download command that makes them) are installed
@@ -15,6 +15,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 out=${1:-${OUT:-runs/bench_gpu}}
+shift $(( $# > 0 ? 1 : 0 ))
 mkdir -p "$out" runs/bench_gpu
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -22,9 +23,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=$PWD/.whl/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/nvidia_smi.txt" 2>&1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } > "$out/nvidia_smi.txt" 2>&1
 timeout "${LIMIT_S:-540}" python3 -m experiments.bench.gpu --outdir=runs/bench_gpu \
-  --markdown=BENCHMARKS-gpu.md --budget_s="${BUDGET_S:-420}" > "$out/gpu_stdout.json" \
+  --markdown=BENCHMARKS-gpu.md --budget_s="${BUDGET_S:-420}" "$@" > "$out/gpu_stdout.json" \
   2> >(tee "$out/gpu_log.txt" >&2)
 status=$?
 cp runs/bench_gpu/benchmark_gpu.json BENCHMARKS-gpu.md "$out/" 2>/dev/null

@@ -99,7 +99,7 @@ def tables(out) -> list:
     result.append(("ratios (within this run)", ["what", "a / b", "a", "b", "ratio"], rows))
     rows = [[r["comparison"], _ratio_text(r["ratio"]), f">= {r['target']}x",
              "met" if r["met"] else "NOT MET"] for r in out["comparisons"] if "target" in r]
-    result.append(("targets: charrnn float32 / PyTorch cuDNN float32",
+    result.append((f"targets: charrnn float32 / {_pytorch(out)} float32",
                    ["what", "got", "target", ""], rows))
     result.append(("fastest path per model (chars/s)",
                    ["config/batch", "fastest float32", "chars/s", "fastest", "chars/s"],
@@ -112,6 +112,11 @@ def _memory_ratio(mem, a, b):
     return x / y if x and y else None
 
 
+def _pytorch(out) -> str:
+    return "PyTorch on cuDNN" if out["settings"]["torch_device"] == "cuda" else \
+        "PyTorch on the CPU"
+
+
 def finding(out) -> str:
     """The targets' outcome in one sentence, chosen by the numbers."""
     targets = [r for r in out["comparisons"] if "target" in r]
@@ -121,9 +126,9 @@ def finding(out) -> str:
     if not targets:
         return "No target comparison ran."
     if not missed:
-        return (f"charrnn's default float32 step is at least as fast as PyTorch on cuDNN for "
+        return (f"charrnn's default float32 step is at least as fast as {_pytorch(out)} for "
                 f"every target model ({', '.join(met)}).")
-    return (f"charrnn's default float32 step is slower than PyTorch on cuDNN for "
+    return (f"charrnn's default float32 step is slower than {_pytorch(out)} for "
             f"{', '.join(missed)}" + (f"; at least as fast for {', '.join(met)}." if met
                                       else "."))
 

@@ -176,7 +176,8 @@ def test_gpu_bench_allow_cpu_writes_every_planned_key(tiny_run):
     group = saved["train"]["lstm_1x128/B32"]
     row = next(r for r in saved["comparisons"]
                if r["comparison"] == "train lstm_1x128/B32" and r["b"] == "jax_cudnn")
-    assert row["ratio"] == pytest.approx(group["charrnn"]["per_sec"] / group["jax_cudnn"]["per_sec"])
+    assert row["ratio"] == pytest.approx(group["charrnn"]["per_sec"]
+                                         / group["jax_cudnn"]["per_sec"])
 
 
 def test_gpu_bench_page_of_the_tiny_run_says_it_is_one(tiny_run):

@@ -148,7 +148,8 @@ def check_device(allow_cpu: bool) -> dict:
     else:
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = saved
     info = {"jax_platform": device.platform, "jax_device": device.device_kind,
-            "jax_default_matmul_precision": jax.config.jax_default_matmul_precision}
+            "jax_default_matmul_precision": _read(
+                lambda: jax.config.jax_default_matmul_precision)}
     cuda = False
     if harness.has_torch():
         import torch
@@ -156,8 +157,8 @@ def check_device(allow_cpu: bool) -> dict:
         info.update(torch_cuda=cuda, torch_cuda_version=torch.version.cuda,
                     torch_cudnn=torch.backends.cudnn.version() if cuda else None,
                     torch_device=torch.cuda.get_device_name(0) if cuda else None,
-                    torch_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
-                    torch_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
+                    torch_matmul_allow_tf32=_read(lambda: torch.backends.cuda.matmul.allow_tf32),
+                    torch_cudnn_allow_tf32=_read(lambda: torch.backends.cudnn.allow_tf32))
     if (device.platform != "gpu" or not cuda) and not allow_cpu:
         torch_says = (f"torch.cuda.is_available() is {cuda}" if harness.has_torch()
                       else "torch is not installed")
@@ -165,6 +166,14 @@ def check_device(allow_cpu: bool) -> dict:
                          f"{device.platform} ({device.device_kind}), {torch_says}; "
                          "--allow_cpu runs it on the CPU at tiny sizes")
     return info
+
+
+def _read(setting):
+    """A library setting's value for the page, or "unknown" where this version lacks it."""
+    try:
+        return setting()
+    except (AttributeError, RuntimeError):
+        return "unknown"
 
 
 def _selected(only, key) -> bool:
@@ -276,9 +285,8 @@ def main(argv):
     print(gpu_report.text(out), file=sys.stderr)
     print(json.dumps(out))
     failed = gpu_report.failures(out)
-    if failed:
-        print("error: contenders failed: " + ", ".join(failed), file=sys.stderr)
-        sys.exit(1)
+    if failed:  # the JSON and the page are written: they show which ones
+        sys.exit("error: contenders failed: " + ", ".join(failed))
 
 
 if __name__ == "__main__":

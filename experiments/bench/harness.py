@@ -25,8 +25,9 @@ class Workers:
         for fw in frameworks:
             extra = next((v for k, v in env.items() if fw.endswith(k)), {})
             self.procs[fw] = subprocess.Popen(
-                [sys.executable, "-m", "experiments.bench.bench_workers", fw], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                text=True, env={**os.environ, **extra})
+                [sys.executable, "-m", "experiments.bench.bench_workers", fw],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                env={**os.environ, **extra})
 
     def ask(self, framework, message):
         proc = self.procs[framework]

@@ -23,12 +23,7 @@ V, E, H, L, B, T = 7, 6, 4, 2, 3, 5  # E != H: a transposed matrix cannot fit by
 def case():
     """A 2-layer LSTM with random (not initial) parameters, a random carry (c != h) and data."""
     model = models.CharRNN(V, cell="lstm", hidden_size=H, num_layers=L, embed_dim=E)
-    rng = np.random.default_rng(0)
-    normal = lambda *shape: jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32)
-    params = jax.tree.map(lambda x: normal(*x.shape), jax.eval_shape(model.init,
-                                                                      jax.random.key(0)))
-    carry = tuple((normal(B, H), normal(B, H)) for _ in range(L))
-    tokens = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    params, carry, tokens = cudnn_lstm.random_case(model, B, T)
     return model, params, carry, tokens, jnp.roll(tokens, -1, axis=1)
 
 
@@ -110,6 +105,17 @@ def test_charrnn_equals_torch_nn_lstm_forward_and_gradient(case):
         np.testing.assert_allclose(ours["b"], grads[f"rnn.bias_hh_l{l}"], rtol=1e-4, atol=1e-6)
 
 
+def test_max_differences_is_rounding_for_the_same_model_and_large_for_another(monkeypatch):
+    """The check gpu.py runs on the device first (there against real cuDNN)."""
+    same = cudnn_lstm.max_differences("ref", hidden=8, layers=2, batch=2, seq_len=4)
+    assert max(same["logits"], same["carry"], same["grad_relative"]) < 1e-4, same
+    layers = cudnn_lstm.layer_weights
+    monkeypatch.setattr(cudnn_lstm, "layer_weights", lambda p, n: [  # gate blocks rotated by one
+        tuple(jnp.roll(w, 8, axis=0) for w in layer) for layer in layers(p, n)])
+    wrong = cudnn_lstm.max_differences("ref", hidden=8, layers=2, batch=2, seq_len=4)
+    assert min(wrong["logits"], wrong["grad_relative"]) > 1e-2, wrong
+
+
 def test_cudnn_model_refuses_what_cudnn_does_not_compute():
     for kw in ({"cell": "gru"}, {"dropout": 0.1}, {"weight_drop": 0.1},
                {"matmul_dtype": "bfloat16"}):
@@ -173,6 +179,7 @@ def test_gpu_bench_allow_cpu_writes_every_planned_key(tiny_run):
                     assert r["per_sec"] > 0 and r["first_step_s"] > 0, (key, label, r)
     assert list(saved["memory"]) == list(gpu.memory_plan(tiny=True, device="cpu"))
     assert saved["settings"]["tiny"] is True and saved["machine"]["jax_platform"] == "cpu"
+    assert saved["equivalence"]["impl"] == "ref" and saved["equivalence"]["logits"] < 1e-4
     group = saved["train"]["lstm_1x128/B32"]
     row = next(r for r in saved["comparisons"]
                if r["comparison"] == "train lstm_1x128/B32" and r["b"] == "jax_cudnn")
@@ -208,6 +215,8 @@ def _h200_like_results(slow_key="lstm_2x512/B32"):
                         "sample_length": 1000, "sweep_runs": [8, 64], "torch_device": "cuda",
                         "only": None, "total_s": 400.0,
                         "command": "python experiments/bench/gpu.py --markdown=BENCHMARKS-gpu.md"},
+           "equivalence": {"impl": "cudnn", "logits": 2e-6, "carry": 1e-6,
+                           "grad_relative": 5e-6},
            "memory_spec": gpu.memory_plan(tiny=False, device="cuda")["charrnn"],
            "memory": {"charrnn": {"device_peak_mb": 300.0}, "pytorch": {"device_peak_mb": 200.0}}}
     for section, groups in gpu.plan(tiny=False, device="cuda").items():
@@ -234,6 +243,7 @@ def test_gpu_page_renders_from_saved_json_naming_device_ratios_and_targets(tmp_p
     assert "| charrnn / pytorch | 1.50x |" in page  # peak memory
     assert ("charrnn's default float32 step is slower than PyTorch on cuDNN for "
             "lstm_2x512/B32 (0.62x); at least as fast for lstm_1x128/B32, lstm_3x768/B32.") in page
+    assert "`jax_cudnn` (cudnn) computes the same model as charrnn's scan" in page
     # The fastest path per model: jax_cudnn (120) beats charrnn (50) where charrnn is slow.
     assert "| lstm_2x512/B32 | jax_cudnn | 120 | charrnn_bf16 | 150 |" in page
 
@@ -243,6 +253,13 @@ def test_gpu_page_finding_follows_the_numbers():
     assert gpu_report.finding(_h200_like_results(slow_key=None)) == (
         "charrnn's default float32 step is at least as fast as PyTorch on cuDNN for every "
         "target model (lstm_1x128/B32, lstm_2x512/B32, lstm_3x768/B32).")
+
+
+def test_gpu_page_says_when_the_cudnn_contender_computes_another_model():
+    from experiments.bench import gpu_report
+    out = _h200_like_results()
+    out["equivalence"]["grad_relative"] = 0.3
+    assert "`jax_cudnn` (cudnn) DIFFERS from charrnn's scan" in gpu_report.equivalence(out)
 
 
 def test_gpu_render_only_of_a_bad_file_is_one_error_line(tmp_path):

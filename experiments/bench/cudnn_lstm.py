@@ -125,3 +125,43 @@ class CudnnLSTM:
             y, h_n, c_n = rnn.lstm_ref(x, h0, c0, *unpacked, lengths, *size.values())
         head = params["head"]
         return tuple(zip(c_n, h_n)), y @ head["kernel"] + head["bias"]
+
+
+def random_case(model: models.CharRNN, batch: int, seq_len: int, seed: int = 0):
+    """(params, carry, tokens [B, T]) drawn at random, N(0, 0.25) for every parameter and
+    for c and h (different draws: a swapped carry shows), not the model's initialisation."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32)
+    params = jax.tree.map(lambda x: normal(*x.shape),
+                          jax.eval_shape(model.init, jax.random.key(0)))
+    carry = tuple((normal(batch, model.hidden_size), normal(batch, model.hidden_size))
+                  for _ in range(model.num_layers))
+    tokens = jnp.asarray(rng.integers(0, model.vocab_size, (batch, seq_len)), jnp.int32)
+    return params, carry, tokens
+
+
+def max_differences(impl: str, hidden: int = 32, layers: int = 2, batch: int = 4,
+                    seq_len: int = 16, vocab: int = 65, embed: int = 64) -> dict:
+    """How far :class:`CudnnLSTM` (``impl``) is from charrnn's own scan, on random parameters
+    and a random carry: max |Δ logits|, max |Δ final (c, h)|, and over every parameter
+    max |Δ grad| / max |grad| of the mean cross-entropy. Products at the highest precision
+    (no TF32), so what remains is float32 rounding: a wrong layout shows as O(1)."""
+    import optax
+    model = models.CharRNN(vocab, cell="lstm", hidden_size=hidden, num_layers=layers,
+                           embed_dim=embed)
+    params, carry, tokens = random_case(model, batch, seq_len)
+
+    def loss(m, p):
+        new_carry, logits = m(p, carry, tokens)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+        return ce.mean(), (new_carry, logits)
+
+    with jax.default_matmul_precision("highest"):
+        ours, theirs = (jax.grad(loss, argnums=1, has_aux=True)(m, params)
+                        for m in (model, CudnnLSTM(model, impl)))
+    (g1, (c1, l1)), (g2, (c2, l2)) = ours, theirs
+    diff = lambda a, b: float(jnp.max(jnp.abs(a - b)))
+    return {"impl": impl, "logits": diff(l1, l2),
+            "carry": max(jax.tree.leaves(jax.tree.map(diff, c1, c2))),
+            "grad_relative": max(jax.tree.leaves(jax.tree.map(
+                lambda a, b: diff(a, b) / float(jnp.max(jnp.abs(a))), g1, g2)))}

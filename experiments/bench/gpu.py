@@ -23,6 +23,8 @@ vocabulary 65, embedding 64, Adam, global-norm clip 1.0):
   against that many runs one after another, whose throughput is one run's;
 - sampling chars/s, 1000 characters, LSTM 1x128 and 3x768, batch 1 and 64:
   charrnn's scan sampler, a per-character jitted loop, a PyTorch loop;
+- first, that the jax_cudnn contender computes charrnn's model on the device
+  (``cudnn_lstm.max_differences``: logits, state and gradients against the scan);
 - peak device memory of training LSTM 3x768 at B=128 (jax
   ``peak_bytes_in_use``, torch ``max_memory_allocated``), a fresh process each.
 
@@ -225,6 +227,7 @@ def run(tiny, budget_s, repeats, window, only, log, save):
         out["comparisons"] = gpu_report.compare(out)
         save(out)
 
+    out["equivalence"] = _equivalence(device_info["jax_platform"], log)
     deadline = lambda section: start + SECTION_END[section] * budget_s
     workers = harness.Workers(["jax"] + (["torch"] if harness.has_torch() else []))
     try:
@@ -246,6 +249,18 @@ def run(tiny, budget_s, repeats, window, only, log, save):
             log(f"memory {label}: {out['memory'][label]}")
     checkpoint()
     return out
+
+
+def _equivalence(platform, log) -> dict:
+    """cuDNN's LSTM (off a GPU: its reference) against charrnn's scan on one random case
+    (cudnn_lstm.max_differences): the timed contenders must compute the same model."""
+    from experiments.bench import cudnn_lstm
+    try:
+        result = cudnn_lstm.max_differences("cudnn" if platform == "gpu" else "ref")
+    except Exception as e:  # recorded on the page; the timings still run
+        result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    log(f"equivalence: {result}")
+    return result
 
 
 def _render_only(path, markdown):

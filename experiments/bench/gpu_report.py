@@ -133,6 +133,23 @@ def finding(out) -> str:
                                       else "."))
 
 
+SAME_MODEL_TOL = 1e-3  # float32 rounding at the highest precision is ~1e-6; a wrong layout O(1)
+
+
+def equivalence(out) -> str:
+    """Whether the cuDNN contender computed charrnn's model, in one sentence (or none)."""
+    e = out.get("equivalence")
+    if not e:
+        return ""
+    if "error" in e:
+        return f"`jax_cudnn` could not be checked against charrnn's scan: {e['error']}."
+    same = max(e["logits"], e["carry"], e["grad_relative"]) < SAME_MODEL_TOL
+    return (f"`jax_cudnn` ({e['impl']}) {'computes the same model as' if same else 'DIFFERS from'}"
+            f" charrnn's scan on random parameters (highest matmul precision): logits within "
+            f"{e['logits']:.1e}, final state within {e['carry']:.1e}, every gradient within "
+            f"{e['grad_relative']:.1e} of its largest entry.")
+
+
 def text(out) -> str:
     return bench_report.format_text(tables(out))
 
@@ -160,6 +177,6 @@ def markdown(out) -> str:
               f"is the median of {s['repeats']} timing windows of {s['window_s']} s, rotated "
               f"over the contenders of a group; total run {s['total_s'] / 60:.1f} min "
               f"(budget {s['budget_s']:.0f} s, compilation included).", "",
-              finding(out), ""]
+              finding(out), "", equivalence(out), ""]
     lines += bench_report.format_markdown(tables(out))
     return "\n".join(lines)

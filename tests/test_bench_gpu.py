@@ -158,11 +158,11 @@ def tiny_run(tmp_path_factory):
 
 
 def test_gpu_bench_allow_cpu_writes_every_planned_key(tiny_run):
-    from experiments.bench import gpu
+    from experiments.bench import gpu_plan
     result, out = tiny_run
     saved = json.loads((out / "benchmark_gpu.json").read_text())
     assert json.loads(result.stdout.strip().splitlines()[-1]) == saved  # printed = written
-    planned = gpu.plan(tiny=True, device="cpu")
+    planned = gpu_plan.plan(tiny=True, device="cpu")
     has_torch = "torch" in saved["machine"] and saved["machine"]["torch"] is not None
     for section, groups in planned.items():
         assert list(saved[section]) == list(groups), section
@@ -177,7 +177,7 @@ def test_gpu_bench_allow_cpu_writes_every_planned_key(tiny_run):
                     assert "skipped" in r
                 else:
                     assert r["per_sec"] > 0 and r["first_step_s"] > 0, (key, label, r)
-    assert list(saved["memory"]) == list(gpu.memory_plan(tiny=True, device="cpu"))
+    assert list(saved["memory"]) == list(gpu_plan.memory_plan(tiny=True, device="cpu"))
     assert saved["settings"]["tiny"] is True and saved["machine"]["jax_platform"] == "cpu"
     assert saved["equivalence"]["impl"] == "ref" and saved["equivalence"]["logits"] < 1e-4
     group = saved["train"]["lstm_1x128/B32"]
@@ -198,7 +198,7 @@ def test_gpu_bench_page_of_the_tiny_run_says_it_is_one(tiny_run):
 def _h200_like_results(slow_key="lstm_2x512/B32"):
     """A full run's JSON with made-up rates: charrnn 1.25x PyTorch, except 0.625x at
     ``slow_key``; charrnn's peak memory 1.5x PyTorch's."""
-    from experiments.bench import gpu, gpu_report
+    from experiments.bench import gpu_plan, gpu_report
     rates = {"charrnn": 100.0, "charrnn_bf16": 150.0, "jax_cudnn": 120.0, "pytorch": 80.0,
              "pytorch_bf16": 90.0, "charrnn_sweep8": 600.0, "charrnn_sweep64": 3000.0,
              "charrnn_scan": 1000.0, "charrnn_loop": 100.0}
@@ -217,9 +217,9 @@ def _h200_like_results(slow_key="lstm_2x512/B32"):
                         "command": "python experiments/bench/gpu.py --markdown=BENCHMARKS-gpu.md"},
            "equivalence": {"impl": "cudnn", "logits": 2e-6, "carry": 1e-6,
                            "grad_relative": 5e-6},
-           "memory_spec": gpu.memory_plan(tiny=False, device="cuda")["charrnn"],
+           "memory_spec": gpu_plan.memory_plan(tiny=False, device="cuda")["charrnn"],
            "memory": {"charrnn": {"device_peak_mb": 300.0}, "pytorch": {"device_peak_mb": 200.0}}}
-    for section, groups in gpu.plan(tiny=False, device="cuda").items():
+    for section, groups in gpu_plan.plan(tiny=False, device="cuda").items():
         out[section] = {key: {label: {"per_sec": rates[label] * (
             0.5 if (key, label) == (slow_key, "charrnn") else 1.0), "first_step_s": 2.0}
             for label in group} for key, group in groups.items()}

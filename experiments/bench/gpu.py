@@ -47,6 +47,7 @@ from absl import app, flags
 
 from experiments import cli
 from experiments.bench import gpu_report, harness
+from experiments.bench.gpu_plan import BATCHES, SWEEP_RUNS, memory_plan, plan, sizes
 
 _OUTDIR = flags.DEFINE_string("outdir", "runs/bench_gpu", "Directory for benchmark_gpu.json.")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Write the page here (BENCHMARKS-gpu.md).")
@@ -61,78 +62,10 @@ _ONLY = flags.DEFINE_list("only", None, "Time only the groups whose key starts w
                           "these (e.g. train/lstm_1x128/B32, memory/jax_cudnn); the others "
                           "are recorded as skipped.")
 
-TRAIN_CONFIGS = {"lstm_1x128": ("lstm", 128, 1), "lstm_2x512": ("lstm", 512, 2),
-                 "lstm_3x768": ("lstm", 768, 3), "rnn_1x512": ("rnn", 512, 1),
-                 "gru_1x512": ("gru", 512, 1)}
-BATCHES = (32, 128)
-SEQ_LEN = 128
-SWEEP_RUNS = (8, 64)
-SWEEP_MODEL, SAMPLE_MODELS, MEMORY_MODEL = "lstm_1x128", ("lstm_1x128", "lstm_3x768"), \
-    "lstm_3x768"
-SAMPLE_BATCHES, SAMPLE_LENGTH = (1, 64), 1000
 # Each section's end, as a share of --budget_s from the start (compiles included).
 SECTION_END = {"train": 0.62, "sweep": 0.72, "sample": 0.86, "memory": 1.0}
 # Of the jax worker's GPU memory (XLA preallocates 75% by default): PyTorch's worker needs room.
 JAX_MEMORY_FRACTION = "0.45"
-
-
-def sizes(tiny: bool) -> dict:
-    """The run's sizes; tiny (--allow_cpu) keeps the names and shrinks every size."""
-    if tiny:
-        return {"hidden": lambda h: 8, "batch": lambda b: {32: 2, 128: 3}[b], "seq_len": 8,
-                "length": 20, "units_per_call": 1}
-    return {"hidden": lambda h: h, "batch": lambda b: b, "seq_len": SEQ_LEN,
-            "length": SAMPLE_LENGTH, "units_per_call": 4}
-
-
-def plan(tiny: bool, device: str) -> dict:
-    """Every group to time: {section: {key: {label: (framework, spec)}}}; ``device``
-    is PyTorch's (``cuda`` or ``cpu``)."""
-    size = sizes(tiny)
-    per_call = {"units_per_call": size["units_per_call"]}
-
-    def train_spec(name, batch):
-        cell, hidden, layers = TRAIN_CONFIGS[name]
-        return {"kind": "train", "cell": cell, "hidden": size["hidden"](hidden), "layers": layers,
-                "batch": size["batch"](batch), "seq_len": size["seq_len"], **per_call}
-
-    train = {}
-    for batch in BATCHES:
-        for name, (cell, _, _) in TRAIN_CONFIGS.items():
-            spec = train_spec(name, batch)
-            bf16 = {**spec, "matmul_dtype": "bfloat16"}
-            group = {"charrnn": ("jax", spec), "charrnn_bf16": ("jax", bf16)}
-            if cell == "lstm":
-                group["jax_cudnn"] = ("jax", {**spec, "kind": "train_cudnn"})
-            group["pytorch"] = ("torch", {**spec, "device": device})
-            group["pytorch_bf16"] = ("torch", {**bf16, "device": device})
-            train[f"{name}/B{batch}"] = group
-    sweep = {f"{SWEEP_MODEL}/B{BATCHES[0]}/runs{runs}": {f"charrnn_sweep{runs}": (
-        "jax", {**train_spec(SWEEP_MODEL, BATCHES[0]), "kind": "sweep", "runs": runs})}
-        for runs in SWEEP_RUNS}
-    sample = {}
-    for name in SAMPLE_MODELS:
-        _, hidden, layers = TRAIN_CONFIGS[name]
-        for batch in SAMPLE_BATCHES:
-            spec = {"hidden": size["hidden"](hidden), "layers": layers, "batch": batch,
-                    "length": size["length"]}
-            sample[f"{name}/batch{batch}"] = {
-                "charrnn_scan": ("jax", {**spec, "kind": "sample_scan"}),
-                "charrnn_loop": ("jax", {**spec, "kind": "sample_loop"}),
-                "pytorch": ("torch", {**spec, "kind": "sample", "device": device})}
-    return {"train": train, "sweep": sweep, "sample": sample}
-
-
-def memory_plan(tiny: bool, device: str) -> dict:
-    """{label: bench_memory spec} of the memory section: MEMORY_MODEL at the larger batch."""
-    size = sizes(tiny)
-    cell, hidden, layers = TRAIN_CONFIGS[MEMORY_MODEL]
-    spec = {"cell": cell, "hidden": size["hidden"](hidden), "layers": layers,
-            "batch": size["batch"](BATCHES[-1]), "seq_len": size["seq_len"]}
-    bf16 = {**spec, "matmul_dtype": "bfloat16"}
-    return {"charrnn": spec, "charrnn_bf16": bf16, "jax_cudnn": {**spec, "cudnn": True},
-            "pytorch": {**spec, "torch": True, "device": device},
-            "pytorch_bf16": {**bf16, "torch": True, "device": device}}
 
 
 def check_device(allow_cpu: bool) -> dict:
@@ -205,7 +138,7 @@ def _measure_section(workers, section, groups, deadline, settings, log):
 
 
 def run(tiny, budget_s, repeats, window, only, log, save):
-    """Every section of :func:`plan` and the memory section, within ``budget_s``.
+    """Every section of :func:`gpu_plan.plan` and the memory section, within ``budget_s``.
 
     ``save(out)`` is called after each section with the results so far (comparisons
     and total_s brought up to date), so a run stopped from outside keeps its sections.
@@ -227,7 +160,7 @@ def run(tiny, budget_s, repeats, window, only, log, save):
         out["comparisons"] = gpu_report.compare(out)
         save(out)
 
-    out["equivalence"] = _equivalence(device_info["jax_platform"], log)
+    out["equivalence"] = _equivalence(device_info["jax_platform"], tiny, log)
     deadline = lambda section: start + SECTION_END[section] * budget_s
     workers = harness.Workers(["jax"] + (["torch"] if harness.has_torch() else []))
     try:
@@ -251,12 +184,16 @@ def run(tiny, budget_s, repeats, window, only, log, save):
     return out
 
 
-def _equivalence(platform, log) -> dict:
+TINY_CASE = {"hidden": 8, "layers": 2, "batch": 2, "seq_len": 4}  # tests/test_bench_gpu.py's
+
+
+def _equivalence(platform, tiny, log) -> dict:
     """cuDNN's LSTM (off a GPU: its reference) against charrnn's scan on one random case
     (cudnn_lstm.max_differences): the timed contenders must compute the same model."""
     from experiments.bench import cudnn_lstm
     try:
-        result = cudnn_lstm.max_differences("cudnn" if platform == "gpu" else "ref")
+        result = cudnn_lstm.max_differences("cudnn" if platform == "gpu" else "ref",
+                                            **(TINY_CASE if tiny else {}))
     except Exception as e:  # recorded on the page; the timings still run
         result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     log(f"equivalence: {result}")

@@ -4,12 +4,15 @@
     python experiments/bench/gpu.py --render_only=runs/bench_gpu/benchmark_gpu.json \
         --markdown=BENCHMARKS-gpu.md        # the page again from a saved JSON
     python experiments/bench/gpu.py --allow_cpu --outdir=DIR   # tiny sizes on the CPU (a test)
+    ... --only=train/lstm_1x128/B32,memory/charrnn   # some groups; the rest marked skipped
 
 It first checks the device (jax's first device is a GPU and
 ``torch.cuda.is_available()``) and otherwise stops with one ``error:`` line.
 Measured in one run, as ratios within it (B x T = {32, 128} x 128,
 vocabulary 65, embedding 64, Adam, global-norm clip 1.0):
 
+- first, that the jax_cudnn contender computes charrnn's model on the device
+  (``cudnn_lstm.max_differences``: logits, state and gradients against the scan);
 - training chars/s and time to the first finished step (compilation
   included) of LSTM 1x128, 2x512, 3x768, tanh RNN 1x512 and GRU 1x512:
   charrnn's training step (``step.make_train_step``) in float32 and with
@@ -23,8 +26,6 @@ vocabulary 65, embedding 64, Adam, global-norm clip 1.0):
   against that many runs one after another, whose throughput is one run's;
 - sampling chars/s, 1000 characters, LSTM 1x128 and 3x768, batch 1 and 64:
   charrnn's scan sampler, a per-character jitted loop, a PyTorch loop;
-- first, that the jax_cudnn contender computes charrnn's model on the device
-  (``cudnn_lstm.max_differences``: logits, state and gradients against the scan);
 - peak device memory of training LSTM 3x768 at B=128 (jax
   ``peak_bytes_in_use``, torch ``max_memory_allocated``), a fresh process each.
 

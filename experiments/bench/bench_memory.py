@@ -11,7 +11,8 @@ state (charrnn: compiles the step), then trains two steps and reports how far
 the resident set grows above where it stood before them (Linux: the
 high-water mark ``VmHWM`` is reset by writing 5 to /proc/self/clear_refs),
 i.e. the steps' working memory, activations included; for charrnn also XLA's
-own count of the step's temporary buffers.
+own count of the step's temporary buffers; on a GPU also the process's peak of
+device memory (``device_peak_mb``: parameters, optimizer state, the steps' buffers).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ def _status_kb(field: str) -> int:
 
 
 def _reset_peak() -> bool:
+    """Reset the high-water mark VmHWM to the current RSS; False where /proc cannot."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        _status_kb("VmHWM"), _status_kb("VmRSS")
         return True
-    except OSError:
+    except (OSError, StopIteration):
         return False
 
 
@@ -43,8 +46,8 @@ def measure(spec: dict) -> dict:
         from experiments.bench.bench_workers import TorchTrain
         task = TorchTrain({**spec, "kind": "train"})
     else:
-        from experiments.bench.bench_workers import JaxTrain
-        task = JaxTrain({**spec, "kind": "train"})
+        from experiments.bench.bench_workers import JaxCudnnTrain, JaxTrain
+        task = (JaxCudnnTrain if spec.get("cudnn") else JaxTrain)({**spec, "kind": "train"})
         compiled = task.step.lower(task.state, task.batch, task.key).compile()
         stats = compiled.memory_analysis()
         if stats is not None:
@@ -54,13 +57,31 @@ def measure(spec: dict) -> dict:
     # working memory (plus, for PyTorch, Adam's state, created by the first step;
     # charrnn's exists already). Freed memory may stay in the process (glibc,
     # PyTorch's allocator): the high-water mark still counts each byte once.
-    before = _status_kb("VmRSS")
-    if not _reset_peak():
-        return {**result, "error": "cannot reset the peak RSS (/proc/self/clear_refs)"}
+    reset = _reset_peak()
+    before = _status_kb("VmRSS") if reset else None
     task.run_units(2)
+    device = _device_peak(spec)  # a GPU's count needs no reset: kept where RSS fails
+    if not reset:
+        return {**result, **device} if device else \
+            {**result, "error": "cannot reset the peak RSS (/proc/self/clear_refs)"}
     result["step_peak_mb"] = (_status_kb("VmHWM") - before) / 1024
     result["rss_mb"] = _status_kb("VmHWM") / 1024
-    return result
+    return {**result, **device}
+
+
+def _device_peak(spec: dict) -> dict:
+    """On a GPU, the process's peak of device memory its framework allocated (MB): jax's
+    ``peak_bytes_in_use``, torch's ``max_memory_allocated``; elsewhere nothing."""
+    if spec.get("torch"):
+        import torch
+        if spec.get("device") != "cuda":
+            return {}
+        return {"device_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    if jax.default_backend() != "gpu" or "peak_bytes_in_use" not in stats:
+        return {}
+    return {"device_peak_mb": stats["peak_bytes_in_use"] / 2 ** 20}
 
 
 def first_step(config_arg: str) -> dict:

@@ -199,8 +199,13 @@ def tables(out):
 
 
 def text_tables(out):
+    return format_text(tables(out))
+
+
+def format_text(table_list):
+    """[(title, header, rows)] as aligned plain-text tables."""
     lines = []
-    for title, header, rows in tables(out):
+    for title, header, rows in table_list:
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else []
         lines += ["", title]
         for row in [header] + rows:
@@ -220,14 +225,21 @@ def markdown(out):
              f"{s['repeats']} timing windows of {s['window_s']} s (sampling and GEMM: up to 1 s), "
              "rotated over the contenders; total run "
              f"{s['total_s'] / 60:.1f} min.", ""]
-    for title, header, rows in tables(out):
-        lines += [f"## {title}", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
-        lines.append("")
+    lines += format_markdown(tables(out))
     first = out["first_step_default"]
     if "first_step_s" in first:
         lines += [f"Default config ({first['config']}) in a fresh process: imports "
                   f"{first['import_s']:.2f} s, first step (compilation included) "
                   f"{first['first_step_s']:.2f} s.", ""]
     return "\n".join(lines)
+
+
+def format_markdown(table_list):
+    """[(title, header, rows)] as Markdown sections, one table each (a list of lines)."""
+    lines = []
+    for title, header, rows in table_list:
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+        lines.append("")
+    return lines

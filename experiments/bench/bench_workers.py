@@ -51,6 +51,7 @@ def serve(framework: str, commands, replies):
                 start = time.perf_counter()
                 task = factories[spec["kind"]](spec)
                 task.run_units(1)  # the first unit: compilation, first allocation
+                task.units_per_call = spec.get("units_per_call", 1)
                 tasks[name] = task
                 reply = {"first_s": time.perf_counter() - start}
             else:  # ("run", name, seconds)
@@ -82,8 +83,8 @@ def _one_thread_jax():
 
 
 def _jax_tasks():
-    return {"train": JaxTrain, "sweep": JaxSweep, "sample_scan": JaxSampleScan,
-            "sample_loop": JaxSampleLoop, "gemm": JaxGemm}
+    return {"train": JaxTrain, "train_cudnn": JaxCudnnTrain, "sweep": JaxSweep,
+            "sample_scan": JaxSampleScan, "sample_loop": JaxSampleLoop, "gemm": JaxGemm}
 
 
 def charrnn_config(spec):
@@ -115,7 +116,7 @@ class JaxTrain(Task):
         from charrnn import models, optim, parallel
         from charrnn import step as step_lib
         config = charrnn_config(spec)
-        self.model = models.CharRNN.from_config(config.model, VOCAB)
+        self.model = self.build_model(models.CharRNN.from_config(config.model, VOCAB))
         dp = parallel.DataParallel.create(spec["batch"])
         optimizer = optim.Optimizer.from_config(config)
         self.state = dp.create_state(functools.partial(
@@ -126,6 +127,9 @@ class JaxTrain(Task):
                       "reset": np.bool_(False)}
         self.unit_size = shape[0] * shape[1]
 
+    def build_model(self, model):
+        return model
+
     def run_units(self, n):
         import jax
         pending = None
@@ -135,6 +139,15 @@ class JaxTrain(Task):
                 jax.block_until_ready(pending)
             pending = metrics["loss"]
         jax.block_until_ready(pending)
+
+
+class JaxCudnnTrain(JaxTrain):
+    """The same training step with the LSTM layers as one cuDNN call
+    (experiments/bench/cudnn_lstm.py; off a GPU its lax.scan reference)."""
+
+    def build_model(self, model):
+        from experiments.bench import cudnn_lstm
+        return cudnn_lstm.CudnnLSTM.for_backend(model)
 
 
 class JaxSweep(Task):
@@ -251,7 +264,7 @@ def _torch_model(cell, hidden, layers):
         def __init__(self):
             super().__init__()
             self.embed = torch.nn.Embedding(VOCAB, EMBED)
-            rnn = torch.nn.LSTM if cell == "lstm" else torch.nn.RNN  # RNN: tanh
+            rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)  # RNN: tanh
             self.rnn = rnn(EMBED, hidden, layers, batch_first=True)
             self.head = torch.nn.Linear(hidden, VOCAB)
 
@@ -268,18 +281,20 @@ class TorchTrain(Task):
 
     With ``matmul_dtype: bfloat16`` the forward pass runs under CPU autocast
     (bfloat16 matmuls and recurrent kernels, float32 parameters): PyTorch's
-    counterpart of charrnn's ``model.matmul_dtype=bfloat16``.
+    counterpart of charrnn's ``model.matmul_dtype=bfloat16``. ``device: cuda``: the
+    same on the GPU (cuDNN's RNN kernels, CUDA autocast), synchronised after each call.
     """
 
     def __init__(self, spec):
         import torch
         self.torch = torch
-        self.model = _torch_model(spec["cell"], spec["hidden"], spec["layers"])
+        self.device = spec.get("device", "cpu")
+        self.model = _torch_model(spec["cell"], spec["hidden"], spec["layers"]).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-3)
         shape = (spec["batch"], spec["seq_len"])
-        self.x = torch.from_numpy(_random_tokens(shape, 1)).long()
-        self.y = torch.from_numpy(_random_tokens(shape, 2)).long()
-        zeros = torch.zeros(spec["layers"], spec["batch"], spec["hidden"])
+        self.x = torch.from_numpy(_random_tokens(shape, 1)).long().to(self.device)
+        self.y = torch.from_numpy(_random_tokens(shape, 2)).long().to(self.device)
+        zeros = torch.zeros(spec["layers"], spec["batch"], spec["hidden"], device=self.device)
         self.state = (zeros, zeros.clone()) if spec["cell"] == "lstm" else zeros
         self.unit_size = shape[0] * shape[1]
         self.threads = spec.get("threads")  # None: PyTorch's default (one per core)
@@ -291,6 +306,8 @@ class TorchTrain(Task):
         torch.set_num_threads(self.threads or default_threads)
         try:
             self._steps(n)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
         finally:
             torch.set_num_threads(default_threads)
 
@@ -299,7 +316,7 @@ class TorchTrain(Task):
         for _ in range(n):
             state = tuple(s.detach() for s in self.state) if isinstance(self.state, tuple) \
                 else self.state.detach()  # truncated BPTT: carry the state, not its graph
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
                 logits, self.state = self.model(self.x, state)
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(),
                                                          self.y.reshape(-1))
@@ -310,15 +327,17 @@ class TorchTrain(Task):
 
 
 class TorchSample(Task):
-    """PyTorch sampling loop: one LSTM step, softmax and multinomial per character."""
+    """PyTorch sampling loop: one LSTM step, softmax and multinomial per character
+    (``device: cuda``: on the GPU, the ids copied to the host at the end)."""
 
     def __init__(self, spec):
         import torch
         self.torch, self.spec = torch, spec
-        self.model = _torch_model("lstm", spec["hidden"], spec["layers"]).eval()
-        self.mkldnn = spec["mkldnn"]
+        self.device = spec.get("device", "cpu")
+        self.model = _torch_model("lstm", spec["hidden"], spec["layers"]).eval().to(self.device)
+        self.mkldnn = spec.get("mkldnn", True)
         self.unit_size = spec["batch"] * spec["length"]
-        self.generator = torch.Generator().manual_seed(0)
+        self.generator = torch.Generator(device=self.device).manual_seed(0)
 
     def run_units(self, n):
         torch, spec = self.torch, self.spec
@@ -327,14 +346,14 @@ class TorchSample(Task):
         try:
             with torch.no_grad():
                 for _ in range(n):
-                    token = torch.zeros(spec["batch"], 1, dtype=torch.long)
+                    token = torch.zeros(spec["batch"], 1, dtype=torch.long, device=self.device)
                     state, out = None, []
                     for _ in range(spec["length"]):
                         logits, state = self.model(token, state)
                         probs = torch.softmax(logits[:, -1] / TEMPERATURE, dim=-1)
                         token = torch.multinomial(probs, 1, generator=self.generator)
                         out.append(token)
-                    torch.cat(out, dim=1).numpy()
+                    torch.cat(out, dim=1).cpu().numpy()
         finally:
             torch.backends.mkldnn.enabled = previous
 

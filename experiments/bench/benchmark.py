@@ -41,16 +41,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 
 from absl import app, flags
 
-from charrnn import runinfo
 from experiments import cli
-from experiments.bench import bench_report
+from experiments.bench import bench_report, harness
 
 _OUTDIR = flags.DEFINE_string("outdir", "runs/benchmark", "Directory for benchmark.json.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny sizes, same pipeline: about a minute.")
@@ -79,75 +76,6 @@ def sizes(smoke: bool) -> dict:
             "memory_seq_len": 1024}
 
 
-class Workers:
-    """One worker process per framework (bench_workers.py); contenders are (framework, task)."""
-
-    def __init__(self, frameworks):
-        import subprocess
-        env = {"_1thread": {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
-               "_2dev": {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
-                                       " --xla_force_host_platform_device_count=2").strip()}}
-        self.procs = {}
-        for fw in frameworks:
-            extra = next((v for k, v in env.items() if fw.endswith(k)), {})
-            self.procs[fw] = subprocess.Popen(
-                [sys.executable, "-m", "experiments.bench.bench_workers", fw], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                text=True, env={**os.environ, **extra})
-
-    def ask(self, framework, message):
-        proc = self.procs[framework]
-        proc.stdin.write(json.dumps(message) + "\n")
-        proc.stdin.flush()
-        line = proc.stdout.readline()
-        if not line:
-            return {"error": f"the {framework} worker exited (status {proc.wait()})"}
-        return json.loads(line)
-
-    def close(self):
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.stdin.write(json.dumps(["stop"]) + "\n")
-                proc.stdin.close()
-        for proc in self.procs.values():
-            proc.wait(timeout=60)
-
-
-def measure_group(workers, contenders, repeats, window, log):
-    """Set up every contender, then rotate timing windows; per contender: windows and medians.
-
-    contenders: {label: (framework, spec)}. A contender whose framework is
-    missing or whose setup fails is reported with its error and left out.
-    """
-    results, live = {}, []
-    for label, (fw, spec) in contenders.items():
-        if fw not in workers.procs:
-            results[label] = {"skipped": f"{fw} is not installed"}
-            continue
-        reply = workers.ask(fw, ("setup", label, spec))
-        if "error" in reply:
-            results[label] = {"error": reply["error"]}
-            log(f"  {label}: FAILED {reply['error']}\n{reply.get('trace', '')}")
-            continue
-        workers.ask(fw, ("run", label, min(window, 0.5)))  # warm-up window, not counted
-        results[label] = {"first_step_s": reply["first_s"], "windows": []}
-        live.append(label)
-    for rep in range(repeats):
-        order = live if rep % 2 == 0 else live[::-1]  # no contender always runs first
-        for label in order:
-            reply = workers.ask(contenders[label][0], ("run", label, window))
-            if "error" in reply:
-                raise RuntimeError(f"{label}: {reply['error']}\n{reply.get('trace', '')}")
-            results[label]["windows"].append(reply)
-    for label in live:
-        ws = results[label]["windows"]
-        rates = [w["units"] / w["wall"] for w in ws]
-        results[label].update(per_sec=statistics.median(rates), per_sec_max=max(rates),
-                              per_cpu_sec=statistics.median(w["units"] / w["cpu"] for w in ws))
-        log(f"  {label}: {results[label]['per_sec']:,.0f}/s (median of {len(ws)}), "
-            f"first {results[label]['first_step_s']:.2f} s")
-    return results
-
-
 def _add_fraction_of_peak(table, name, res, cell, spec, layers, peak):
     """table[name] = the contenders' results, each float32 one with its fraction of the
     GEMM peak (training FLOPs per character × chars/s / peak FLOP/s)."""
@@ -170,9 +98,9 @@ def train_flops_per_char(cell, hidden, layers, embed=64, vocab=65):
 def run_benchmark(smoke, repeats, window, log):
     size = sizes(smoke)
     frameworks = ["jax", "jax_1thread", "jax_2dev", "numpy", "numpy_1thread"] + (
-        ["torch"] if _has_torch() else [])
-    workers = Workers(frameworks)
-    out = {"machine": machine_info(), "settings": {
+        ["torch"] if harness.has_torch() else [])
+    workers = harness.Workers(frameworks)
+    out = {"machine": harness.machine_info(), "settings": {
         "smoke": smoke, "repeats": repeats, "window_s": window, "batch": size["batch"],
         "seq_len": size["seq_len"], "vocab": 65, "embed": 64, "sample_length": size["length"],
         "sweep_runs": SWEEP_RUNS}}
@@ -181,7 +109,7 @@ def run_benchmark(smoke, repeats, window, log):
         gemm = {"numpy": ("numpy", {"kind": "gemm", "n": size["gemm"]}),
                 "jax": ("jax", {"kind": "gemm", "n": size["gemm"]}),
                 "jax_1thread": ("jax_1thread", {"kind": "gemm", "n": size["gemm"]})}
-        out["gemm"] = measure_group(workers, gemm, repeats, min(window, 1.0), log)
+        out["gemm"] = harness.measure_group(workers, gemm, repeats, min(window, 1.0), log)
         peak = max(r.get("per_sec_max", 0.0) for r in out["gemm"].values())
         out["gemm"]["peak_flops"] = peak
 
@@ -191,7 +119,8 @@ def run_benchmark(smoke, repeats, window, log):
             spec = {"kind": "train", "cell": cell, "hidden": size["hidden"](hidden),
                     "layers": layers, "batch": size["batch"], "seq_len": size["seq_len"]}
             if name in CELL_CONFIGS:
-                res = measure_group(workers, {"charrnn": ("jax", spec)}, repeats, window, log)
+                res = harness.measure_group(workers, {"charrnn": ("jax", spec)}, repeats, window,
+                                            log)
                 _add_fraction_of_peak(out["train"], name, res, cell, spec, layers, peak)
                 continue
             group = {"charrnn": ("jax", spec), "charrnn_1thread": ("jax_1thread", spec),
@@ -209,7 +138,7 @@ def run_benchmark(smoke, repeats, window, log):
                 group[f"charrnn_sweep{SWEEP_RUNS}"] = ("jax", sweep)
                 group[f"charrnn_sweep{SWEEP_RUNS}_1thread"] = ("jax_1thread", sweep)
                 group[f"charrnn_sweep{SWEEP_RUNS}_2dev"] = ("jax_2dev", sweep)
-            res = measure_group(workers, group, repeats, window, log)
+            res = harness.measure_group(workers, group, repeats, window, log)
             _add_fraction_of_peak(out["train"], name, res, cell, spec, layers, peak)
 
         out["sample"] = {}
@@ -225,7 +154,7 @@ def run_benchmark(smoke, repeats, window, log):
                          "pytorch_onednn": ("torch", {**spec, "kind": "sample", "mkldnn": True}),
                          "pytorch_no_onednn": ("torch", {**spec, "kind": "sample",
                                                          "mkldnn": False})}
-                out["sample"][f"{name}/batch{batch}"] = measure_group(
+                out["sample"][f"{name}/batch{batch}"] = harness.measure_group(
                     workers, group, repeats, min(window, 1.0), log)
     finally:
         workers.close()
@@ -246,47 +175,18 @@ def measure_memory(seq_len, size, smoke, log):
     if not smoke:
         variants.update(charrnn_autodiff={**spec, "fast_vjp": False},
                         charrnn_autodiff_remat={**spec, "fast_vjp": False, "remat": True})
-    if _has_torch():
+    if harness.has_torch():
         variants["pytorch"] = {**spec, "torch": True}
     results = {}
     for label, v in variants.items():
-        results[label] = _fresh_process("--measure=" + json.dumps(v))
+        results[label] = harness.fresh_process("--measure=" + json.dumps(v))
         log(f"  {label}: {results[label]}")
     return {"spec": spec, "results": results}
 
 
 def first_step_default(smoke):
     """Seconds from a fresh interpreter to the default config's first finished step."""
-    return _fresh_process("--first_step_config=" + (":smoke" if smoke else ""))
-
-
-def _fresh_process(flag):
-    """Run bench_memory.py with one flag in a new interpreter; its last stdout line is JSON."""
-    import subprocess
-    out = subprocess.run([sys.executable, "-m", "experiments.bench.bench_memory", flag],
-                         capture_output=True, text=True)
-    if out.returncode:
-        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def machine_info():
-    info = {"python": platform.python_version(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "cpu": runinfo.cpu_model()}
-    from importlib import metadata
-    for pkg in ("jax", "jaxlib", "numpy", "torch"):
-        try:
-            info[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            info[pkg] = None
-    info["load_average"] = os.getloadavg()
-    return info
-
-
-def _has_torch():
-    import importlib.util
-    return importlib.util.find_spec("torch") is not None
+    return harness.fresh_process("--first_step_config=" + (":smoke" if smoke else ""))
 
 
 def main(argv):

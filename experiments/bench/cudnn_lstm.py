@@ -103,13 +103,13 @@ class CudnnLSTM:
             raise AttributeError(name)
         return getattr(self.base, name)
 
-    def __call__(self, params, carry, tokens, dropout_key=None, unroll_steps: int = 1,
+    def __call__(self, params, carry, tokens, dropout_key=None, unroll: int = 1,
                  batch_rows=None):
         """Teacher-forced forward pass, as ``CharRNN.__call__`` (no dropout to apply).
 
         tokens int [B, T]; carry ((c, h) [B, H] per layer) -> (carry, logits [B, T, V]).
         """
-        del dropout_key, unroll_steps, batch_rows
+        del dropout_key, unroll, batch_rows
         L, H = self.base.num_layers, self.base.hidden_size
         x = params["embed"][tokens]  # [B, T, E]
         h0 = jnp.stack([h for _, h in carry])

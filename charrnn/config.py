@@ -56,7 +56,7 @@ _RANGES = {
 ADDED = {"model.fast_vjp": True, "model.remat": False, "model.embed_init_std": 1.0,
          "model.weight_drop": 0.0, "model.matmul_dtype": CHOICES["model.matmul_dtype"][0],
          "model.dropout_mask": CHOICES["model.dropout_mask"][0], "optim.weight_decay": 0.0,
-         "train.cpu_devices": "auto", "optim.ema_decay": 0.0}
+         "train.cpu_devices": "auto", "optim.ema_decay": 0.0, "model.unroll": "auto"}
 
 
 class ConfigError(UserError, ValueError):
@@ -92,6 +92,9 @@ def validate(config) -> None:
     std = _get(config, "model.embed_init_std", problems)
     if std is not _MISSING and not (_is_number(std) and std > 0 and math.isfinite(std)):
         problems.append(f"model.embed_init_std must be a positive number, got {std!r}")
+    unroll = _get(config, "model.unroll", problems)
+    if unroll is not _MISSING and unroll != "auto" and not _is_positive_count(unroll):
+        problems.append(f"model.unroll must be 'auto' or a positive integer, got {unroll!r}")
     devices = _get(config, "train.cpu_devices", problems)
     if devices is not _MISSING and not _is_device_count(devices):
         problems.append(f"train.cpu_devices must be 'auto' or a positive integer, got {devices!r}")
@@ -187,6 +190,13 @@ def _get(config, field: str, problems: list):
             problems.append(f"the config has no field {field}")
             return _MISSING
     return value
+
+
+def _is_positive_count(value) -> bool:
+    """A positive integer, or its digits as a string (a str field overridden by a flag)."""
+    if isinstance(value, str):
+        return value.isdigit() and int(value) > 0
+    return _is_int(value) and value > 0
 
 
 def _is_int(value) -> bool:

@@ -5,7 +5,7 @@ projection x W_xh as one large product over all T*B positions, then the time
 loop, and returns (final carry, y_1..T [T, B, H]). For the first layer,
 ``recurrence(..., ids, table=P)`` reads row ``ids[t]`` of a [V, G*H] table
 inside the loop instead (see :class:`charrnn.models.Layer`). It computes
-what the reference, ``models.unroll`` over the layer's Flax module, computes; its gradient is
+what the reference, ``models.reference_scan`` over the layer's Flax module, computes; its gradient is
 a ``jax.custom_vjp`` shaped for speed:
 
 * Autodiff of ``lax.scan`` accumulates ∂L/∂W_hh inside the backward loop:

@@ -48,7 +48,7 @@ def measure(spec: dict) -> dict:
     else:
         from experiments.bench.bench_workers import JaxCudnnTrain, JaxTrain
         task = (JaxCudnnTrain if spec.get("cudnn") else JaxTrain)({**spec, "kind": "train"})
-        compiled = task.step.lower(task.state, task.batch, task.key).compile()
+        compiled = task.step.lower(task.state, task.batch).compile()
         stats = compiled.memory_analysis()
         if stats is not None:
             result["xla_temp_mb"] = stats.temp_size_in_bytes / 2 ** 20

@@ -49,6 +49,7 @@ class Options:
     init_step: int | None = None
     step: int | None = None
     weights: str = "auto"
+    changed_text: bool = False
 
     @classmethod
     def from_flags(cls, flag_values=flags.FLAGS) -> "Options":
@@ -111,6 +112,9 @@ def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
     if options.weights != "auto" and options.mode == "train":
         raise UserError(f"--weights={options.weights} picks the weights to evaluate or sample; "
                         "training keeps both (optim.ema_decay > 0 adds the averaged ones)")
+    if options.changed_text and options.mode != "eval":
+        raise UserError("--changed_text lets --mode=eval read a changed text; it means nothing "
+                        f"with --mode={options.mode}")
     config = _checked_config(config_flag) if options.mode == "train" else None
     if config is not None and not (options.distributed or options.coordinator_address):
         _split_cpu(config)
@@ -127,7 +131,8 @@ def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
         print(runinfo.next_commands(options.workdir, launcher), flush=True)
     elif options.mode == "eval":
         from charrnn import restore
-        restore.evaluate_workdir(options.workdir, options.step, options.weights)
+        restore.evaluate_workdir(options.workdir, options.step, options.weights,
+                                 changed_text=options.changed_text)
     else:
         _sample(options)
 

@@ -186,6 +186,11 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "raw")
     ``weights``: "raw" the trained parameters; "ema" the averaged ones (an error
     when the run kept none, optim.ema_decay = 0); "auto" the averaged ones when kept.
     """
+    return _load(workdir, step, weights)[:5]
+
+
+def _load(workdir: str, step: int | None, weights: str):
+    """:func:`load_checkpoint`'s tuple and the checkpoint's metadata."""
     if weights not in WEIGHTS:
         raise CheckpointError(f"unknown --weights={weights!r}; choose from {', '.join(WEIGHTS)}")
     import ml_collections
@@ -212,17 +217,38 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "raw")
     finally:
         ckpt.close()
     params = state.params if weights == "raw" or not has_ema else state.ema
-    return config, vocab, model, params, step
+    return config, vocab, model, params, step, meta
 
 
-def evaluate_workdir(workdir: str, step: int | None = None, weights: str = "auto") -> dict:
+def _eval_text(config, meta: dict, step: int, changed_text: bool) -> str:
+    """The text the checkpoint was trained on, read again; a changed one (its sha256
+    differs from the checkpoint's) is an error unless ``changed_text`` (then said)."""
+    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
+    saved, now = meta.get("text_sha256"), data.text_sha256(text)
+    if saved in (None, now):  # None: a checkpoint from before the hash was kept
+        return text
+    name = corpus_of(config.to_dict())[1]
+    hashes = f"sha256 {saved[:12]}… when trained, {now[:12]}… now"
+    if not changed_text:
+        raise CheckpointError(
+            f"the text of {name} changed since checkpoint {step} was trained on it ({hashes}); "
+            "put the original text back, or pass --changed_text to evaluate on the new one")
+    print(f"step {step} | evaluating on a changed text: {name} ({hashes})", flush=True)
+    return text
+
+
+def evaluate_workdir(workdir: str, step: int | None = None, weights: str = "auto",
+                     changed_text: bool = False) -> dict:
     """Val and test loss (nats/char) and bpc of a workdir's checkpoint ``step``
-    (default: the latest) with ``weights`` (see :func:`load_checkpoint`); printed."""
-    config, vocab, model, params, step = load_checkpoint(workdir, step, weights)
+    (default: the latest) with ``weights`` (see :func:`load_checkpoint`); printed.
+
+    The text is read again from the checkpoint's data.path (or data.name); one whose
+    sha256 is not the checkpoint's is refused unless ``changed_text``."""
+    config, vocab, model, params, step, meta = _load(workdir, step, weights)
     if weights == "auto":
         weights = "ema" if step_lib.ema_decay(config) > 0 else "raw"
     print(f"step {step} | {'averaged' if weights == 'ema' else 'raw'} weights", flush=True)
-    text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
+    text = _eval_text(config, meta, step, changed_text)
     _, val_ids, test_ids = data.split(vocab.encode(text), config.data.val_fraction,
                                       config.data.test_fraction)
     eval_fn = step_lib.make_eval_step(model)

@@ -76,6 +76,14 @@ def test_too_short_a_text_fails_before_the_workdir_is_touched(smoke_config, tmp_
     assert not os.path.exists(workdir)
 
 
+# The text of the workdir "edited" when it was trained, and after it was edited.
+EDITED = (_SPEECH * 15, _SPEECH * 15 + _SPEECH[:100])
+
+
+def _sha(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _catalogue(d, corpus, trained):
     """(case id, launch.py arguments, a piece of the expected error line)."""
     smoke = [f"--config={SMOKE}", f"--config.data.path={corpus}"]
@@ -158,6 +166,14 @@ def _catalogue(d, corpus, trained):
         ("resume on a changed text", [f"--workdir={d}/edited", f"--config={SMOKE}",
                                       f"--config.data.path={d}/edited.txt"],
          f"a different config: the text of {d}/edited.txt (sha256 "),
+        ("eval on a changed text", [f"--workdir={d}/edited", "--mode=eval"],
+         f"the text of {d}/edited.txt changed since checkpoint 10 was trained on it (sha256 "
+         f"{_sha(EDITED[0])[:12]}… when trained, {_sha(EDITED[1])[:12]}… now); put the original "
+         "text back, or pass --changed_text to evaluate on the new one"),
+        ("--changed_text with sample", [f"--workdir={d}/edited", "--mode=sample",
+                                        "--changed_text"],
+         "--changed_text lets --mode=eval read a changed text; it means nothing with "
+         "--mode=sample"),
         ("fine-tune another model", [f"--workdir={d}/new", f"--init_from={trained}"] + smoke
          + ["--config.model.hidden_size=64"],
          f"--init_from={trained}: its model differs from this config's: model.hidden_size "
@@ -270,11 +286,12 @@ def catalogue(tmp_path_factory):
     config = _smoke_config(corpus)
     config.train.num_steps, config.train.checkpoint_every = 10, 5
     train.train_and_evaluate(config, trained)
-    shutil.copyfile(corpus, f"{d}/edited.txt")  # a run whose text is then edited
+    with open(f"{d}/edited.txt", "w") as f:  # a run whose text is then edited
+        f.write(EDITED[0])
     config.data.path = f"{d}/edited.txt"
     train.train_and_evaluate(config, f"{d}/edited")
-    with open(f"{d}/edited.txt", "a") as f:
-        f.write(_SPEECH[:100])
+    with open(f"{d}/edited.txt", "w") as f:
+        f.write(EDITED[1])
     for name, damage in (("random", lambda f, n: f.write(os.urandom(n))),
                          ("truncated", lambda f, n: f.truncate(n // 2))):
         shutil.copytree(trained, f"{d}/{name}")  # every file of checkpoint 10 damaged
@@ -295,14 +312,15 @@ def catalogue(tmp_path_factory):
     cases = _catalogue(d, corpus, trained)
     fresh = [f"--workdir={trained}", f"--config={SMOKE}", f"--config.data.path={corpus}",
              "--config.model.cell=gru", "--config.train.num_steps=2", "--fresh"]
+    changed = [f"--workdir={d}/edited", "--mode=eval", "--changed_text"]
     out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "launch_forks.py")],
-                         input=json.dumps([args for _, args, _ in cases] + [fresh]),
+                         input=json.dumps([args for _, args, _ in cases] + [fresh, changed]),
                          capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
     return {"results": {case: result for (case, _, _), result in zip(cases, results)},
             "expected": {case: expected for case, _, expected in cases},
-            "fresh": results[-1], "trained": trained, "before": before,
+            "fresh": results[-2], "changed_text": results[-1], "d": d, "trained": trained, "before": before,
             "untouched": {w: (digest, _tree_digest(w)) for w, digest in untouched.items()}}
 
 
@@ -328,6 +346,15 @@ def test_fresh_sets_the_old_run_aside_intact(catalogue):
     assert _tree_digest(moved) == catalogue["before"]
     assert _steps(trained) == [2] and _steps(moved) == [5, 10]
     assert [r["step"] for r in metrics.read_metrics(trained) if r["split"] == "train"] == [2]
+
+
+def test_eval_on_a_changed_text_on_purpose_says_so(catalogue):
+    result, d = catalogue["changed_text"], catalogue["d"]
+    assert result["returncode"] == 0 and result["stderr"] == "", result
+    lines = result["stdout"].splitlines()
+    assert lines[1] == (f"step 10 | evaluating on a changed text: {d}/edited.txt (sha256 "
+                        f"{_sha(EDITED[0])[:12]}… when trained, {_sha(EDITED[1])[:12]}… now)")
+    assert re.fullmatch(r"step 10 \| val loss \d\.\d{4} nats/char \| val bpc \d\.\d{4}", lines[2])
 
 
 def test_bad_inputs_left_the_other_workdirs_unchanged(catalogue):

@@ -12,13 +12,15 @@ Sampling imports this module, not the training loop.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
 import numpy as np
 
-from charrnn import clipping, data, models, optim
+from charrnn import clipping, data, metrics, models, optim
 from charrnn import step as step_lib
+from charrnn import workdir as workdir_lib
 from charrnn.checkpoint import CheckpointError, Checkpointer
 
 
@@ -86,6 +88,85 @@ def check_resumable(meta: dict, config, text_sha256: str) -> None:
         raise CheckpointError(
             "the workdir's checkpoint was trained with a different config: "
             + ", ".join(differing) + f" ({_ELSEWHERE})")
+
+
+def check_workdir(workdir: str, config) -> None:
+    """Before training writes anything: refuse a workdir whose records it would lose.
+
+    Its run files must be of the right kind (:func:`workdir.check_run_files`). A
+    workdir with records (metrics.jsonl, config.json, launches.jsonl, TensorBoard
+    events) but no checkpoint cannot be resumed, and starting at step 0 would
+    overwrite them: refused (``--fresh`` sets them aside), unless they are this
+    run's own, cut short before its first checkpoint: config.json is this config
+    (the fields a resume checks) and no record lies past step
+    2·checkpoint_every (saves are asynchronous: the steps after the first save
+    run while it is written, and the second save waits for it).
+    """
+    workdir_lib.check_run_files(workdir)
+    ckpt = Checkpointer(workdir, create=False)
+    try:
+        if ckpt.all_steps():
+            return
+    finally:
+        ckpt.close()
+    present = _records(workdir)
+    if not present:
+        return
+    reason = _not_cut_short(workdir, config)
+    if reason:
+        raise CheckpointError(
+            f"workdir {workdir} holds the records of a run ({', '.join(present)}) but no "
+            f"checkpoint in {ckpt.directory}, and {reason}: starting at step 0 would overwrite "
+            "them; put the checkpoints back to resume, --fresh to set the records aside, or "
+            "use another --workdir")
+
+
+def _records(workdir: str) -> list[str]:
+    """What a run has written into ``workdir`` besides checkpoints, as short phrases."""
+    present = []
+    path = os.path.join(workdir, "metrics.jsonl")
+    steps = _record_steps(path)
+    if steps:
+        present.append(f"metrics.jsonl up to step {max(steps)}")
+    for name in ("config.json", "launches.jsonl"):
+        if os.path.isfile(os.path.join(workdir, name)):
+            present.append(name)
+    events = os.path.join(workdir, "tensorboard")
+    if os.path.isdir(events) and any(files for _, _, files in os.walk(events)):
+        present.append("tensorboard/")
+    return present
+
+
+def _record_steps(path: str) -> list[int]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb") as f:
+        return [s for s in map(metrics._step_of, f) if isinstance(s, int)]
+
+
+def _not_cut_short(workdir: str, config) -> str | None:
+    """Why the records are not this run's, stopped before its first checkpoint; None if they are."""
+    steps = _record_steps(os.path.join(workdir, "metrics.jsonl"))
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):  # written before the first record: a kill came before it
+        return "its config.json is missing" if steps else None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return "its config.json cannot be read"
+    current = config.to_dict()
+    differing = differences(saved, current, _SHAPE_FIELDS + _SAME_RUN_FIELDS)
+    if corpus_of(saved) != corpus_of(current):
+        differing.append(f"{corpus_of(current)[0]} {corpus_of(saved)[1]!r} -> "
+                         f"{corpus_of(current)[1]!r}")
+    if differing:
+        return f"its config.json is another run's ({', '.join(differing)})"
+    every = _field(saved, "train.checkpoint_every")
+    if steps and isinstance(every, int) and max(steps) > 2 * every:
+        return (f"its records reach step {max(steps)}, past its first checkpoints (every "
+                f"{every} steps)")
+    return None
 
 
 def encode_resumed(vocab, text: str, checkpoint_dir: str | None) -> np.ndarray:

@@ -101,6 +101,7 @@ def _with_absolute_path(config):
 
 def _train_and_evaluate(config, workdir: str, text: str, launch: dict, init) -> dict:
     os.makedirs(workdir, exist_ok=True)
+    restore.check_workdir(workdir, config)  # records without a checkpoint are refused
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     start = restore.RunStart.find(ckpt, config, text, *init)
     train_ids, val_ids, test_ids = data.split(start.ids, config.data.val_fraction,

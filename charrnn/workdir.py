@@ -25,6 +25,7 @@ from charrnn.errors import UserError
 LOCK_NAME = ".lock"
 # What a run writes into its workdir; --fresh moves these aside, together.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json", "launches.jsonl")
+RUN_DIRS = ("checkpoints", "tensorboard")  # the others are files
 
 
 class WorkdirError(UserError):
@@ -41,6 +42,35 @@ def ensure_writable(workdir: str) -> None:
         raise WorkdirError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise WorkdirError(f"workdir {workdir} is not writable")
+
+
+def check_run_files(workdir: str) -> None:
+    """Refuse in one line a run file of the wrong kind, before training writes anything.
+
+    Each of :data:`RUN_FILES` that exists must be what a run writes there (a
+    directory for :data:`RUN_DIRS`, else a regular file; a link to one is fine);
+    in ``checkpoints/`` a name that is a step number must be a directory: a save
+    at that step would otherwise delete what someone else put there.
+    """
+    for name in RUN_FILES:
+        path = os.path.join(workdir, name)
+        if not os.path.lexists(path):
+            continue
+        if not os.path.exists(path):
+            raise WorkdirError(f"{path} is a broken symbolic link (to {os.readlink(path)}); "
+                               "restore its target, or --fresh to set the run aside")
+        kind = "directory" if name in RUN_DIRS else "regular file"
+        if os.path.isdir(path) != (name in RUN_DIRS) or not (
+                os.path.isdir(path) or os.path.isfile(path)):
+            raise WorkdirError(f"{path} is not a {kind}; move it away, or --fresh to set the "
+                               "run aside")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    for entry in sorted(os.listdir(checkpoints)) if os.path.isdir(checkpoints) else []:
+        path = os.path.join(checkpoints, entry)
+        if entry.isdigit() and not os.path.isdir(path):
+            raise WorkdirError(f"{path} is not a checkpoint (those are directories) and a save "
+                               f"at step {int(entry)} would delete it; move it out of "
+                               f"{checkpoints}")
 
 
 class WorkdirLock:

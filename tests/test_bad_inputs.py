@@ -174,6 +174,7 @@ def _catalogue(d, corpus, trained):
                                         "--changed_text"],
          "--changed_text lets --mode=eval read a changed text; it means nothing with "
          "--mode=sample"),
+        *_records_without_checkpoint_cases(d, smoke),
         ("fine-tune another model", [f"--workdir={d}/new", f"--init_from={trained}"] + smoke
          + ["--config.model.hidden_size=64"],
          f"--init_from={trained}: its model differs from this config's: model.hidden_size "
@@ -235,6 +236,65 @@ def _catalogue(d, corpus, trained):
     ]
 
 
+def _records_without_checkpoint_cases(d, smoke):
+    """Workdirs whose records would be lost or whose run files are not what a run writes."""
+    lost = ("holds the records of a run (metrics.jsonl up to step 20, config.json, "
+            "launches.jsonl, tensorboard/) but no checkpoint in {w}/checkpoints, and its records "
+            "reach step 20, past its first checkpoints (every 5 steps): starting at step 0 would "
+            "overwrite them; put the checkpoints back to resume, --fresh to set the records "
+            "aside, or use another --workdir")
+    return [
+        ("checkpoints deleted", [f"--workdir={d}/emptied"] + smoke,
+         f"error: workdir {d}/emptied " + lost.format(w=f"{d}/emptied")),
+        ("checkpoints directory missing", [f"--workdir={d}/unmounted"] + smoke,
+         f"error: workdir {d}/unmounted " + lost.format(w=f"{d}/unmounted")),
+        ("checkpoints a file", [f"--workdir={d}/ckptfile"] + smoke,
+         f"error: {d}/ckptfile/checkpoints is not a directory; move it away, or --fresh to set "
+         "the run aside"),
+        ("checkpoints a dangling link", [f"--workdir={d}/ckptlink"] + smoke,
+         f"error: {d}/ckptlink/checkpoints is a broken symbolic link (to {d}/gone); restore its "
+         "target, or --fresh to set the run aside"),
+        ("eval where checkpoints is a dangling link", [f"--workdir={d}/ckptlink", "--mode=eval"],
+         f"error: no checkpoint in {d}/ckptlink/checkpoints; train one first"),
+        ("another run where one stopped before its first save",
+         [f"--workdir={d}/early"] + smoke + ["--config.model.hidden_size=64"],
+         "but no checkpoint in {d}/early/checkpoints, and its config.json is another run's "
+         "(model.hidden_size 32 -> 64): starting at step 0".format(d=d)),
+        ("metrics.jsonl a directory", [f"--workdir={d}/metricsdir"] + smoke,
+         f"error: {d}/metricsdir/metrics.jsonl is not a regular file; move it away"),
+        ("launches.jsonl a directory", [f"--workdir={d}/launchesdir"] + smoke,
+         f"error: {d}/launchesdir/launches.jsonl is not a regular file; move it away"),
+        ("a stray file named like a step", [f"--workdir={d}/stray"] + smoke,
+         f"error: {d}/stray/checkpoints/15 is not a checkpoint (those are directories) and a "
+         f"save at step 15 would delete it; move it out of {d}/stray/checkpoints"),
+    ]
+
+
+def _damaged_workdirs(d, trained, config):
+    """The workdirs of :func:`_records_without_checkpoint_cases`, from ``trained`` (10 steps)
+    and a 20-step run of ``config``; all saved every 5 steps."""
+    config.train.num_steps = 20
+    train.train_and_evaluate(config, f"{d}/long")
+    for name in ("emptied", "unmounted", "ckptfile", "ckptlink"):
+        shutil.copytree(f"{d}/long", f"{d}/{name}")
+        shutil.rmtree(f"{d}/{name}/checkpoints")
+    os.makedirs(f"{d}/emptied/checkpoints")
+    with open(f"{d}/ckptfile/checkpoints", "w") as f:
+        f.write("not a directory")
+    os.symlink(f"{d}/gone", f"{d}/ckptlink/checkpoints")
+    for name in ("early", "metricsdir", "launchesdir", "stray"):
+        shutil.copytree(trained, f"{d}/{name}")
+    shutil.rmtree(f"{d}/early/checkpoints")  # as if killed before its first save: no
+    os.makedirs(f"{d}/early/checkpoints")    # record is past step 10 (2 x checkpoint_every)
+    for name in ("metrics.jsonl", "launches.jsonl"):
+        os.remove(f"{d}/{name[:-6]}dir/{name}")
+        os.makedirs(f"{d}/{name[:-6]}dir/{name}")
+    with open(f"{d}/stray/checkpoints/15", "w") as f:
+        f.write("a file someone left here")
+    return ["emptied", "unmounted", "ckptfile", "ckptlink", "early", "metricsdir",
+            "launchesdir", "stray"]
+
+
 def _clipping_cases(d, trained, smoke, work):
     """Bad settings of the clipping rules (charrnn.clipping's registry checks them)."""
     rule = lambda name, *fields: work + [f"--config.optim.clip_mode={name}"] + [
@@ -266,12 +326,16 @@ def _clipping_cases(d, trained, smoke, work):
 
 def _tree_digest(path):
     digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
+    for root, dirs, files in sorted(os.walk(path)):  # links are not followed
         dirs.sort()
-        for name in sorted(files):
-            digest.update(os.path.relpath(os.path.join(root, name), path).encode())
-            with open(os.path.join(root, name), "rb") as f:
-                digest.update(f.read())
+        for name in sorted(dirs + files):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, path).encode())
+            if os.path.islink(full):
+                digest.update(os.readlink(full).encode())
+            elif name in files:
+                with open(full, "rb") as f:
+                    digest.update(f.read())
     return digest.hexdigest()
 
 
@@ -286,6 +350,7 @@ def catalogue(tmp_path_factory):
     config = _smoke_config(corpus)
     config.train.num_steps, config.train.checkpoint_every = 10, 5
     train.train_and_evaluate(config, trained)
+    damaged = _damaged_workdirs(d, trained, config.copy_and_resolve_references())
     with open(f"{d}/edited.txt", "w") as f:  # a run whose text is then edited
         f.write(EDITED[0])
     config.data.path = f"{d}/edited.txt"
@@ -308,7 +373,8 @@ def catalogue(tmp_path_factory):
     with open(f"{d}/other.txt", "w") as f:
         f.write(_SPEECH.replace("a", "Z") * 15)
     before = _tree_digest(trained)
-    untouched = {w: _tree_digest(w) for w in (f"{d}/edited", f"{d}/random", f"{d}/truncated")}
+    untouched = {w: _tree_digest(w) for w in (f"{d}/edited", f"{d}/random", f"{d}/truncated",
+                                               *(f"{d}/{name}" for name in damaged))}
     cases = _catalogue(d, corpus, trained)
     fresh = [f"--workdir={trained}", f"--config={SMOKE}", f"--config.data.path={corpus}",
              "--config.model.cell=gru", "--config.train.num_steps=2", "--fresh"]

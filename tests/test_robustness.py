@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -343,6 +344,73 @@ def test_a_damaged_checkpoint_is_one_error_and_an_earlier_one_resumes(reference,
     shutil.move(damaged, str(tmp_path / "damaged-20"))
     train.train_and_evaluate(_config(corpus), workdir)
     _assert_equal_trees(_params(workdir), _params(reference))
+
+
+# ---------------------------------------------------------------------------
+# TensorBoard after a resume
+
+
+def _events(path):
+    """The Event protos of one event file: TFRecord framing (u64 length, u32 crc of it,
+    the bytes, u32 crc of them), read up to a record cut short by a kill."""
+    from tensorboardX.proto import event_pb2
+    with open(path, "rb") as f:
+        data = f.read()
+    offset, events = 0, []
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        if offset + 12 + length + 4 > len(data):
+            break
+        events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+        offset += 12 + length + 4
+    return events
+
+
+def _tensorboard_scalars(workdir):
+    """{(tag, step): [values]} as TensorBoard shows them: event files in name order (their
+    names begin with the time), and a SessionLog START at step s (tensorboardX's
+    purge_step) drops every scalar read before it whose step is >= s."""
+    from tensorboardX.proto import event_pb2
+    directory = os.path.join(workdir, "tensorboard")
+    scalars = {}
+    for name in sorted(os.listdir(directory)):
+        for event in _events(os.path.join(directory, name)):
+            if event.session_log.status == event_pb2.SessionLog.START:
+                scalars = {k: v for k, v in scalars.items() if k[1] < event.step}
+            for value in event.summary.value:
+                scalars.setdefault((value.tag, event.step), []).append(value.simple_value)
+    return scalars
+
+
+def _assert_tensorboard_matches_metrics(workdir):
+    """One value per (tag, step), and it is metrics.jsonl's (float32, as TensorBoard keeps it)."""
+    scalars = _tensorboard_scalars(workdir)
+    expected = {(f"{r['split']}/{k}", r["step"]): [float(np.float32(v))]
+                for r in metrics.read_metrics(workdir) for k, v in r.items()
+                if k not in ("step", "split") and isinstance(v, (int, float))}
+    assert scalars == expected
+
+
+@pytest.mark.parametrize("kept", [[10], []])
+def test_tensorboard_shows_one_value_per_step_after_a_resume(reference, corpus, tmp_path, kept):
+    """A run killed after step 20 resumes from step 10 (or, with no checkpoint, as a run
+    killed before its first save, from 0) with another learning rate: the events of the
+    steps run again are the new ones, once each; records up to the restored step stay."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    for step in _steps(workdir):
+        if step not in kept:
+            shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+    with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+        before = [line for line in f if json.loads(line)["step"] <= (kept or [0])[-1]]
+    assert len(_tensorboard_scalars(workdir)[("train/loss", 20)]) == 1
+    train.train_and_evaluate(_config(corpus, {"optim.learning_rate": 0.05}), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+        after = f.readlines()
+    assert after[:len(before)] == before  # byte-identical up to the restored step
+    assert _records(workdir)[-1] != _records(reference)[-1]  # the new learning rate's
+    _assert_tensorboard_matches_metrics(workdir)
+    assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 2
 
 
 # ---------------------------------------------------------------------------

@@ -346,6 +346,29 @@ def test_a_damaged_checkpoint_is_one_error_and_an_earlier_one_resumes(reference,
     _assert_equal_trees(_params(workdir), _params(reference))
 
 
+def test_lines_that_are_no_record_are_dropped_with_one_warning(reference, corpus, tmp_path,
+                                                               capfd):
+    """Not JSON, not UTF-8, no step: said in one line. A last line cut by a kill: silently."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))  # resumes from step 10
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    bad = [b"{not json\n", b'{"step": "\xff\xfe"}\n', b'["step", 3]\n']
+    with open(path, "wb") as f:
+        f.writelines(lines[:1] + bad + lines[1:] + [b'{"step": 25, "split": "tr'])
+    capfd.readouterr()
+    train.train_and_evaluate(_config(corpus), workdir)
+    err = capfd.readouterr().err
+    assert err == (f"warning: {path}: lines 2, 3, 4 are not a JSON record with a step; "
+                   "dropped\n")
+    assert _records(workdir) == _records(reference)
+    with open(path, "rb") as f:
+        kept = [line for line in f if json.loads(line)["step"] <= 10]
+    assert kept == [line for line in lines if json.loads(line)["step"] <= 10]
+
+
 # ---------------------------------------------------------------------------
 # TensorBoard after a resume
 

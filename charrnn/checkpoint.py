@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from charrnn.errors import UserError
+from charrnn.workdir import DISK_FULL, is_disk_full
 
 
 class CheckpointError(UserError):
@@ -89,6 +90,20 @@ class _DamagedMetadataFilter(logging.Filter):
                     and "orbax" in record.pathname)
 
 
+class _DiskFullFilter(logging.Filter):
+    """Drops orbax's log records (tracebacks included) of a save that met a full disk.
+
+    Its background threads log each failure, hundreds of lines; the error reaches
+    the main thread at the next save or wait, where the launcher says it in one
+    line (:func:`charrnn.workdir.disk_full_is_an_error`).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("orbax" in record.pathname and (
+            is_disk_full(error) or any(text in record.getMessage() for text in DISK_FULL)))
+
+
 class Checkpointer:
     """Save and restore (state, meta) pairs in ``<workdir>/checkpoints``."""
 
@@ -96,8 +111,9 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         _quiet_closed_loop_callbacks()  # before any read that might fail
         absl_logger = logging.getLogger("absl")
-        if not any(isinstance(f, _DamagedMetadataFilter) for f in absl_logger.filters):
-            absl_logger.addFilter(_DamagedMetadataFilter())
+        for kind in (_DamagedMetadataFilter, _DiskFullFilter):
+            if not any(isinstance(f, kind) for f in absl_logger.filters):
+                absl_logger.addFilter(kind())
         if not create and not os.path.isdir(self.directory):
             self._manager = None
             return

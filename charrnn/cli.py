@@ -22,6 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from charrnn import workdir as workdir_lib
 from charrnn.errors import UserError
 
 MODES = ("train", "eval", "sample")
@@ -126,8 +127,10 @@ def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
         flag = flags.FLAGS[config_flag.name]
         launch = {"config_arg": flag.config_filename if flag.present else None,
                   "argv": list(sys.argv)}
-        train.train_and_evaluate(config, options.workdir, fresh=options.fresh, launch=launch,
-                                 init_from=options.init_from, init_step=options.init_step)
+        with workdir_lib.disk_full_is_an_error(options.workdir):
+            train.train_and_evaluate(config, options.workdir, fresh=options.fresh,
+                                     launch=launch, init_from=options.init_from,
+                                     init_step=options.init_step)
         print(runinfo.next_commands(options.workdir, launcher), flush=True)
     elif options.mode == "eval":
         from charrnn import restore

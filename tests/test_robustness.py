@@ -5,6 +5,7 @@ SIGINT, SIGSTOP and SIGKILL, a real divergence, real file locks. The
 bad-input catalogue is tests/test_bad_inputs.py.
 """
 
+import errno
 import json
 import os
 import pickle
@@ -434,6 +435,82 @@ def test_tensorboard_shows_one_value_per_step_after_a_resume(reference, corpus, 
     assert _records(workdir)[-1] != _records(reference)[-1]  # the new learning rate's
     _assert_tensorboard_matches_metrics(workdir)
     assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 2
+
+
+# ---------------------------------------------------------------------------
+# A full disk
+
+_DISK_FULL_LINE = (r"error: no space left on the device of workdir {w} \(\d+\.\d MB free; a "
+                   r"checkpoint takes \d+\.\d MB\); free some space and run the same command "
+                   r"again: it resumes from step {step}, the last complete checkpoint")
+
+
+def _one_error_line(stderr, pattern):
+    """stderr holds one error line, matching ``pattern``, and no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.fullmatch(pattern, errors[0]), stderr[-3000:]
+
+
+def test_a_full_disk_is_one_line_and_running_again_resumes(corpus, tmp_path):
+    """A 600 KB tmpfs as the workdir, checkpoints of ~0.15 MB every 5 steps (needs root)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(small)],
+                           capture_output=True)
+    if mount.returncode:
+        pytest.skip("cannot mount a tmpfs here (root only); the patched test below runs")
+    try:
+        workdir = str(small / "run")
+        command = _command(workdir, corpus, {"train.num_steps": 60,
+                                             "train.checkpoint_every": 5})
+        saved = None
+        for attempt in range(2):  # the second while the disk is still full
+            out = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                                 timeout=300)
+            assert out.returncode == 1
+            step = _steps(workdir)[-1]
+            _one_error_line(out.stderr, _DISK_FULL_LINE.format(w=workdir, step=step))
+            assert not [name for name in os.listdir(workdir) if ".tmp" in name]
+            kept = {s: _snapshot(os.path.join(workdir, "checkpoints", str(s)))
+                    for s in _steps(workdir)}
+            assert saved is None or kept == saved  # earlier saves byte-identical
+            saved = kept
+        subprocess.run(["mount", "-o", "remount,size=4m", str(small)], check=True)
+        out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"resuming from step {step} " in out.stdout and _steps(workdir)[-1] == 60
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+@pytest.mark.parametrize("writer", ["metrics", "checkpoint"])
+def test_a_full_disk_met_by_a_writer_is_one_line(writer, reference, corpus, tmp_path,
+                                                 monkeypatch):
+    """What a full disk raises where it is met: OSError(ENOSPC) from a metrics write,
+    tensorstore's ValueError (as orbax passes it on) from a checkpoint save."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))  # resumes from step 10
+    before = _snapshot(os.path.join(workdir, "checkpoints"))
+
+    def full(*args, **kwargs):
+        if writer == "metrics":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing \"step/0\" ... Failed to write "
+                         "710025 bytes to file 8: No space left on device [os_error_code='28']")
+
+    target = metrics.MetricWriter if writer == "metrics" else checkpoint.Checkpointer
+    monkeypatch.setattr(target, "write" if writer == "metrics" else "save", full)
+    with pytest.raises(workdir_lib.WorkdirError) as raised:
+        with workdir_lib.disk_full_is_an_error(workdir):
+            train.train_and_evaluate(_config(corpus), workdir)
+    assert re.fullmatch(_DISK_FULL_LINE.format(w=workdir, step=10), "error: " + str(raised.value))
+    assert _snapshot(os.path.join(workdir, "checkpoints")) == before
+    assert not [name for name in os.listdir(workdir) if ".tmp" in name]
+    with pytest.raises(ValueError, match="not a disk"):  # any other error passes through
+        with workdir_lib.disk_full_is_an_error(workdir):
+            raise ValueError("not a disk")
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -30,6 +31,10 @@ from charrnn.workdir import DISK_FULL, is_disk_full
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the run."""
+
+
+class CheckpointGone(CheckpointError):
+    """A checkpoint removed while it was read: a training run rotating its checkpoints."""
 
 
 def encode_step_metrics(step_metrics: list[dict]) -> dict:
@@ -104,6 +109,25 @@ class _DiskFullFilter(logging.Filter):
             is_disk_full(error) or any(text in record.getMessage() for text in DISK_FULL)))
 
 
+def _steps_on_disk(directory: str) -> list[int]:
+    """The complete checkpoints now in ``directory`` (orbax names them by the step alone)."""
+    try:
+        return sorted(int(d) for d in os.listdir(directory)
+                      if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+    except OSError:
+        return []
+
+
+def _removed(path: str, newer: bool, wait_s: float = 1.0) -> bool:
+    """Whether ``path`` is gone, or (``newer``: a newer checkpoint exists) goes within ``wait_s``."""
+    deadline = time.monotonic() + (wait_s if newer else 0.0)
+    while os.path.isdir(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 class Checkpointer:
     """Save and restore (state, meta) pairs in ``<workdir>/checkpoints``."""
 
@@ -162,12 +186,24 @@ class Checkpointer:
         return restored["state"]
 
     def _unreadable(self, step, error) -> CheckpointError:
-        """One line: which checkpoint, why, and the earlier ones that remain."""
+        """One line: which checkpoint, why, and the earlier ones that remain.
+
+        A checkpoint that a newer one has replaced while it was read (a running
+        training run keeps only the latest ``train.keep_checkpoints``) is not
+        damaged: :class:`CheckpointGone`. Its directory may still be on its way out
+        when the read fails: given up to a second to go.
+        """
+        where = os.path.join(self.directory, str(step))
+        if _removed(where, newer=any(s > step for s in _steps_on_disk(self.directory))):
+            return CheckpointGone(
+                f"checkpoint {step} in {self.directory} was removed while it was read (a "
+                "training run writing this workdir keeps only its latest "
+                "train.keep_checkpoints); read a newer one (omit --step, or pass one of "
+                f"{', '.join(map(str, _steps_on_disk(self.directory))) or 'none yet'})")
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         if len(first_line) > 200:
             first_line = first_line[:200] + "…"
         earlier = [s for s in self.all_steps() if s < step]
-        where = os.path.join(self.directory, str(step))
         if earlier:
             remedy = (f"earlier steps present: {', '.join(map(str, earlier))}; move {where} "
                       f"aside to resume from step {earlier[-1]}, or pass --step={earlier[-1]} "

@@ -21,7 +21,7 @@ import numpy as np
 from charrnn import clipping, data, metrics, models, optim
 from charrnn import step as step_lib
 from charrnn import workdir as workdir_lib
-from charrnn.checkpoint import CheckpointError, Checkpointer
+from charrnn.checkpoint import CheckpointError, CheckpointGone, Checkpointer
 
 
 # Fields whose change makes a checkpoint unusable: parameter or carry shapes,
@@ -270,8 +270,23 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "raw")
     return _load(workdir, step, weights)[:5]
 
 
-def _load(workdir: str, step: int | None, weights: str):
-    """:func:`load_checkpoint`'s tuple and the checkpoint's metadata."""
+def _load(workdir: str, step: int | None, weights: str, attempts: int = 5):
+    """:func:`load_checkpoint`'s tuple and the checkpoint's metadata.
+
+    The latest checkpoint may be removed while it is read, when a training run
+    still writing the workdir saves a newer one and rotates: then the newest is
+    read instead (up to ``attempts`` times). A checkpoint named by ``step`` is not
+    replaced by another: its removal is an error that says what happened.
+    """
+    for attempt in range(attempts):
+        try:
+            return _load_once(workdir, step, weights)
+        except CheckpointGone:
+            if step is not None or attempt == attempts - 1:
+                raise
+
+
+def _load_once(workdir: str, step: int | None, weights: str):
     if weights not in WEIGHTS:
         raise CheckpointError(f"unknown --weights={weights!r}; choose from {', '.join(WEIGHTS)}")
     import ml_collections

@@ -370,6 +370,36 @@ def test_lines_that_are_no_record_are_dropped_with_one_warning(reference, corpus
     assert kept == [line for line in lines if json.loads(line)["step"] <= 10]
 
 
+@pytest.mark.parametrize("read", ["restore_meta", "restore_state"])
+def test_a_checkpoint_rotated_away_while_read_is_not_called_damaged(read, reference, tmp_path,
+                                                                   monkeypatch):
+    """Training rotates its checkpoints while eval or sample reads the latest: the read
+    that loses its checkpoint (its directory removed under it, as rotation does) takes
+    the newest one left; a checkpoint named with --step says it was removed."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    original, removed = getattr(checkpoint.Checkpointer, read), []
+
+    def rotated_away(self, step, *args):
+        if (step or self.latest_step()) == 20 and not removed:  # the first read of 20 loses it
+            shutil.rmtree(os.path.join(self.directory, "20"))
+            removed.append(20)
+        return original(self, step, *args)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, read, rotated_away)
+    assert restore.load_checkpoint(workdir)[4] == 10 and removed == [20]
+    _assert_equal_trees(_params(workdir), _params(reference, 10))
+    shutil.copytree(os.path.join(reference, "checkpoints", "20"),
+                    os.path.join(workdir, "checkpoints", "20"))
+    removed.clear()
+    with pytest.raises(checkpoint.CheckpointGone) as raised:
+        restore.load_checkpoint(workdir, 20)
+    assert str(raised.value) == (
+        f"checkpoint 20 in {workdir}/checkpoints was removed while it was read (a training run "
+        "writing this workdir keeps only its latest train.keep_checkpoints); read a newer one "
+        "(omit --step, or pass one of 10)")
+
+
 # ---------------------------------------------------------------------------
 # TensorBoard after a resume
 

@@ -66,8 +66,10 @@ def _quiet_closed_loop_callbacks() -> None:
     closes its asyncio event loop while tensorstore still completes the other
     reads; each completion callback then raises RuntimeError('Event loop is
     closed'), which Python prints on stderr as an unraisable exception, dozens
-    of tracebacks around the one-line error (even before it: they race it). They say nothing that
-    error does not, so this hook drops exactly those and passes anything else on.
+    of tracebacks around the one-line error (even before it: they race it). The
+    same goes for orbax's read coroutines left behind by a read that failed (a
+    checkpoint removed under it). They say nothing that error does not, so this
+    hook drops exactly those and passes anything else on.
     """
     previous = sys.unraisablehook
     if getattr(previous, "charrnn_quiet", False):
@@ -75,7 +77,9 @@ def _quiet_closed_loop_callbacks() -> None:
 
     def hook(unraisable):
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+                or code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename):
             previous(unraisable)
     hook.charrnn_quiet = True
     sys.unraisablehook = hook
@@ -201,6 +205,7 @@ class Checkpointer:
                 "train.keep_checkpoints); read a newer one (omit --step, or pass one of "
                 f"{', '.join(map(str, _steps_on_disk(self.directory))) or 'none yet'})")
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first_line = first_line.split(" See full TensorStore details")[0]  # a repr follows
         if len(first_line) > 200:
             first_line = first_line[:200] + "…"
         earlier = [s for s in self.all_steps() if s < step]

@@ -18,6 +18,7 @@ import dataclasses
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -205,8 +206,36 @@ def _parse_flags(argv):
         # A --config file that raised embeds its traceback: keep the first and last lines.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise UserError(" ".join(lines[:1] + lines[1:][-1:])) from None
-    except (AttributeError, KeyError) as e:  # --config.FIELD names no field of the config
-        raise _unknown_field(e, argv) from None
+    except Exception as e:
+        file_error = _config_file_error(e, argv)
+        if file_error is not None:
+            raise file_error from None
+        if isinstance(e, (AttributeError, KeyError)):  # --config.FIELD names no field
+            raise _unknown_field(e, argv) from None
+        raise
+
+
+def _config_file_error(error, argv) -> UserError | None:
+    """One line for a --config file that raised while it ran (or has no get_config):
+    the exception and its line in the file; None when the error is not the file's."""
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if value is None:
+        return None
+    path = os.path.abspath(value.split(":", 1)[0])
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+             if os.path.abspath(f.filename) == path]
+    if isinstance(error, SyntaxError) and error.filename and os.path.abspath(
+            error.filename) == path:
+        lines.append(error.lineno)
+    elif not lines and "get_config" not in str(error):
+        return None
+    message = (str(error.msg if isinstance(error, SyntaxError) else error).strip().splitlines()
+               or [""])[0]
+    if not lines:  # ml_collections looked for get_config in the module and found none
+        return UserError(f"cannot run --config={value}: it defines no get_config()")
+    where = f" (line {lines[-1]})" if lines[-1] else ""
+    hint = "" if path.endswith(".py") else "; a config file is Python that defines get_config()"
+    return UserError(f"cannot run --config={value}: {type(error).__name__}: {message}{where}{hint}")
 
 
 def _unknown_field(error, argv) -> UserError:

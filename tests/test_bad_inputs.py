@@ -230,6 +230,13 @@ def _catalogue(d, corpus, trained):
          "unknown config variant 'bogus'"),
         ("missing config file", [f"--workdir={d}/new", f"--config={d}/nope.py"],
          f"cannot load --config={d}/nope.py: [Errno 2] No such file or directory"),
+        ("config file not Python", [f"--workdir={d}/new", f"--config={d}/config.yaml"],
+         f"cannot run --config={d}/config.yaml: NameError: name 'world' is not defined (line 1); "
+         "a config file is Python that defines get_config()"),
+        ("config file that raises", [f"--workdir={d}/new", f"--config={d}/raising.py:small"],
+         f"cannot run --config={d}/raising.py:small: RuntimeError: no variant 'small' (line 2)"),
+        ("config file without get_config", [f"--workdir={d}/new", f"--config={d}/noget.py"],
+         f"cannot run --config={d}/noget.py: it defines no get_config()"),
         ("--fresh with eval", [f"--workdir={trained}", "--mode=eval", "--fresh"],
          "--fresh starts a training run again"),
         *_clipping_cases(d, trained, smoke, work),
@@ -366,6 +373,11 @@ def catalogue(tmp_path_factory):
                     damage(f, os.path.getsize(os.path.join(root, file)))
     with open(f"{d}/empty.txt", "w"):
         pass
+    for name, text in (("config.yaml", "hello: world\n"), ("noget.py", "x = 1\n"),
+                       ("raising.py", "def get_config(arg):\n    raise RuntimeError("
+                                      "f'no variant {arg!r}')\n")):
+        with open(f"{d}/{name}", "w") as f:
+            f.write(text)
     with open(f"{d}/short.txt", "w") as f:
         f.write("hello world")
     with open(f"{d}/latin1.txt", "wb") as f:

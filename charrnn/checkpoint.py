@@ -88,14 +88,16 @@ def _quiet_closed_loop_callbacks() -> None:
 class _DamagedMetadataFilter(logging.Filter):
     """Drops orbax's log records of a checkpoint metadata file it cannot read.
 
-    orbax logs them (file content included: a damaged file prints its bytes) and
-    carries on without that optional file; when the checkpoint itself cannot be
-    read, :meth:`Checkpointer._unreadable` says so in one line.
+    orbax logs them (file content included: a damaged file prints its bytes; a
+    missing one when a checkpoint is rotated away while read) and carries on
+    without that optional file; when the checkpoint itself cannot be read,
+    :meth:`Checkpointer._unreadable` says so in one line.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (str(record.msg).startswith(("Failed to read Metadata file",
-                                                "Failed to json parse Metadata file"))
+                                                "Failed to json parse Metadata file",
+                                                "Metadata file does not exist"))
                     and "orbax" in record.pathname)
 
 

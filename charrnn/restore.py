@@ -94,9 +94,8 @@ def check_workdir(workdir: str, config) -> None:
     """Before training writes anything: refuse a workdir whose records it would lose.
 
     Its run files must be of the right kind (:func:`workdir.check_run_files`). A
-    workdir with records (metrics.jsonl, config.json, launches.jsonl, TensorBoard
-    events) but no checkpoint cannot be resumed, and starting at step 0 would
-    overwrite them: refused (``--fresh`` sets them aside), unless they are this
+    workdir with records in metrics.jsonl (and their TensorBoard events) but no
+    checkpoint cannot be resumed, and starting at step 0 would overwrite them: refused (``--fresh`` sets them aside), unless they are this
     run's own, cut short before its first checkpoint: config.json is this config
     (the fields a resume checks) and no record lies past step
     2·checkpoint_every (saves are asynchronous: the steps after the first save
@@ -109,9 +108,9 @@ def check_workdir(workdir: str, config) -> None:
             return
     finally:
         ckpt.close()
+    if not _record_steps(os.path.join(workdir, "metrics.jsonl")):
+        return  # a launch that failed before its first record: nothing to lose
     present = _records(workdir)
-    if not present:
-        return
     reason = _not_cut_short(workdir, config)
     if reason:
         raise CheckpointError(

@@ -77,7 +77,8 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, launch: dic
     text = data.load_text(config.data.name, config.data.path or None, config.data.encoding)
     num_train, _, _ = data.split_sizes(len(text), config.data.val_fraction,
                                        config.data.test_fraction)
-    data.check_fits_one_window(num_train, config.train.batch_size, config.train.seq_len)
+    data.check_fits_one_window(num_train, config.train.batch_size, config.train.seq_len,
+                               text_chars=len(text))
     main = jax.process_index() == 0  # process 0 alone writes the (shared) workdir
     with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
         if fresh and main:
@@ -126,7 +127,7 @@ def _train_and_evaluate(config, workdir: str, text: str, launch: dict, init) -> 
     # Records past the checkpoint (or all, with none: a run killed before its first
     # save) are rewritten identically by the steps that follow.
     writer.truncate_after(start.step)
-    if dp.is_main:
+    if dp.is_main and start.step < config.train.num_steps:  # else: only "already trained"
         saved = json.loads(config.to_json_best_effort())
         if start.init_from:
             saved["init_from"] = start.init_from

@@ -71,7 +71,8 @@ def test_too_short_a_text_fails_before_the_workdir_is_touched(smoke_config, tmp_
     workdir, corpus = str(tmp_path / "run"), tmp_path / "short.txt"
     corpus.write_text("To be, or not to be: that is the question.\n")  # 43 chars < 4*16+1
     smoke_config.data.path = str(corpus)
-    with pytest.raises(data.DataError, match="the text has 35 characters"):  # 43 - 4 - 4
+    with pytest.raises(data.DataError, match="the training split has 35 of the text's 43 "
+                                                  "characters"):  # 43 - 4 - 4
         train.train_and_evaluate(smoke_config, workdir)
     assert not os.path.exists(workdir)
 
@@ -94,7 +95,8 @@ def _catalogue(d, corpus, trained):
         ("directory as data file", data_path(d), f"data path {d} is a directory"),
         ("empty file", data_path(f"{d}/empty.txt"), f"data file {d}/empty.txt is empty"),
         ("shorter than a window", data_path(f"{d}/short.txt"),
-         "the text has 9 characters but batch_size*seq_len+1 = 65 are needed"),
+         "the training split has 9 of the text's 11 characters but batch_size*seq_len+1 = 65 "
+         "are needed"),
         ("not utf-8", data_path(f"{d}/latin1.txt"),
          f"data file {d}/latin1.txt is not valid utf-8 at byte offset 3; pass its encoding "
          "with --config.data.encoding=..."),

@@ -467,6 +467,30 @@ def test_tensorboard_shows_one_value_per_step_after_a_resume(reference, corpus, 
     assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 2
 
 
+def test_a_launch_that_finds_the_run_trained_changes_nothing(reference, corpus, tmp_path,
+                                                            capsys):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    before = _snapshot(workdir)
+    train.train_and_evaluate(_config(corpus, {"train.num_steps": 10}), workdir)
+    assert "already trained for 20 steps (train.num_steps=10)" in capsys.readouterr().out
+    assert _snapshot(workdir) == before  # config.json keeps num_steps=20; no new launch
+
+
+def test_a_launch_that_failed_before_any_record_does_not_block_the_next(corpus, tmp_path):
+    """Out of memory at the first compilation, say: config.json and launches.jsonl of
+    another model, no record, no checkpoint. The corrected launch runs."""
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(_config(corpus, {
+        "model.hidden_size": 100_000}).to_dict()))
+    (workdir / "launches.jsonl").write_text('{"start_step": 0}\n')
+    train.train_and_evaluate(_config(corpus, {"train.num_steps": 2}), str(workdir))
+    assert _steps(str(workdir)) == [2]
+    assert json.loads((workdir / "config.json").read_text())["model"]["hidden_size"] == 32
+    assert (workdir / "launches.jsonl").read_text().startswith('{"start_step": 0}\n{')
+
+
 # ---------------------------------------------------------------------------
 # A full disk
 

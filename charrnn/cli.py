@@ -23,6 +23,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from charrnn import memory
 from charrnn import workdir as workdir_lib
 from charrnn.errors import UserError
 
@@ -128,7 +129,8 @@ def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
         flag = flags.FLAGS[config_flag.name]
         launch = {"config_arg": flag.config_filename if flag.present else None,
                   "argv": list(sys.argv)}
-        with workdir_lib.disk_full_is_an_error(options.workdir):
+        with workdir_lib.disk_full_is_an_error(options.workdir), \
+                memory.out_of_memory_is_an_error(memory.train_sizes(config)):
             train.train_and_evaluate(config, options.workdir, fresh=options.fresh,
                                      launch=launch, init_from=options.init_from,
                                      init_step=options.init_step)
@@ -149,10 +151,14 @@ def _sample(options: Options) -> None:
                            num_samples=options.num_samples)
     _, vocab, model, params, _ = restore.load_checkpoint(options.workdir, options.step,
                                                          options.weights)
-    texts = sampling.sample(
-        params, vocab, model, prompt=options.prompt, length=options.length,
-        temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-        num_samples=options.num_samples, seed=options.seed)
+    sizes = f"--length={options.length} --num_samples={options.num_samples}"
+    memory.check_fits(memory.sample_bytes(options.length, options.num_samples),
+                      f"sampling {sizes}", "ask for fewer characters or samples")
+    with memory.out_of_memory_is_an_error(sizes):
+        texts = sampling.sample(
+            params, vocab, model, prompt=options.prompt, length=options.length,
+            temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+            num_samples=options.num_samples, seed=options.seed)
     text = sampling.format_samples(texts)
     if options.output:
         try:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from charrnn import config as config_lib
-from charrnn import data, diagnostics, models, optim, parallel, restore, runinfo
+from charrnn import data, diagnostics, memory, models, optim, parallel, restore, runinfo
 from charrnn import step as step_lib
 from charrnn import workdir as workdir_lib
 from charrnn.checkpoint import Checkpointer, decode_step_metrics, encode_step_metrics
@@ -79,6 +79,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, launch: dic
                                        config.data.test_fraction)
     data.check_fits_one_window(num_train, config.train.batch_size, config.train.seq_len,
                                text_chars=len(text))
+    memory.check_training_fits(config, vocab_size=len(set(text)))
     main = jax.process_index() == 0  # process 0 alone writes the (shared) workdir
     with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
         if fresh and main:

@@ -239,6 +239,19 @@ def _catalogue(d, corpus, trained):
          f"cannot run --config={d}/raising.py:small: RuntimeError: no variant 'small' (line 2)"),
         ("config file without get_config", [f"--workdir={d}/new", f"--config={d}/noget.py"],
          f"cannot run --config={d}/noget.py: it defines no get_config()"),
+        ("sample longer than memory", [f"--workdir={trained}", "--mode=sample",
+                                       f"--length={10**12}"],
+         "sampling --length=1000000000000 --num_samples=1 needs at least 28,000.0 GB but "),
+        ("more samples than memory", [f"--workdir={trained}", "--mode=sample",
+                                      f"--num_samples={10**9}"],
+         "sampling --length=500 --num_samples=1000000000 needs at least 10,000.0 GB but "),
+        ("model wider than memory", work + smoke + ["--config.model.hidden_size=100000"],
+         "training with model.cell=lstm, model.hidden_size=100000, model.num_layers=1, "
+         "model.embed_dim=16, train.batch_size=4, train.seq_len=16 (parameters, gradients and "
+         "optimizer state) needs at least 640.2 GB but "),
+        ("model deeper than memory", work + smoke + [f"--config.model.num_layers={10**7}"],
+         "model.num_layers=10000000, model.embed_dim=16, train.batch_size=4, train.seq_len=16 "
+         "(parameters, gradients and optimizer state) needs at least 1,331.2 GB but "),
         ("--fresh with eval", [f"--workdir={trained}", "--mode=eval", "--fresh"],
          "--fresh starts a training run again"),
         *_clipping_cases(d, trained, smoke, work),
@@ -460,3 +473,18 @@ def test_a_bad_cell_name_gets_one_clear_line(tmp_path):
         assert result["stderr"].count("\n") == 1 and "Traceback" not in result["stderr"], result
         assert result["stderr"].startswith("error: ") and expected in result["stderr"], result
     assert not os.path.exists(f"{tmp_path}/new")
+
+
+def test_an_allocator_failure_is_one_line_naming_the_sizes():
+    """A real one: XLA asked for 4 TB on the CPU. A full disk (tensorstore also says
+    RESOURCE_EXHAUSTED) and other errors pass through."""
+    import jax.numpy as jnp
+    from charrnn import memory
+    with pytest.raises(memory.OutOfMemoryError) as raised:
+        with memory.out_of_memory_is_an_error("--length=5 --num_samples=2"):
+            jnp.zeros((10**12,), jnp.float32).block_until_ready()
+    assert re.fullmatch(r"out of memory with --length=5 --num_samples=2 \(RESOURCE_EXHAUSTED: "
+                        r".*4000000000000 bytes.*\); use smaller sizes", str(raised.value))
+    with pytest.raises(ValueError, match="No space left"):
+        with memory.out_of_memory_is_an_error("x"):
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing: No space left on device")

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
@@ -489,6 +490,36 @@ def test_a_launch_that_failed_before_any_record_does_not_block_the_next(corpus, 
     assert _steps(str(workdir)) == [2]
     assert json.loads((workdir / "config.json").read_text())["model"]["hidden_size"] == 32
     assert (workdir / "launches.jsonl").read_text().startswith('{"start_step": 0}\n{')
+
+
+def test_killed_anywhere_and_resumed_ends_as_an_uninterrupted_run(reference, corpus, tmp_path):
+    """SIGKILL at 5 random moments (start-up, compilation, steps; with a save at every
+    step most land in one), each followed by the same command: metrics.jsonl, the
+    TensorBoard scalars and the parameters end as those of a run never stopped."""
+    workdir = str(tmp_path / "run")
+    command = _command(workdir, corpus, {"train.checkpoint_every": 1})
+    rng, kills, during_saves = random.Random(0), 0, 0
+    while kills < 5:
+        proc = _start(command)
+        for _ in range(rng.randrange(10)):  # output lines: header, first step, records
+            if not proc.stdout.readline():
+                break
+        time.sleep(rng.uniform(0, 0.3))
+        saving = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+            "tmp" in name for name in os.listdir(os.path.join(workdir, "checkpoints")))
+        proc.kill()
+        err = proc.communicate()[1]
+        assert proc.returncode in (0, -signal.SIGKILL), err[-3000:]
+        if proc.returncode == 0:  # it finished first: nothing to resume
+            shutil.rmtree(workdir)
+            continue
+        kills, during_saves = kills + 1, during_saves + saving
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _records(workdir) == _records(reference)
+    _assert_equal_trees(_params(workdir), _params(reference))
+    _assert_tensorboard_matches_metrics(workdir)
+    print(f"{kills} kills, {during_saves} seen during a save")
 
 
 # ---------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class MetricWriter:
             return
         with open(self.path, "rb") as f:
             lines = f.readlines()
-        steps = [_step_of(line) for line in lines]
+        steps = [step_of(line) for line in lines]
         keep = [i for i, s in enumerate(steps) if s is not None and s <= step]
         invalid = [i + 1 for i, (line, s) in enumerate(zip(lines, steps))
                    if s is None and line.strip() and line.endswith(b"\n")]
@@ -91,7 +91,7 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _step_of(line: str | bytes) -> int | None:
+def step_of(line: str | bytes) -> int | None:
     """The step of a record line; None for a blank, torn or foreign one."""
     try:
         record = json.loads(line)

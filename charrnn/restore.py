@@ -79,8 +79,7 @@ def check_resumable(meta: dict, config, text_sha256: str) -> None:
     differing += clipping.resume_problems(saved.get("optim", {}), current["optim"])
     old, new = corpus_of(saved), corpus_of(current)
     if old != new:
-        differing.append(f"{new[0]} {old[1]!r} -> {new[1]!r}" if old[0] == new[0] else
-                         f"{old[0]}={old[1]!r} -> {new[0]}={new[1]!r}")
+        differing.append(_corpus_change(old, new))
     elif meta.get("text_sha256") not in (None, text_sha256):
         differing.append(f"the text of {new[1]} (sha256 {meta['text_sha256'][:12]}… -> "
                          f"{text_sha256[:12]}…)")
@@ -90,16 +89,23 @@ def check_resumable(meta: dict, config, text_sha256: str) -> None:
             + ", ".join(differing) + f" ({_ELSEWHERE})")
 
 
+def _corpus_change(old: tuple[str, str], new: tuple[str, str]) -> str:
+    """``data.path 'a' -> 'b'`` between two :func:`corpus_of` values."""
+    return (f"{new[0]} {old[1]!r} -> {new[1]!r}" if old[0] == new[0] else
+            f"{old[0]}={old[1]!r} -> {new[0]}={new[1]!r}")
+
+
 def check_workdir(workdir: str, config) -> None:
     """Before training writes anything: refuse a workdir whose records it would lose.
 
     Its run files must be of the right kind (:func:`workdir.check_run_files`). A
     workdir with records in metrics.jsonl (and their TensorBoard events) but no
-    checkpoint cannot be resumed, and starting at step 0 would overwrite them: refused (``--fresh`` sets them aside), unless they are this
-    run's own, cut short before its first checkpoint: config.json is this config
-    (the fields a resume checks) and no record lies past step
-    2·checkpoint_every (saves are asynchronous: the steps after the first save
-    run while it is written, and the second save waits for it).
+    checkpoint cannot be resumed, and starting at step 0 would overwrite them:
+    refused (``--fresh`` sets them aside), unless they are this run's own, cut
+    short before its first checkpoint: config.json is this config (the fields a
+    resume checks) and no record lies past step 2·checkpoint_every (saves are
+    asynchronous: the steps after the first save run while it is written, and
+    the second save waits for it).
     """
     workdir_lib.check_run_files(workdir)
     ckpt = Checkpointer(workdir, create=False)
@@ -140,7 +146,7 @@ def _record_steps(path: str) -> list[int]:
     if not os.path.isfile(path):
         return []
     with open(path, "rb") as f:
-        return [s for s in map(metrics._step_of, f) if isinstance(s, int)]
+        return [s for s in map(metrics.step_of, f) if isinstance(s, int)]
 
 
 def _not_cut_short(workdir: str, config) -> str | None:
@@ -157,8 +163,7 @@ def _not_cut_short(workdir: str, config) -> str | None:
     current = config.to_dict()
     differing = differences(saved, current, _SHAPE_FIELDS + _SAME_RUN_FIELDS)
     if corpus_of(saved) != corpus_of(current):
-        differing.append(f"{corpus_of(current)[0]} {corpus_of(saved)[1]!r} -> "
-                         f"{corpus_of(current)[1]!r}")
+        differing.append(_corpus_change(corpus_of(saved), corpus_of(current)))
     if differing:
         return f"its config.json is another run's ({', '.join(differing)})"
     every = _field(saved, "train.checkpoint_every")

@@ -16,6 +16,7 @@ run before the process exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -144,6 +145,7 @@ class Checkpointer:
         for kind in (_DamagedMetadataFilter, _DiskFullFilter):
             if not any(isinstance(f, kind) for f in absl_logger.filters):
                 absl_logger.addFilter(kind())
+        self.created = create and not os.path.lexists(self.directory)
         if not create and not os.path.isdir(self.directory):
             self._manager = None
             return
@@ -152,6 +154,13 @@ class Checkpointer:
             preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
             enable_async_checkpointing=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def remove_if_unused(self) -> None:
+        """Remove the directory this Checkpointer created while it is still empty: a
+        launch that fails before its first save leaves no empty ``checkpoints/``."""
+        if self.created:
+            with contextlib.suppress(OSError):  # not empty: something was saved
+                os.rmdir(self.directory)
 
     def latest_step(self) -> int | None:
         return None if self._manager is None else self._manager.latest_step()

@@ -206,7 +206,16 @@ class RunStart:
     def find(cls, ckpt: Checkpointer, config, text: str, init_from: str | None = None,
              init_step: int | None = None) -> "RunStart":
         """Resume from ``ckpt``'s latest checkpoint if any (it must be the same run),
-        else start from ``init_from``'s weights if given, else from scratch."""
+        else start from ``init_from``'s weights if given, else from scratch. A failure
+        leaves no ``checkpoints/`` that this launch created."""
+        try:
+            return cls._find(ckpt, config, text, init_from, init_step)
+        except Exception:
+            ckpt.remove_if_unused()
+            raise
+
+    @classmethod
+    def _find(cls, ckpt: Checkpointer, config, text: str, init_from, init_step) -> "RunStart":
         sha = data.text_sha256(text)
         latest = ckpt.latest_step()
         if latest is not None:

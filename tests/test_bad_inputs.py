@@ -451,6 +451,12 @@ def test_eval_on_a_changed_text_on_purpose_says_so(catalogue):
     assert re.fullmatch(r"step 10 \| val loss \d\.\d{4} nats/char \| val bpc \d\.\d{4}", lines[2])
 
 
+def test_failed_fine_tuning_launches_leave_no_empty_checkpoints_directory(catalogue):
+    """The --init_from cases above failed in --workdir=D/new after taking its lock."""
+    assert os.path.isdir(f"{catalogue['d']}/new")
+    assert not os.path.exists(f"{catalogue['d']}/new/checkpoints")
+
+
 def test_bad_inputs_left_the_other_workdirs_unchanged(catalogue):
     for workdir, (before, after) in catalogue["untouched"].items():
         assert before == after, workdir

@@ -32,6 +32,9 @@ flags.DEFINE_integer("step", None, "--mode=eval/sample: the checkpoint (default:
 flags.DEFINE_string("weights", "auto", "--mode=eval/sample: auto (the averaged weights when the "
                     "run kept them, optim.ema_decay > 0), ema, or raw (the trained ones).")
 flags.DEFINE_bool(
+    "changed_text", False, "--mode=eval: evaluate on the run's text file although it changed "
+    "since training (its sha256 differs from the checkpoint's; the output says so).")
+flags.DEFINE_bool(
     "fresh", False, "--mode=train: move the workdir's previous run (checkpoints, metrics, "
     "config.json, tensorboard, launches.jsonl) into <workdir>/previous-<time>/ and start "
     "again from step 0.")

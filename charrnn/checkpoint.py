@@ -16,19 +16,26 @@ run before the process exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from charrnn.errors import UserError
+from charrnn.workdir import DISK_FULL, is_disk_full
 
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the run."""
+
+
+class CheckpointGone(CheckpointError):
+    """A checkpoint removed while it was read: a training run rotating its checkpoints."""
 
 
 def encode_step_metrics(step_metrics: list[dict]) -> dict:
@@ -60,8 +67,10 @@ def _quiet_closed_loop_callbacks() -> None:
     closes its asyncio event loop while tensorstore still completes the other
     reads; each completion callback then raises RuntimeError('Event loop is
     closed'), which Python prints on stderr as an unraisable exception, dozens
-    of tracebacks around the one-line error (even before it: they race it). They say nothing that
-    error does not, so this hook drops exactly those and passes anything else on.
+    of tracebacks around the one-line error (even before it: they race it). The
+    same goes for orbax's read coroutines left behind by a read that failed (a
+    checkpoint removed under it). They say nothing that error does not, so this
+    hook drops exactly those and passes anything else on.
     """
     previous = sys.unraisablehook
     if getattr(previous, "charrnn_quiet", False):
@@ -69,7 +78,9 @@ def _quiet_closed_loop_callbacks() -> None:
 
     def hook(unraisable):
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+                or code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename):
             previous(unraisable)
     hook.charrnn_quiet = True
     sys.unraisablehook = hook
@@ -78,15 +89,50 @@ def _quiet_closed_loop_callbacks() -> None:
 class _DamagedMetadataFilter(logging.Filter):
     """Drops orbax's log records of a checkpoint metadata file it cannot read.
 
-    orbax logs them (file content included: a damaged file prints its bytes) and
-    carries on without that optional file; when the checkpoint itself cannot be
-    read, :meth:`Checkpointer._unreadable` says so in one line.
+    orbax logs them (file content included: a damaged file prints its bytes; a
+    missing one when a checkpoint is rotated away while read) and carries on
+    without that optional file; when the checkpoint itself cannot be read,
+    :meth:`Checkpointer._unreadable` says so in one line.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (str(record.msg).startswith(("Failed to read Metadata file",
-                                                "Failed to json parse Metadata file"))
+                                                "Failed to json parse Metadata file",
+                                                "Metadata file does not exist"))
                     and "orbax" in record.pathname)
+
+
+class _DiskFullFilter(logging.Filter):
+    """Drops orbax's log records (tracebacks included) of a save that met a full disk.
+
+    Its background threads log each failure, hundreds of lines; the error reaches
+    the main thread at the next save or wait, where the launcher says it in one
+    line (:func:`charrnn.workdir.disk_full_is_an_error`).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("orbax" in record.pathname and (
+            is_disk_full(error) or any(text in record.getMessage() for text in DISK_FULL)))
+
+
+def _steps_on_disk(directory: str) -> list[int]:
+    """The complete checkpoints now in ``directory`` (orbax names them by the step alone)."""
+    try:
+        return sorted(int(d) for d in os.listdir(directory)
+                      if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+    except OSError:
+        return []
+
+
+def _removed(path: str, newer: bool, wait_s: float = 1.0) -> bool:
+    """Whether ``path`` is gone, or (``newer``: a newer checkpoint exists) goes within ``wait_s``."""
+    deadline = time.monotonic() + (wait_s if newer else 0.0)
+    while os.path.isdir(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 class Checkpointer:
@@ -96,8 +142,10 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         _quiet_closed_loop_callbacks()  # before any read that might fail
         absl_logger = logging.getLogger("absl")
-        if not any(isinstance(f, _DamagedMetadataFilter) for f in absl_logger.filters):
-            absl_logger.addFilter(_DamagedMetadataFilter())
+        for kind in (_DamagedMetadataFilter, _DiskFullFilter):
+            if not any(isinstance(f, kind) for f in absl_logger.filters):
+                absl_logger.addFilter(kind())
+        self.created = create and not os.path.lexists(self.directory)
         if not create and not os.path.isdir(self.directory):
             self._manager = None
             return
@@ -106,6 +154,13 @@ class Checkpointer:
             preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
             enable_async_checkpointing=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def remove_if_unused(self) -> None:
+        """Remove the directory this Checkpointer created while it is still empty: a
+        launch that fails before its first save leaves no empty ``checkpoints/``."""
+        if self.created:
+            with contextlib.suppress(OSError):  # not empty: something was saved
+                os.rmdir(self.directory)
 
     def latest_step(self) -> int | None:
         return None if self._manager is None else self._manager.latest_step()
@@ -146,12 +201,25 @@ class Checkpointer:
         return restored["state"]
 
     def _unreadable(self, step, error) -> CheckpointError:
-        """One line: which checkpoint, why, and the earlier ones that remain."""
+        """One line: which checkpoint, why, and the earlier ones that remain.
+
+        A checkpoint that a newer one has replaced while it was read (a running
+        training run keeps only the latest ``train.keep_checkpoints``) is not
+        damaged: :class:`CheckpointGone`. Its directory may still be on its way out
+        when the read fails: given up to a second to go.
+        """
+        where = os.path.join(self.directory, str(step))
+        if _removed(where, newer=any(s > step for s in _steps_on_disk(self.directory))):
+            return CheckpointGone(
+                f"checkpoint {step} in {self.directory} was removed while it was read (a "
+                "training run writing this workdir keeps only its latest "
+                "train.keep_checkpoints); read a newer one (omit --step, or pass one of "
+                f"{', '.join(map(str, _steps_on_disk(self.directory))) or 'none yet'})")
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first_line = first_line.split(" See full TensorStore details")[0]  # a repr follows
         if len(first_line) > 200:
             first_line = first_line[:200] + "…"
         earlier = [s for s in self.all_steps() if s < step]
-        where = os.path.join(self.directory, str(step))
         if earlier:
             remedy = (f"earlier steps present: {', '.join(map(str, earlier))}; move {where} "
                       f"aside to resume from step {earlier[-1]}, or pass --step={earlier[-1]} "

@@ -18,10 +18,13 @@ import dataclasses
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from charrnn import memory
+from charrnn import workdir as workdir_lib
 from charrnn.errors import UserError
 
 MODES = ("train", "eval", "sample")
@@ -49,6 +52,7 @@ class Options:
     init_step: int | None = None
     step: int | None = None
     weights: str = "auto"
+    changed_text: bool = False
 
     @classmethod
     def from_flags(cls, flag_values=flags.FLAGS) -> "Options":
@@ -111,6 +115,9 @@ def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
     if options.weights != "auto" and options.mode == "train":
         raise UserError(f"--weights={options.weights} picks the weights to evaluate or sample; "
                         "training keeps both (optim.ema_decay > 0 adds the averaged ones)")
+    if options.changed_text and options.mode != "eval":
+        raise UserError("--changed_text lets --mode=eval read a changed text; it means nothing "
+                        f"with --mode={options.mode}")
     config = _checked_config(config_flag) if options.mode == "train" else None
     if config is not None and not (options.distributed or options.coordinator_address):
         _split_cpu(config)
@@ -122,12 +129,16 @@ def main(argv: list[str], options: Options, config_flag, launcher: str) -> None:
         flag = flags.FLAGS[config_flag.name]
         launch = {"config_arg": flag.config_filename if flag.present else None,
                   "argv": list(sys.argv)}
-        train.train_and_evaluate(config, options.workdir, fresh=options.fresh, launch=launch,
-                                 init_from=options.init_from, init_step=options.init_step)
+        with workdir_lib.disk_full_is_an_error(options.workdir), \
+                memory.out_of_memory_is_an_error(memory.train_sizes(config)):
+            train.train_and_evaluate(config, options.workdir, fresh=options.fresh,
+                                     launch=launch, init_from=options.init_from,
+                                     init_step=options.init_step)
         print(runinfo.next_commands(options.workdir, launcher), flush=True)
     elif options.mode == "eval":
         from charrnn import restore
-        restore.evaluate_workdir(options.workdir, options.step, options.weights)
+        restore.evaluate_workdir(options.workdir, options.step, options.weights,
+                                 changed_text=options.changed_text)
     else:
         _sample(options)
 
@@ -140,10 +151,14 @@ def _sample(options: Options) -> None:
                            num_samples=options.num_samples)
     _, vocab, model, params, _ = restore.load_checkpoint(options.workdir, options.step,
                                                          options.weights)
-    texts = sampling.sample(
-        params, vocab, model, prompt=options.prompt, length=options.length,
-        temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-        num_samples=options.num_samples, seed=options.seed)
+    sizes = f"--length={options.length} --num_samples={options.num_samples}"
+    memory.check_fits(memory.sample_bytes(options.length, options.num_samples),
+                      f"sampling {sizes}", "ask for fewer characters or samples")
+    with memory.out_of_memory_is_an_error(sizes):
+        texts = sampling.sample(
+            params, vocab, model, prompt=options.prompt, length=options.length,
+            temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+            num_samples=options.num_samples, seed=options.seed)
     text = sampling.format_samples(texts)
     if options.output:
         try:
@@ -198,8 +213,36 @@ def _parse_flags(argv):
         # A --config file that raised embeds its traceback: keep the first and last lines.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise UserError(" ".join(lines[:1] + lines[1:][-1:])) from None
-    except (AttributeError, KeyError) as e:  # --config.FIELD names no field of the config
-        raise _unknown_field(e, argv) from None
+    except Exception as e:
+        file_error = _config_file_error(e, argv)
+        if file_error is not None:
+            raise file_error from None
+        if isinstance(e, (AttributeError, KeyError)):  # --config.FIELD names no field
+            raise _unknown_field(e, argv) from None
+        raise
+
+
+def _config_file_error(error, argv) -> UserError | None:
+    """One line for a --config file that raised while it ran (or has no get_config):
+    the exception and its line in the file; None when the error is not the file's."""
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if value is None:
+        return None
+    path = os.path.abspath(value.split(":", 1)[0])
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+             if os.path.abspath(f.filename) == path]
+    if isinstance(error, SyntaxError) and error.filename and os.path.abspath(
+            error.filename) == path:
+        lines.append(error.lineno)
+    elif not lines and "get_config" not in str(error):
+        return None
+    message = (str(error.msg if isinstance(error, SyntaxError) else error).strip().splitlines()
+               or [""])[0]
+    if not lines:  # ml_collections looked for get_config in the module and found none
+        return UserError(f"cannot run --config={value}: it defines no get_config()")
+    where = f" (line {lines[-1]})" if lines[-1] else ""
+    hint = "" if path.endswith(".py") else "; a config file is Python that defines get_config()"
+    return UserError(f"cannot run --config={value}: {type(error).__name__}: {message}{where}{hint}")
 
 
 def _unknown_field(error, argv) -> UserError:

@@ -72,7 +72,10 @@ class Vocab:
         ids = np.minimum(ids, self.size - 1)
         known = self._codes[ids] == codes
         if not known.all():
-            unknown = ", ".join(repr(chr(c)) for c in np.unique(codes[~known]))
+            missing = np.unique(codes[~known])
+            unknown = ", ".join(repr(chr(c)) for c in missing[:10])
+            if len(missing) > 10:  # a text in another script: thousands of them
+                unknown = f"{len(missing)} of them, the first 10: {unknown}"
             raise DataError(f"text has characters not in the vocabulary: {unknown}")
         return ids.astype(np.int32)
 
@@ -292,10 +295,14 @@ def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int,
     return n_train, n_val, n_test
 
 
-def check_fits_one_window(num_train: int, batch_size: int, seq_len: int) -> None:
-    """Raise a DataError unless ``num_train`` characters fill one [B, T] window (+1 target)."""
+def check_fits_one_window(num_train: int, batch_size: int, seq_len: int,
+                          text_chars: int | None = None) -> None:
+    """Raise a DataError unless ``num_train`` characters fill one [B, T] window (+1 target);
+    ``text_chars``: the whole text's length, when ``num_train`` is its training split."""
     if num_train < batch_size * seq_len + 1:
-        raise DataError(f"the text has {num_train} characters but batch_size*seq_len+1 = "
+        what = (f"the text has {num_train} characters" if text_chars is None else
+                f"the training split has {num_train} of the text's {text_chars} characters")
+        raise DataError(f"{what} but batch_size*seq_len+1 = "
                         f"{batch_size * seq_len + 1} are needed; use a smaller batch_size or "
                         "seq_len")
 

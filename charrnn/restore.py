@@ -12,15 +12,17 @@ Sampling imports this module, not the training loop.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
 import numpy as np
 
-from charrnn import clipping, data, models, optim
+from charrnn import clipping, data, metrics, models, optim
 from charrnn import config as config_lib
 from charrnn import step as step_lib
-from charrnn.checkpoint import CheckpointError, Checkpointer
+from charrnn import workdir as workdir_lib
+from charrnn.checkpoint import CheckpointError, CheckpointGone, Checkpointer
 
 
 # Fields whose change makes a checkpoint unusable: parameter or carry shapes,
@@ -78,8 +80,7 @@ def check_resumable(meta: dict, config, text_sha256: str) -> None:
     differing += clipping.resume_problems(saved.get("optim", {}), current["optim"])
     old, new = corpus_of(saved), corpus_of(current)
     if old != new:
-        differing.append(f"{new[0]} {old[1]!r} -> {new[1]!r}" if old[0] == new[0] else
-                         f"{old[0]}={old[1]!r} -> {new[0]}={new[1]!r}")
+        differing.append(_corpus_change(old, new))
     elif meta.get("text_sha256") not in (None, text_sha256):
         differing.append(f"the text of {new[1]} (sha256 {meta['text_sha256'][:12]}… -> "
                          f"{text_sha256[:12]}…)")
@@ -87,6 +88,90 @@ def check_resumable(meta: dict, config, text_sha256: str) -> None:
         raise CheckpointError(
             "the workdir's checkpoint was trained with a different config: "
             + ", ".join(differing) + f" ({_ELSEWHERE})")
+
+
+def _corpus_change(old: tuple[str, str], new: tuple[str, str]) -> str:
+    """``data.path 'a' -> 'b'`` between two :func:`corpus_of` values."""
+    return (f"{new[0]} {old[1]!r} -> {new[1]!r}" if old[0] == new[0] else
+            f"{old[0]}={old[1]!r} -> {new[0]}={new[1]!r}")
+
+
+def check_workdir(workdir: str, config) -> None:
+    """Before training writes anything: refuse a workdir whose records it would lose.
+
+    Its run files must be of the right kind (:func:`workdir.check_run_files`). A
+    workdir with records in metrics.jsonl (and their TensorBoard events) but no
+    checkpoint cannot be resumed, and starting at step 0 would overwrite them:
+    refused (``--fresh`` sets them aside), unless they are this run's own, cut
+    short before its first checkpoint: config.json is this config (the fields a
+    resume checks) and no record lies past step 2·checkpoint_every (saves are
+    asynchronous: the steps after the first save run while it is written, and
+    the second save waits for it).
+    """
+    workdir_lib.check_run_files(workdir)
+    ckpt = Checkpointer(workdir, create=False)
+    try:
+        if ckpt.all_steps():
+            return
+    finally:
+        ckpt.close()
+    if not _record_steps(os.path.join(workdir, "metrics.jsonl")):
+        return  # a launch that failed before its first record: nothing to lose
+    present = _records(workdir)
+    reason = _not_cut_short(workdir, config)
+    if reason:
+        raise CheckpointError(
+            f"workdir {workdir} holds the records of a run ({', '.join(present)}) but no "
+            f"checkpoint in {ckpt.directory}, and {reason}: starting at step 0 would overwrite "
+            "them; put the checkpoints back to resume, --fresh to set the records aside, or "
+            "use another --workdir")
+
+
+def _records(workdir: str) -> list[str]:
+    """What a run has written into ``workdir`` besides checkpoints, as short phrases."""
+    present = []
+    path = os.path.join(workdir, "metrics.jsonl")
+    steps = _record_steps(path)
+    if steps:
+        present.append(f"metrics.jsonl up to step {max(steps)}")
+    for name in ("config.json", "launches.jsonl"):
+        if os.path.isfile(os.path.join(workdir, name)):
+            present.append(name)
+    events = os.path.join(workdir, "tensorboard")
+    if os.path.isdir(events) and any(files for _, _, files in os.walk(events)):
+        present.append("tensorboard/")
+    return present
+
+
+def _record_steps(path: str) -> list[int]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb") as f:
+        return [s for s in map(metrics.step_of, f) if isinstance(s, int)]
+
+
+def _not_cut_short(workdir: str, config) -> str | None:
+    """Why the records are not this run's, stopped before its first checkpoint; None if they are."""
+    steps = _record_steps(os.path.join(workdir, "metrics.jsonl"))
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):  # written before the first record: a kill came before it
+        return "its config.json is missing" if steps else None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return "its config.json cannot be read"
+    current = config.to_dict()
+    differing = differences(saved, current, _SHAPE_FIELDS + _SAME_RUN_FIELDS)
+    if corpus_of(saved) != corpus_of(current):
+        differing.append(_corpus_change(corpus_of(saved), corpus_of(current)))
+    if differing:
+        return f"its config.json is another run's ({', '.join(differing)})"
+    every = _field(saved, "train.checkpoint_every")
+    if steps and isinstance(every, int) and max(steps) > 2 * every:
+        return (f"its records reach step {max(steps)}, past its first checkpoints (every "
+                f"{every} steps)")
+    return None
 
 
 def encode_resumed(vocab, text: str, checkpoint_dir: str | None) -> np.ndarray:
@@ -122,7 +207,16 @@ class RunStart:
     def find(cls, ckpt: Checkpointer, config, text: str, init_from: str | None = None,
              init_step: int | None = None) -> "RunStart":
         """Resume from ``ckpt``'s latest checkpoint if any (it must be the same run),
-        else start from ``init_from``'s weights if given, else from scratch."""
+        else start from ``init_from``'s weights if given, else from scratch. A failure
+        leaves no ``checkpoints/`` that this launch created."""
+        try:
+            return cls._find(ckpt, config, text, init_from, init_step)
+        except Exception:
+            ckpt.remove_if_unused()
+            raise
+
+    @classmethod
+    def _find(cls, ckpt: Checkpointer, config, text: str, init_from, init_step) -> "RunStart":
         sha = data.text_sha256(text)
         latest = ckpt.latest_step()
         if latest is not None:
@@ -187,6 +281,26 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "raw")
     ``weights``: "raw" the trained parameters; "ema" the averaged ones (an error
     when the run kept none, optim.ema_decay = 0); "auto" the averaged ones when kept.
     """
+    return _load(workdir, step, weights)[:5]
+
+
+def _load(workdir: str, step: int | None, weights: str, attempts: int = 5):
+    """:func:`load_checkpoint`'s tuple and the checkpoint's metadata.
+
+    The latest checkpoint may be removed while it is read, when a training run
+    still writing the workdir saves a newer one and rotates: then the newest is
+    read instead (up to ``attempts`` times). A checkpoint named by ``step`` is not
+    replaced by another: its removal is an error that says what happened.
+    """
+    for attempt in range(attempts):
+        try:
+            return _load_once(workdir, step, weights)
+        except CheckpointGone:
+            if step is not None or attempt == attempts - 1:
+                raise
+
+
+def _load_once(workdir: str, step: int | None, weights: str):
     if weights not in WEIGHTS:
         raise CheckpointError(f"unknown --weights={weights!r}; choose from {', '.join(WEIGHTS)}")
     ckpt = Checkpointer(workdir, create=False)
@@ -212,17 +326,38 @@ def load_checkpoint(workdir: str, step: int | None = None, weights: str = "raw")
     finally:
         ckpt.close()
     params = state.params if weights == "raw" or not has_ema else state.ema
-    return config, vocab, model, params, step
+    return config, vocab, model, params, step, meta
 
 
-def evaluate_workdir(workdir: str, step: int | None = None, weights: str = "auto") -> dict:
+def _eval_text(config, meta: dict, step: int, changed_text: bool) -> str:
+    """The text the checkpoint was trained on, read again; a changed one (its sha256
+    differs from the checkpoint's) is an error unless ``changed_text`` (then said)."""
+    text = data.load_corpus(config.data)
+    saved, now = meta.get("text_sha256"), data.text_sha256(text)
+    if saved in (None, now):  # None: a checkpoint from before the hash was kept
+        return text
+    name = corpus_of(config.to_dict())[1]
+    hashes = f"sha256 {saved[:12]}… when trained, {now[:12]}… now"
+    if not changed_text:
+        raise CheckpointError(
+            f"the text of {name} changed since checkpoint {step} was trained on it ({hashes}); "
+            "put the original text back, or pass --changed_text to evaluate on the new one")
+    print(f"step {step} | evaluating on a changed text: {name} ({hashes})", flush=True)
+    return text
+
+
+def evaluate_workdir(workdir: str, step: int | None = None, weights: str = "auto",
+                     changed_text: bool = False) -> dict:
     """Val and test loss (nats/char) and bpc of a workdir's checkpoint ``step``
-    (default: the latest) with ``weights`` (see :func:`load_checkpoint`); printed."""
-    config, vocab, model, params, step = load_checkpoint(workdir, step, weights)
+    (default: the latest) with ``weights`` (see :func:`load_checkpoint`); printed.
+
+    The text is read again from the checkpoint's data.path (or data.name); one whose
+    sha256 is not the checkpoint's is refused unless ``changed_text``."""
+    config, vocab, model, params, step, meta = _load(workdir, step, weights)
     if weights == "auto":
         weights = "ema" if config.optim.ema_decay > 0 else "raw"
     print(f"step {step} | {'averaged' if weights == 'ema' else 'raw'} weights", flush=True)
-    text = data.load_corpus(config.data)
+    text = _eval_text(config, meta, step, changed_text)
     _, val_ids, test_ids = data.split(vocab.encode(text), config.data.val_fraction,
                                       config.data.test_fraction)
     eval_fn = step_lib.make_eval_step(model)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from charrnn import config as config_lib
-from charrnn import data, diagnostics, models, optim, parallel, restore, runinfo
+from charrnn import data, diagnostics, memory, models, optim, parallel, restore, runinfo
 from charrnn import step as step_lib
 from charrnn import workdir as workdir_lib
 from charrnn.checkpoint import Checkpointer, decode_step_metrics, encode_step_metrics
@@ -77,7 +77,9 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, launch: dic
     text = data.load_corpus(config.data)
     num_train, _, _ = data.split_sizes(len(text), config.data.val_fraction,
                                        config.data.test_fraction)
-    data.check_fits_one_window(num_train, config.train.batch_size, config.train.seq_len)
+    data.check_fits_one_window(num_train, config.train.batch_size, config.train.seq_len,
+                               text_chars=len(text))
+    memory.check_training_fits(config, vocab_size=len(set(text)))
     main = jax.process_index() == 0  # process 0 alone writes the (shared) workdir
     with workdir_lib.WorkdirLock(workdir) if main else contextlib.nullcontext():
         if fresh and main:
@@ -101,6 +103,7 @@ def _with_absolute_path(config):
 
 def _train_and_evaluate(config, workdir: str, text: str, launch: dict, init) -> dict:
     os.makedirs(workdir, exist_ok=True)
+    restore.check_workdir(workdir, config)  # records without a checkpoint are refused
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     start = restore.RunStart.find(ckpt, config, text, *init)
     train_ids, val_ids, test_ids = data.split(start.ids, config.data.val_fraction,
@@ -125,7 +128,7 @@ def _train_and_evaluate(config, workdir: str, text: str, launch: dict, init) -> 
     # Records past the checkpoint (or all, with none: a run killed before its first
     # save) are rewritten identically by the steps that follow.
     writer.truncate_after(start.step)
-    if dp.is_main:
+    if dp.is_main and start.step < config.train.num_steps:  # else: only "already trained"
         saved = json.loads(config.to_json_best_effort())
         if start.init_from:
             saved["init_from"] = start.init_from

@@ -75,9 +75,18 @@ def test_too_short_a_text_fails_before_the_workdir_is_touched(smoke_config, tmp_
     workdir, corpus = str(tmp_path / "run"), tmp_path / "short.txt"
     corpus.write_text("To be, or not to be: that is the question.\n")  # 43 chars < 4*16+1
     smoke_config.data.path = str(corpus)
-    with pytest.raises(data.DataError, match="the text has 35 characters"):  # 43 - 4 - 4
+    with pytest.raises(data.DataError, match="the training split has 35 of the text's 43 "
+                                                  "characters"):  # 43 - 4 - 4
         train.train_and_evaluate(smoke_config, workdir)
     assert not os.path.exists(workdir)
+
+
+# The text of the workdir "edited" when it was trained, and after it was edited.
+EDITED = (_SPEECH * 15, _SPEECH * 15 + _SPEECH[:100])
+
+
+def _sha(text):
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _catalogue(d, corpus, trained):
@@ -90,7 +99,8 @@ def _catalogue(d, corpus, trained):
         ("directory as data file", data_path(d), f"data path {d} is a directory"),
         ("empty file", data_path(f"{d}/empty.txt"), f"data file {d}/empty.txt is empty"),
         ("shorter than a window", data_path(f"{d}/short.txt"),
-         "the text has 9 characters but batch_size*seq_len+1 = 65 are needed"),
+         "the training split has 9 of the text's 11 characters but batch_size*seq_len+1 = 65 "
+         "are needed"),
         ("not utf-8", data_path(f"{d}/latin1.txt"),
          f"data file {d}/latin1.txt is not valid utf-8 at byte offset 3; pass its encoding "
          "with --config.data.encoding=..."),
@@ -162,6 +172,15 @@ def _catalogue(d, corpus, trained):
         ("resume on a changed text", [f"--workdir={d}/edited", f"--config={SMOKE}",
                                       f"--config.data.path={d}/edited.txt"],
          f"a different config: the text of {d}/edited.txt (sha256 "),
+        ("eval on a changed text", [f"--workdir={d}/edited", "--mode=eval"],
+         f"the text of {d}/edited.txt changed since checkpoint 10 was trained on it (sha256 "
+         f"{_sha(EDITED[0])[:12]}… when trained, {_sha(EDITED[1])[:12]}… now); put the original "
+         "text back, or pass --changed_text to evaluate on the new one"),
+        ("--changed_text with sample", [f"--workdir={d}/edited", "--mode=sample",
+                                        "--changed_text"],
+         "--changed_text lets --mode=eval read a changed text; it means nothing with "
+         "--mode=sample"),
+        *_records_without_checkpoint_cases(d, smoke),
         ("fine-tune another model", [f"--workdir={d}/new", f"--init_from={trained}"] + smoke
          + ["--config.model.hidden_size=64"],
          f"--init_from={trained}: its model differs from this config's: model.hidden_size "
@@ -217,10 +236,89 @@ def _catalogue(d, corpus, trained):
          "unknown config variant 'bogus'"),
         ("missing config file", [f"--workdir={d}/new", f"--config={d}/nope.py"],
          f"cannot load --config={d}/nope.py: [Errno 2] No such file or directory"),
+        ("config file not Python", [f"--workdir={d}/new", f"--config={d}/config.yaml"],
+         f"cannot run --config={d}/config.yaml: NameError: name 'world' is not defined (line 1); "
+         "a config file is Python that defines get_config()"),
+        ("config file that raises", [f"--workdir={d}/new", f"--config={d}/raising.py:small"],
+         f"cannot run --config={d}/raising.py:small: RuntimeError: no variant 'small' (line 2)"),
+        ("config file without get_config", [f"--workdir={d}/new", f"--config={d}/noget.py"],
+         f"cannot run --config={d}/noget.py: it defines no get_config()"),
+        ("sample longer than memory", [f"--workdir={trained}", "--mode=sample",
+                                       f"--length={10**12}"],
+         "sampling --length=1000000000000 --num_samples=1 needs at least 28,000.0 GB but "),
+        ("more samples than memory", [f"--workdir={trained}", "--mode=sample",
+                                      f"--num_samples={10**9}"],
+         "sampling --length=500 --num_samples=1000000000 needs at least 10,000.0 GB but "),
+        ("model wider than memory", work + smoke + ["--config.model.hidden_size=100000"],
+         "training with model.cell=lstm, model.hidden_size=100000, model.num_layers=1, "
+         "model.embed_dim=16, train.batch_size=4, train.seq_len=16 (parameters, gradients and "
+         "optimizer state) needs at least 640.2 GB but "),
+        ("model deeper than memory", work + smoke + [f"--config.model.num_layers={10**7}"],
+         "model.num_layers=10000000, model.embed_dim=16, train.batch_size=4, train.seq_len=16 "
+         "(parameters, gradients and optimizer state) needs at least 1,331.2 GB but "),
         ("--fresh with eval", [f"--workdir={trained}", "--mode=eval", "--fresh"],
          "--fresh starts a training run again"),
         *_clipping_cases(d, trained, smoke, work),
     ]
+
+
+def _records_without_checkpoint_cases(d, smoke):
+    """Workdirs whose records would be lost or whose run files are not what a run writes."""
+    lost = ("holds the records of a run (metrics.jsonl up to step 20, config.json, "
+            "launches.jsonl, tensorboard/) but no checkpoint in {w}/checkpoints, and its records "
+            "reach step 20, past its first checkpoints (every 5 steps): starting at step 0 would "
+            "overwrite them; put the checkpoints back to resume, --fresh to set the records "
+            "aside, or use another --workdir")
+    return [
+        ("checkpoints deleted", [f"--workdir={d}/emptied"] + smoke,
+         f"error: workdir {d}/emptied " + lost.format(w=f"{d}/emptied")),
+        ("checkpoints directory missing", [f"--workdir={d}/unmounted"] + smoke,
+         f"error: workdir {d}/unmounted " + lost.format(w=f"{d}/unmounted")),
+        ("checkpoints a file", [f"--workdir={d}/ckptfile"] + smoke,
+         f"error: {d}/ckptfile/checkpoints is not a directory; move it away, or --fresh to set "
+         "the run aside"),
+        ("checkpoints a dangling link", [f"--workdir={d}/ckptlink"] + smoke,
+         f"error: {d}/ckptlink/checkpoints is a broken symbolic link (to {d}/gone); restore its "
+         "target, or --fresh to set the run aside"),
+        ("eval where checkpoints is a dangling link", [f"--workdir={d}/ckptlink", "--mode=eval"],
+         f"error: no checkpoint in {d}/ckptlink/checkpoints; train one first"),
+        ("another run where one stopped before its first save",
+         [f"--workdir={d}/early"] + smoke + ["--config.model.hidden_size=64"],
+         "but no checkpoint in {d}/early/checkpoints, and its config.json is another run's "
+         "(model.hidden_size 32 -> 64): starting at step 0".format(d=d)),
+        ("metrics.jsonl a directory", [f"--workdir={d}/metricsdir"] + smoke,
+         f"error: {d}/metricsdir/metrics.jsonl is not a regular file; move it away"),
+        ("launches.jsonl a directory", [f"--workdir={d}/launchesdir"] + smoke,
+         f"error: {d}/launchesdir/launches.jsonl is not a regular file; move it away"),
+        ("a stray file named like a step", [f"--workdir={d}/stray"] + smoke,
+         f"error: {d}/stray/checkpoints/15 is not a checkpoint (those are directories) and a "
+         f"save at step 15 would delete it; move it out of {d}/stray/checkpoints"),
+    ]
+
+
+def _damaged_workdirs(d, trained, config):
+    """The workdirs of :func:`_records_without_checkpoint_cases`, from ``trained`` (10 steps)
+    and a 20-step run of ``config``; all saved every 5 steps."""
+    config.train.num_steps = 20
+    train.train_and_evaluate(config, f"{d}/long")
+    for name in ("emptied", "unmounted", "ckptfile", "ckptlink"):
+        shutil.copytree(f"{d}/long", f"{d}/{name}")
+        shutil.rmtree(f"{d}/{name}/checkpoints")
+    os.makedirs(f"{d}/emptied/checkpoints")
+    with open(f"{d}/ckptfile/checkpoints", "w") as f:
+        f.write("not a directory")
+    os.symlink(f"{d}/gone", f"{d}/ckptlink/checkpoints")
+    for name in ("early", "metricsdir", "launchesdir", "stray"):
+        shutil.copytree(trained, f"{d}/{name}")
+    shutil.rmtree(f"{d}/early/checkpoints")  # as if killed before its first save: no
+    os.makedirs(f"{d}/early/checkpoints")    # record is past step 10 (2 x checkpoint_every)
+    for name in ("metrics.jsonl", "launches.jsonl"):
+        os.remove(f"{d}/{name[:-6]}dir/{name}")
+        os.makedirs(f"{d}/{name[:-6]}dir/{name}")
+    with open(f"{d}/stray/checkpoints/15", "w") as f:
+        f.write("a file someone left here")
+    return ["emptied", "unmounted", "ckptfile", "ckptlink", "early", "metricsdir",
+            "launchesdir", "stray"]
 
 
 def _clipping_cases(d, trained, smoke, work):
@@ -254,12 +352,16 @@ def _clipping_cases(d, trained, smoke, work):
 
 def _tree_digest(path):
     digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
+    for root, dirs, files in sorted(os.walk(path)):  # links are not followed
         dirs.sort()
-        for name in sorted(files):
-            digest.update(os.path.relpath(os.path.join(root, name), path).encode())
-            with open(os.path.join(root, name), "rb") as f:
-                digest.update(f.read())
+        for name in sorted(dirs + files):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, path).encode())
+            if os.path.islink(full):
+                digest.update(os.readlink(full).encode())
+            elif name in files:
+                with open(full, "rb") as f:
+                    digest.update(f.read())
     return digest.hexdigest()
 
 
@@ -274,11 +376,13 @@ def catalogue(tmp_path_factory):
     config = _smoke_config(corpus)
     config.train.num_steps, config.train.checkpoint_every = 10, 5
     train.train_and_evaluate(config, trained)
-    shutil.copyfile(corpus, f"{d}/edited.txt")  # a run whose text is then edited
+    damaged = _damaged_workdirs(d, trained, config.copy_and_resolve_references())
+    with open(f"{d}/edited.txt", "w") as f:  # a run whose text is then edited
+        f.write(EDITED[0])
     config.data.path = f"{d}/edited.txt"
     train.train_and_evaluate(config, f"{d}/edited")
-    with open(f"{d}/edited.txt", "a") as f:
-        f.write(_SPEECH[:100])
+    with open(f"{d}/edited.txt", "w") as f:
+        f.write(EDITED[1])
     for name, damage in (("random", lambda f, n: f.write(os.urandom(n))),
                          ("truncated", lambda f, n: f.truncate(n // 2))):
         shutil.copytree(trained, f"{d}/{name}")  # every file of checkpoint 10 damaged
@@ -288,6 +392,11 @@ def catalogue(tmp_path_factory):
                     damage(f, os.path.getsize(os.path.join(root, file)))
     with open(f"{d}/empty.txt", "w"):
         pass
+    for name, text in (("config.yaml", "hello: world\n"), ("noget.py", "x = 1\n"),
+                       ("raising.py", "def get_config(arg):\n    raise RuntimeError("
+                                      "f'no variant {arg!r}')\n")):
+        with open(f"{d}/{name}", "w") as f:
+            f.write(text)
     with open(f"{d}/short.txt", "w") as f:
         f.write("hello world")
     with open(f"{d}/latin1.txt", "wb") as f:
@@ -295,18 +404,20 @@ def catalogue(tmp_path_factory):
     with open(f"{d}/other.txt", "w") as f:
         f.write(_SPEECH.replace("a", "Z") * 15)
     before = _tree_digest(trained)
-    untouched = {w: _tree_digest(w) for w in (f"{d}/edited", f"{d}/random", f"{d}/truncated")}
+    untouched = {w: _tree_digest(w) for w in (f"{d}/edited", f"{d}/random", f"{d}/truncated",
+                                               *(f"{d}/{name}" for name in damaged))}
     cases = _catalogue(d, corpus, trained)
     fresh = [f"--workdir={trained}", f"--config={SMOKE}", f"--config.data.path={corpus}",
              "--config.model.cell=gru", "--config.train.num_steps=2", "--fresh"]
+    changed = [f"--workdir={d}/edited", "--mode=eval", "--changed_text"]
     out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "launch_forks.py")],
-                         input=json.dumps([args for _, args, _ in cases] + [fresh]),
+                         input=json.dumps([args for _, args, _ in cases] + [fresh, changed]),
                          capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
     return {"results": {case: result for (case, _, _), result in zip(cases, results)},
             "expected": {case: expected for case, _, expected in cases},
-            "fresh": results[-1], "trained": trained, "before": before,
+            "fresh": results[-2], "changed_text": results[-1], "d": d, "trained": trained, "before": before,
             "untouched": {w: (digest, _tree_digest(w)) for w, digest in untouched.items()}}
 
 
@@ -319,6 +430,7 @@ def test_bad_input_gets_one_clear_line(catalogue, case):
     assert result["returncode"] == 1, result
     assert result["stderr"].count("\n") == 1 and "Traceback" not in result["stderr"], result
     assert result["stderr"].startswith("error: ")
+    assert "<bound method" not in result["stderr"]  # no repr of tensorstore's internals
     assert catalogue["expected"][case] in result["stderr"], result["stderr"]
 
 
@@ -332,6 +444,21 @@ def test_fresh_sets_the_old_run_aside_intact(catalogue):
     assert _tree_digest(moved) == catalogue["before"]
     assert _steps(trained) == [2] and _steps(moved) == [5, 10]
     assert [r["step"] for r in metrics.read_metrics(trained) if r["split"] == "train"] == [2]
+
+
+def test_eval_on_a_changed_text_on_purpose_says_so(catalogue):
+    result, d = catalogue["changed_text"], catalogue["d"]
+    assert result["returncode"] == 0 and result["stderr"] == "", result
+    lines = result["stdout"].splitlines()
+    assert lines[1] == (f"step 10 | evaluating on a changed text: {d}/edited.txt (sha256 "
+                        f"{_sha(EDITED[0])[:12]}… when trained, {_sha(EDITED[1])[:12]}… now)")
+    assert re.fullmatch(r"step 10 \| val loss \d\.\d{4} nats/char \| val bpc \d\.\d{4}", lines[2])
+
+
+def test_failed_fine_tuning_launches_leave_no_empty_checkpoints_directory(catalogue):
+    """The --init_from cases above failed in --workdir=D/new after taking its lock."""
+    assert os.path.isdir(f"{catalogue['d']}/new")
+    assert not os.path.exists(f"{catalogue['d']}/new/checkpoints")
 
 
 def test_bad_inputs_left_the_other_workdirs_unchanged(catalogue):
@@ -357,3 +484,18 @@ def test_a_bad_cell_name_gets_one_clear_line(tmp_path):
         assert result["stderr"].count("\n") == 1 and "Traceback" not in result["stderr"], result
         assert result["stderr"].startswith("error: ") and expected in result["stderr"], result
     assert not os.path.exists(f"{tmp_path}/new")
+
+
+def test_an_allocator_failure_is_one_line_naming_the_sizes():
+    """A real one: XLA asked for 4 TB on the CPU. A full disk (tensorstore also says
+    RESOURCE_EXHAUSTED) and other errors pass through."""
+    import jax.numpy as jnp
+    from charrnn import memory
+    with pytest.raises(memory.OutOfMemoryError) as raised:
+        with memory.out_of_memory_is_an_error("--length=5 --num_samples=2"):
+            jnp.zeros((10**12,), jnp.float32).block_until_ready()
+    assert re.fullmatch(r"out of memory with --length=5 --num_samples=2 \(RESOURCE_EXHAUSTED: "
+                        r".*4000000000000 bytes.*\); use smaller sizes", str(raised.value))
+    with pytest.raises(ValueError, match="No space left"):
+        with memory.out_of_memory_is_an_error("x"):
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing: No space left on device")

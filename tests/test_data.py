@@ -51,6 +51,10 @@ def test_encode_names_unknown_characters():
     with pytest.raises(DataError) as info:
         vocab.encode("a\té\tbé")
     assert str(info.value) == "text has characters not in the vocabulary: '\\t', 'é'"
+    with pytest.raises(DataError) as info:  # another script: counted, the first 10 shown
+        vocab.encode("".join(map(chr, range(0x4E00, 0x4E00 + 6000))))
+    assert str(info.value) == ("text has characters not in the vocabulary: 6000 of them, the "
+                               "first 10: " + ", ".join(repr(chr(0x4E00 + i)) for i in range(10)))
 
 
 def test_decode_rejects_out_of_range_ids():

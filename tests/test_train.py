@@ -212,6 +212,26 @@ def test_eval_loss_is_one_streams_whatever_the_batch(smoke_config):
         assert loss(b) == pytest.approx(one, abs=2e-4)
 
 
+def test_evaluation_uses_no_dropout(smoke_config):
+    """A model with dropout and weight drop evaluates exactly as the same parameters with
+    both off: dropout is for training only (eval_step passes no dropout key)."""
+    from conftest import _SPEECH
+    smoke_config.model.num_layers = 2
+    vocab = data.Vocab.from_text(_SPEECH)
+    ids = vocab.encode(_SPEECH)
+    plain = models.CharRNN.from_config(smoke_config.model, vocab.size)
+    smoke_config.model.dropout, smoke_config.model.weight_drop = 0.5, 0.5
+    dropped = models.CharRNN.from_config(smoke_config.model, vocab.size)
+    params = plain.init(jax.random.key(0))
+    loss = lambda m: step_lib.evaluate(step_lib.make_eval_step(m), m, params, ids, 2, 16)["loss"]
+    assert loss(dropped) == loss(plain)
+    # The dropout model does drop when given a key: the equality above is not vacuous.
+    x = ids[None, :16]
+    _, with_key = dropped(params, dropped.initial_carry(1), x, dropout_key=jax.random.key(1))
+    _, without = plain(params, plain.initial_carry(1), x)
+    assert not np.allclose(with_key, without)
+
+
 def test_the_launch_record_names_the_commit_and_says_when_the_code_differs(tmp_path):
     from charrnn import runinfo
     repo = tmp_path / "repo"

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 
@@ -141,7 +140,13 @@ def test_launch_says_what_it_trains_and_what_to_do_next(text_file, tmp_path):
     config_arg = os.path.relpath(f"{REPO}/experiments/configs/default.py", tmp_path) + ":smoke"
     argv = [os.path.join(REPO, "launch.py"), f"--workdir={workdir}", f"--config={config_arg}",
             f"--config.data.path={os.path.basename(text_file)}", "--config.train.num_steps=6"]
-    out = subprocess.run([sys.executable] + argv, capture_output=True, text=True, cwd=tmp_path)
+    # A "python" on PATH that is the same file as this interpreter, as a venv's python
+    # (a symlink) is for the base interpreter, which lacks the venv's packages.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable] + argv, capture_output=True, text=True, cwd=tmp_path,
+                         env=env)
     assert out.returncode == 0, out.stderr
     assert "step 5/6 | loss" in out.stdout and "val bpc" in out.stdout
     lines = out.stdout.splitlines()
@@ -151,15 +156,16 @@ def test_launch_says_what_it_trains_and_what_to_do_next(text_file, tmp_path):
     vocab, n = len(set(text)), len(text)
     params = vocab * 16 + 4 * (16 * 32 + 32 * 32 + 32) + 32 * vocab + vocab
     n_val = round(n * 0.05)  # the smoke config holds out 5% for val and 5% for test
-    assert lines[:5] == [
+    assert lines[:7] == [
         f"charrnn: lstm 1x32 (embedding 16), {params:,} parameters",
         f"  corpus   {text_file}: {n:,} characters, vocabulary {vocab}; "
         f"train/val/test {n - 2 * n_val:,}/{n_val:,}/{n_val:,}",
         "  batch    B x T = 4 x 16, 6 steps",
+        "  optim    adam, learning rate 0.002, constant schedule",
+        "  clipping global_norm, clip_norm=1, clip_at=gradient",
         "  devices  1 x cpu (cpu)",
         f"  workdir  {workdir}"]
-    on_path = shutil.which("python")
-    python = "python" if on_path and os.path.samefile(on_path, sys.executable) else sys.executable
+    python = sys.executable  # the interpreter the run used, not whichever python PATH finds
     assert lines[-4:-1] == [
         f"trained model in {workdir}; next:",
         f"  sample:       {python} {REPO}/launch.py --mode=sample --workdir=run --length=500",
@@ -183,7 +189,11 @@ def test_launch_says_what_it_trains_and_what_to_do_next(text_file, tmp_path):
     evaluate = shlex.split(lines[-2].split(":", 1)[1])
     assert evaluate[-1] == "--workdir=run"
     evaluate[-1] = f"--workdir={workdir}"  # from /, "run" would not name it
-    out = subprocess.run(evaluate, capture_output=True, text=True, cwd="/")
+    # In a fresh shell: no venv on PATH (a bare "python" would find another interpreter).
+    fresh = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/"),
+             **{k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_"))}}
+    out = subprocess.run(["bash", "-c", shlex.join(evaluate)], capture_output=True, text=True,
+                         cwd="/", env=fresh)
     assert out.returncode == 0, out.stderr
     assert "step 6 | val loss" in out.stdout and "test bpc" in out.stdout
 

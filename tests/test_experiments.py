@@ -256,3 +256,29 @@ def test_quality_page_shows_averaged_weights_milestones_and_archived_runs(tmp_pa
                                        [dict(LAUNCH, config_arg=None, argv=[])]), 1.5)
     assert plain["best_ema"] is None
     assert "| 1 | 1.5200 | 2.193 | 1.0 min |" in quality.page([plain], 1.5, "cmd")
+
+
+def test_quality_page_names_the_corpus_not_its_path_and_shows_archived_runs(tmp_path):
+    corpus = tmp_path / "machine" / "corpus.txt"
+    corpus.parent.mkdir()
+    corpus.write_bytes(b"some text\n")
+    sha = hashlib.sha256(b"some text\n").hexdigest()
+    records = [{"step": 1, "split": "val", "loss": 1.45, "bpc": 2.1, "wall_s": 60.0}]
+    config = _config("smoke", data__path=str(corpus))
+    work = _workdir(tmp_path / "live", config, records,
+                    [dict(LAUNCH, config_arg=None, argv=[f"--config.data.path={corpus}"])])
+    run = quality.summarize(work, 1.5)
+    assert run["corpus_sha256"] == sha
+    # The same run's records kept in an archive (its workdir gone), shown like a live run.
+    archive = tmp_path / "archive.json"
+    gone = {k: run[k] for k in ("config", "origin", "launch_records", "val", "launches",
+                                "last_train", "corpus_sha256")}
+    archive.write_text(json.dumps({"runs": [dict(gone, workdir="gone", archived="copied.")]}))
+    runs = [run] + quality.archived_runs(quality.read_archive(str(archive)), 1.5)
+    text = quality.page(runs, 1.5, "cmd", str(archive))
+    assert str(tmp_path) not in text
+    for name in ("live", "gone"):
+        assert (f"| `{name}` | `experiments/configs/default.py:smoke` with "
+                f"`data.path=corpus.txt` | corpus.txt with sha256 {sha[:12]}… (val 5%)") in text
+        assert f"## `{name}`: val curve" in text
+    assert "  - archived: copied.\n" in text and "## Earlier runs" not in text

@@ -88,7 +88,8 @@ def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp
               f"--markdown={out}/QUALITY.md"])
     assert r.returncode == 0, r.stderr[-3000:]
     page = (out / "QUALITY.md").read_text()
-    assert f"`experiments/configs/default.py:smoke` with `data.path={text_file}`" in page
+    assert "`experiments/configs/default.py:smoke` with `data.path=corpus.txt`" in page
+    assert str(tmp_path) not in page and text_file not in page  # no machine path
     assert f"{val[0]['loss']:.4f} at step {val[0]['step']}" in page  # first val <= 100
     assert f"| {val[-1]['step']} | {val[-1]['loss']:.4f} |" in page  # the curve
 

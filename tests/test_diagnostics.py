@@ -147,3 +147,22 @@ def test_spectral_radius_is_the_eigenvalues_not_the_singular_values():
     assert summary["whh_top_singular/1"] == pytest.approx(0.4 * (3 + np.sqrt(10)) / 2, rel=1e-6)
     assert summary["whh_top_singular/0"] == pytest.approx(
         np.sqrt(1.04) * (3 + np.sqrt(10)) / 2, rel=1e-6)  # [W, 0.2W]: σ·√(1 + 0.2²)
+
+
+def test_exploding_gradients_smoke_run_writes_its_outputs(report_smoke):
+    """``report.py --smoke --steps=exploding`` (once per session: conftest.ReportSmoke):
+    the linear RNN's measured slope is ln ρ for every ρ, the tanh RNN stays under the bound."""
+    import csv
+    import json
+    out = report_smoke.step("exploding")
+    result = json.loads((out / "exploding_gradients.json").read_text())
+    assert result["settings"]["hidden_size"] == 16 and result["settings"]["seq_len"] == 20
+    for s in result["slopes"]:
+        assert s["linear_slope"] == pytest.approx(np.log(s["rho"]), abs=1e-5)
+        assert s["tanh_max_over_bound"] <= 1 + 1e-5
+    with open(out / "jacobian_norms.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(result["slopes"]) * 2 * 20  # ρ × (linear, tanh) × k = 1..T
+    assert (out / "jacobian_slopes.md").read_text() == result["markdown"]
+    assert (out / "jacobian_norms.png").stat().st_size > 1000
+    assert (out / "jacobian_slopes.csv").is_file()

@@ -1,6 +1,6 @@
-"""The clip ablation's one-run-per-process mode, and the quality page on synthetic
-workdirs, in process. The report's end-to-end smoke run: test_report_smoke.py (a file of
-its own, so that the test runner's two workers share the slow files)."""
+"""The clip ablation's smoke run and its one-run-per-process mode, the smoke language
+model's quality page, and the quality page on synthetic workdirs, in process. The report
+page rendered from every experiment's smoke outputs: test_report_smoke.py."""
 
 import hashlib
 import json
@@ -38,6 +38,39 @@ def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
     bad = _run(base + ["--devices=-1"])
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --devices must be >= 0, got -1"
+
+
+def test_clip_ablation_smoke_run_writes_its_outputs(report_smoke):
+    """``report.py --smoke --steps=ablation`` (clip_ablation.py --smoke; once per session)."""
+    from experiments.configs import clip_ablation
+    out = report_smoke.step("ablation")
+    for name in ["clip_ablation.csv", "clip_ablation.md", "val_bpc_vs_threshold.png",
+                 "loss_curves.png", "grad_norm_traces.png", "threshold_in_force.png",
+                 "plateau.json", "clip_ablation.json"]:
+        assert (out / name).is_file(), name
+    s = clip_ablation.get_config("smoke").sweep
+    runs = len(s.optimizers) * len(s.cells) * len(s.seeds) * sum(
+        1 if r == "none" else len(s.strengths[r]) for r in s.rules)
+    assert len((out / "clip_ablation.csv").read_text().splitlines()) == 1 + runs
+
+
+def test_the_smoke_language_model_and_its_quality_page(report_smoke, tmp_path):
+    """``report.py --smoke --steps=lm`` (launch.py with the smoke config; once per session),
+    then the quality page from its workdir alone."""
+    lm = report_smoke.step("lm")
+    assert (lm / "launches.jsonl").is_file()  # written by the launch itself
+    # the smoke config checkpoints every 10 of its 20 steps: 10 and 20, no other
+    assert sorted(os.listdir(lm / "checkpoints"), key=int) == ["10", "20"]
+    val = [json.loads(l) for l in (lm / "metrics.jsonl").read_text().splitlines()
+           if json.loads(l)["split"] == "val"]
+    r = _run(["experiments/pages/quality.py", f"--workdirs={lm}", "--threshold=100",
+              f"--markdown={tmp_path}/QUALITY.md"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    page = (tmp_path / "QUALITY.md").read_text()
+    assert "`experiments/configs/default.py:smoke` with `data.path=corpus.txt`" in page
+    assert str(report_smoke.root) not in page  # the corpus by name, not by machine path
+    assert f"{val[0]['loss']:.4f} at step {val[0]['step']}" in page  # first val <= 100
+    assert f"| {val[-1]['step']} | {val[-1]['loss']:.4f} |" in page  # the curve
 
 
 def _workdir(path, config, records, launches=None):

@@ -1,18 +1,18 @@
-"""The report pipeline end to end, tiny settings, as separate processes.
+"""The report page rendered from the smoke outputs of every experiment.
 
-``report.py --smoke`` runs exploding_gradients.py, launch.py, clip_ablation.py,
-bench_sweep.py, cliff.py and smoothness.py with ``--smoke`` and writes the report, so
-every script's outputs are checked in one run; then quality.py on the smoke language
-model's workdir. The slowest test of the suite: alone in its file, so that pytest-xdist
-(``--dist loadfile``) gives the other worker the other slow files.
+Each step of ``report.py --smoke`` (exploding_gradients.py, launch.py, clip_ablation.py,
+bench_sweep.py, cliff.py, smoothness.py) runs once per test session into a workdir the
+workers share (conftest.ReportSmoke) and is checked in its own test module:
+test_diagnostics.py (exploding), test_experiments.py (ablation; the language model and its
+quality page), test_perf.py (bench), test_cliff.py, test_smoothness.py. Here
+``report.py --smoke --reuse`` renders the page from those outputs.
 """
 
 import hashlib
-import json
 import os
 import re
 
-from conftest import REPO
+from conftest import REPO, ReportSmoke
 from test_experiments import _run
 
 
@@ -29,31 +29,21 @@ def _tree_digest(*paths) -> str:
     return h.hexdigest()
 
 
-def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp_path):
-    out, work = tmp_path / "out", tmp_path / "work"
+def test_report_smoke_renders_every_experiment(report_smoke: ReportSmoke, tmp_path):
+    # The steps the other modules have not run yet, smoothness (the last module) first.
+    for step in ("smoothness", "bench", "cliff", "exploding", "ablation", "lm"):
+        report_smoke.step(step)
+    out = tmp_path / "out"
     committed = [os.path.join(REPO, "REPORT.md"), os.path.join(REPO, "report")]
     before = _tree_digest(*committed)
-    r = _run(["experiments/pages/report.py", "--smoke", f"--outdir={out}",
-              f"--workdir={work}", f"--data_path={text_file}"])
+    r = _run(["experiments/pages/report.py", "--smoke", "--reuse", f"--outdir={out}",
+              f"--workdir={report_smoke.root}", f"--data_path={report_smoke.corpus}"])
     assert r.returncode == 0, r.stderr[-3000:]
+    ran = [line for line in r.stdout.splitlines() if re.fullmatch(r".+: \d+ s", line)]
+    assert ran == []  # --reuse: every step's output was there, none ran again
     # A smoke run writes its page beside its figures; the committed page stays as it was.
     assert _tree_digest(*committed) == before
     assert sorted(p.name for p in out.glob("*.md")) == ["REPORT.md"]
-    for path in ["exploding/jacobian_slopes.md", "exploding/jacobian_norms.csv",
-                 "exploding/jacobian_norms.png", "ablation/clip_ablation.csv",
-                 "ablation/clip_ablation.md", "ablation/val_bpc_vs_threshold.png",
-                 "ablation/loss_curves.png", "ablation/grad_norm_traces.png",
-                 "ablation/threshold_in_force.png", "ablation/plateau.json",
-                 "bench/bench_sweep.json", "lm/metrics.jsonl", "cliff/cliff.json",
-                 "cliff/cliff.png", "smoothness/smoothness.json", "smoothness/smoothness.png"]:
-        assert (work / path).is_file(), path
-    # the studies' outputs, checked where they are made once (their own test modules)
-    import test_cliff
-    import test_smoothness
-    test_cliff.check_smoke_outputs(work / "cliff")
-    test_smoothness.check_smoke_outputs(work / "smoothness")
-    bench = json.loads((work / "bench" / "bench_sweep.json").read_text())
-    assert set(bench["ratio"]) == {"1", "2", "0"} and all(v > 0 for v in bench["ratio"].values())
 
     report = (out / "REPORT.md").read_text()
     for heading in ["## 1. Exploding gradients", "### 1.2 The L2-norm clipping algorithm",
@@ -70,18 +60,17 @@ def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp
     assert "clipped, clip_state = clip.update(grads" in report
     assert "`train/clip_cosine`" in report and "`val/whh_spectral_radius/0`" in report
     assert "```text\n" in report  # the sample
-    assert str(tmp_path) not in report  # corpus and workdirs by name, not by machine path
+    # corpus and workdirs by name, not by machine path
+    assert str(report_smoke.root) not in report and str(tmp_path) not in report
 
-    # The quality page of the smoke training run, from its workdir alone.
-    lm = work / "lm"
-    assert (lm / "launches.jsonl").is_file()  # written by the launch itself
-    val = [json.loads(l) for l in (lm / "metrics.jsonl").read_text().splitlines()
-           if json.loads(l)["split"] == "val"]
-    r = _run(["experiments/pages/quality.py", f"--workdirs={lm}", "--threshold=100",
-              f"--markdown={out}/QUALITY.md"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    page = (out / "QUALITY.md").read_text()
-    assert "`experiments/configs/default.py:smoke` with `data.path=corpus.txt`" in page
-    assert str(tmp_path) not in page and text_file not in page  # no machine path
-    assert f"{val[0]['loss']:.4f} at step {val[0]['step']}" in page  # first val <= 100
-    assert f"| {val[-1]['step']} | {val[-1]['loss']:.4f} |" in page  # the curve
+
+def test_report_steps_refuses_an_unknown_step_in_one_line(tmp_path):
+    r = _run(["experiments/pages/report.py", "--smoke", f"--workdir={tmp_path}",
+              "--steps=cliff,nope"])
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --steps: unknown nope; choose from exploding, lm, ablation, bench, cliff, "
+        "smoothness"]
+    assert os.listdir(tmp_path) == []  # nothing ran
+    r = _run(["experiments/pages/report.py", "--smoke", "--steps=cliff"])
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --steps needs --workdir (where a later --reuse run finds them)"]

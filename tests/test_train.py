@@ -51,6 +51,20 @@ def test_reported_norms_are_before_and_after_the_clip(smoke_config):
     assert bool(m["clipped"])
 
 
+def test_an_epoch_start_resets_the_carried_state(smoke_config):
+    """A window with ``reset`` (an epoch's first) starts from the zero state whatever the
+    state carries; any other window starts from the carried state."""
+    _, state, step_fn = _setup(smoke_config)
+    copy = lambda s: jax.tree.map(jnp.array, s)  # the step donates its state
+    carried = state.replace(carry=jax.tree.map(lambda c: jnp.full_like(c, 0.5), state.carry))
+    batch, key = _batch(smoke_config), jax.random.key(0)
+    _, from_zero = step_fn(copy(state), batch, key)
+    _, reset = step_fn(copy(carried), batch, key)
+    _, kept = step_fn(copy(carried), dict(batch, reset=np.bool_(False)), key)
+    assert float(reset["loss"]) == float(from_zero["loss"])
+    assert abs(float(kept["loss"]) - float(from_zero["loss"])) > 1e-4
+
+
 def test_a_nonfinite_step_changes_nothing_and_is_counted(smoke_config):
     smoke_config.model.cell, smoke_config.optim.clip_mode = "rnn", "none"
     smoke_config.optim.ema_decay = 0.5  # the averaged weights must not move either
@@ -101,6 +115,8 @@ def test_train_resumes_from_its_checkpoint(smoke_config, tmp_path):
     records = metrics.read_metrics(workdir)
     train_steps = [r["step"] for r in records if r["split"] == "train"]
     assert train_steps == [5, 10, 15, 20]  # continued from 10, not from 0
+    # checkpoint_every 10: steps 10 and 20, no other (an off-by-one would add 9 or 11, 19)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["10", "20"]
     val = [r for r in records if r["split"] == "val"]
     assert {"whh_spectral_radius/0", "whh_top_singular/0"} <= set(val[-1])
     config, vocab, _, params, step = restore.load_checkpoint(workdir)

@@ -230,6 +230,22 @@ def page(runs: list[dict], threshold: float, command: str, archive: str | None =
     return "\n".join(lines) + "\n"
 
 
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_PATH_FLAGS = ("--workdirs=", "--archive=", "--markdown=")
+
+
+def _repo_paths(arg: str) -> str:
+    """A path flag as the page prints it: each path relative to the repository, or by its
+    base name where it lies outside (a machine's path says nothing to a reader)."""
+    flag = next((f for f in _PATH_FLAGS if arg.startswith(f)), None)
+    if flag is None:
+        return arg
+    def shown(path):
+        rel = os.path.relpath(os.path.abspath(path), _REPO)
+        return os.path.basename(os.path.normpath(path)) if rel.startswith(os.pardir) else rel
+    return flag + ",".join(shown(p) for p in arg[len(flag):].split(","))
+
+
 def main(argv):
     cli.start(argv)
     if not _WORKDIRS.value and not _ARCHIVE.value:
@@ -242,8 +258,8 @@ def main(argv):
             print(f"error: {w}: {e}", file=sys.stderr)
             sys.exit(1)
     runs += archived_runs(read_archive(_ARCHIVE.value), _THRESHOLD.value)
-    command = ("python experiments/pages/quality.py "
-               + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    command = "python experiments/pages/quality.py " + " ".join(
+        shlex.quote(_repo_paths(a)) for a in sys.argv[1:])
     notes = dict(n.split("=", 1) for n in _NOTES.value if "=" in n)
     text = page(runs, _THRESHOLD.value, command, _ARCHIVE.value, notes)
     if _MARKDOWN.value:

@@ -31,10 +31,10 @@ def records_by_rule(tmp_path_factory):
         config = default.get_config("smoke")
         config.data.path = str(root / "corpus.txt")
         config.model.cell, config.model.hidden_size = "rnn", 8
-        config.train.num_steps, config.train.log_every = 6, 2
-        config.train.eval_every = config.train.checkpoint_every = 6
+        config.train.num_steps, config.train.log_every = 4, 2
+        config.train.eval_every = config.train.checkpoint_every = 4
         config.train.eval_batch_size = 8
-        config.optim.clip_mode, config.optim.zclip_warmup = rule, 3
+        config.optim.clip_mode, config.optim.zclip_warmup = rule, 2
         config.optim.ema_decay = 0.9 if rule == "global_norm" else 0.0  # ema_loss fields too
         workdir = str(root / rule)
         train.train_and_evaluate(config, workdir)
@@ -57,7 +57,7 @@ def test_every_field_has_one_json_type_in_every_record_of_every_rule(records_by_
              for k, v in r.items() if v is None}
     assert nulls == {("none", "clip_threshold"), ("zclip", "clip_threshold")}
     zclip = [r["clip_threshold"] for r in records_by_rule["zclip"] if r["split"] == "train"]
-    assert zclip[0] is None and isinstance(zclip[-1], float)  # warm-up (3 steps), then a level
+    assert zclip[0] is None and isinstance(zclip[-1], float)  # warm-up (2 steps), then a level
 
 
 def test_every_field_is_in_the_readme_table(records_by_rule):

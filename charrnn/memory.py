@@ -35,6 +35,8 @@ def train_bytes(config, vocab_size: int) -> int:
     in = E for the first layer and H above it (G: the cell's gates).
     """
     from charrnn import cells
+    from charrnn import config as config_lib
+    config = config_lib.upgrade(config)
     m = config.model
     hidden, layers, embed = int(m.hidden_size), int(m.num_layers), int(m.embed_dim)
     gates = cells.get(m.cell).num_gates
@@ -42,8 +44,8 @@ def train_bytes(config, vocab_size: int) -> int:
               + gates * hidden * (embed + hidden + 1)
               + (layers - 1) * gates * hidden * (2 * hidden + 1))
     optim = config.optim
-    slots = {"adam": 2, "adamw": 2}.get(optim.name, 1 if optim.get("momentum") else 0)
-    copies = 2 + slots + (1 if optim.get("ema_decay") else 0)  # params, grads, slots, ema
+    slots = {"adam": 2, "adamw": 2}.get(optim.name, 1 if optim.momentum else 0)
+    copies = 2 + slots + (1 if optim.ema_decay else 0)  # params, grads, slots, ema
     return F32 * params * copies
 
 

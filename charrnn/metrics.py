@@ -70,7 +70,7 @@ class MetricWriter:
             return
         record = {k: _json_value(v) for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON
         if self._tb is None:  # created here, after truncate_after has set the purge step
             import tensorboardX  # imported lazily: only the writing process needs it
             self._tb = tensorboardX.SummaryWriter(self.events, purge_step=self._purge_step,
@@ -102,9 +102,15 @@ def step_of(line: str | bytes) -> int | None:
 
 
 def _json_value(v):
-    """Python scalars for JSON; non-finite floats as strings ("nan", "inf")."""
+    """Python scalars for strict JSON; a non-finite float (NaN, ±inf) as null.
+
+    So every field keeps one JSON type (a number field is a number or null; README, "What a
+    run writes", says what null means for each): ``clip_threshold`` is null when no
+    threshold was in force (rule none, zclip's warm-up), a loss or norm when a step of the
+    record was not finite.
+    """
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
+        return None
     return v

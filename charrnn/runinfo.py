@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -54,6 +53,13 @@ def header(config, workdir: str, *, params, text_chars: int, vocab_size: int, sp
         f"  corpus   {corpus}: {text_chars:,} characters, vocabulary {vocab_size}; "
         f"train/val/test {n_train:,}/{n_val:,}/{n_test:,}",
         f"  batch    B x T = {t.batch_size} x {t.seq_len}, {t.num_steps:,} steps",
+        f"  optim    {_optimizer(config.optim)}",
+        f"  clipping {_clipping(config.optim)}",
+    ]
+    if config.optim.get("ema_decay", 0.0) > 0:
+        lines.append(f"  ema      averaged weights, decay {config.optim.ema_decay:g} "
+                     "(eval and sampling use them)")
+    lines += [
         f"  devices  {len(devices)} x {', '.join(kinds)} ({devices[0].platform})",
         f"  workdir  {os.path.abspath(workdir)}",
     ]
@@ -64,13 +70,40 @@ def header(config, workdir: str, *, params, text_chars: int, vocab_size: int, sp
     return "\n".join(lines)
 
 
+def _optimizer(o) -> str:
+    """``adamw (weight decay 0.1), learning rate 0.002, cosine schedule (...)``."""
+    name = o.name + (f" (weight decay {o.weight_decay:g})" if o.name == "adamw" else "")
+    name += f" (momentum {o.momentum:g})" if o.name == "sgd" and o.get("momentum", 0) else ""
+    schedule = f"{o.schedule} schedule"
+    if o.schedule == "cosine":
+        schedule += (f" (warm-up {o.warmup_steps} steps, decay to "
+                     f"{o.final_lr_fraction:g} x the learning rate)")
+    return f"{name}, learning rate {o.learning_rate:g}, {schedule}"
+
+
+def _clipping(o) -> str:
+    """The rule, its strength and settings (from its registry entry), and where it acts."""
+    from charrnn import clipping
+    rule = clipping.get(o.clip_mode)
+    if rule.strength is None:
+        return f"{rule.name} (no clipping)"  # no strength, and nowhere to act
+    settings = ", ".join(f"{s.field}={o.get(s.field, s.default):g}" for s in rule.settings)
+    strength = o.get(rule.strength.field, rule.strength.default)
+    return (f"{rule.name}, {rule.strength.field}={strength:g}"
+            + (f" ({settings})" if settings else "") + f", clip_at={o.get('clip_at', 'gradient')}")
+
+
 def next_commands(workdir: str, launcher: str) -> str:
     """The commands to sample from, evaluate and view the run in ``workdir``.
 
-    ``launcher``: the path of launch.py; both paths are written as they work from
-    the current directory.
+    ``launcher``: the path of launch.py. The interpreter, launch.py and the workdir
+    are written as paths that work from the current directory, in a fresh shell.
     """
-    python = "python" if _same_file(shutil.which("python"), sys.executable) else sys.executable
+    # The interpreter this run used (sys.executable, symlinks not resolved): a venv's
+    # python is a symlink to the base interpreter, so a bare ``python`` on PATH can be
+    # the same file and still run without the venv's packages.
+    python = _short(sys.executable)
+    python = python if os.sep in python else os.path.join(os.curdir, python)
     launch = f"{shlex.quote(python)} {shlex.quote(_short(launcher))}"
     work = shlex.quote(_short(workdir))
     tb = shlex.quote(os.path.join(_short(workdir), "tensorboard"))

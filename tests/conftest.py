@@ -61,3 +61,57 @@ def _fast_and_one_autodiff():
 
 
 FAST_AND_ONE_AUTODIFF = _fast_and_one_autodiff()
+
+
+class ReportSmoke:
+    """The report's smoke workdir, shared by the test session's workers.
+
+    ``step(name)`` runs ``report.py --smoke --steps=NAME`` into it once, on whichever worker
+    asks first (the others wait for it), and returns the step's directory: each experiment's
+    own test module checks its outputs, and test_report_smoke.py renders the page from all of
+    them (``--reuse``), so every step runs once per session and the workers share them.
+    """
+
+    def __init__(self, root):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.corpus = root / "corpus.txt"
+        if not self.corpus.exists():  # the same bytes from every worker: a race is harmless
+            tmp = root / f"corpus.{os.getpid()}"
+            tmp.write_text(_SPEECH * 15)
+            os.replace(tmp, self.corpus)
+
+    def step(self, name: str, timeout: float = 1200.0):
+        import subprocess
+        import sys
+        import time
+        done, failed = self.root / f"{name}.done", self.root / f"{name}.failed"
+        try:
+            os.close(os.open(self.root / f"{name}.lock", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:  # another worker runs it: wait for its verdict
+            deadline = time.monotonic() + timeout
+            while not (done.exists() or failed.exists()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        else:
+            ok, message = False, "interrupted"
+            try:
+                r = subprocess.run(
+                    [sys.executable, "experiments/pages/report.py", "--smoke",
+                     f"--workdir={self.root}", f"--data_path={self.corpus}", f"--steps={name}"],
+                    cwd=REPO, capture_output=True, text=True)
+                ok, message = r.returncode == 0, r.stderr[-3000:]
+            finally:  # a verdict even when interrupted: the other workers wait for one
+                (done if ok else failed).write_text(message)
+        if failed.exists():
+            pytest.fail(f"report.py --smoke --steps={name} failed:\n{failed.read_text()}")
+        assert done.exists(), f"report.py --smoke --steps={name} did not finish in {timeout} s"
+        return self.root / name  # report.py's subdirectory of the step
+
+
+@pytest.fixture(scope="session")
+def report_smoke(tmp_path_factory, request):
+    """:class:`ReportSmoke` in a directory every worker of this session sees (pytest-xdist's
+    workers' base temporary directories share a parent; without xdist, the session's own)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if hasattr(request.config, "workerinput") else base
+    return ReportSmoke(shared / "report_smoke")

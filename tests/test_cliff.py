@@ -124,9 +124,13 @@ def test_the_grid_shows_the_wall():
     assert col.max() / np.median(col) < 30
 
 
+def test_the_smoke_run_writes_its_outputs(report_smoke):
+    """``report.py --smoke --steps=cliff`` (once per session: conftest.ReportSmoke)."""
+    check_smoke_outputs(report_smoke.step("cliff"))
+
+
 def check_smoke_outputs(outdir):
-    """What ``cliff.py --smoke --outdir=DIR`` wrote (the report's smoke test runs it once,
-    tests/test_experiments.py, and calls this on its outdir)."""
+    """What ``cliff.py --smoke --outdir=DIR`` wrote."""
     result = json.loads((outdir / "cliff.json").read_text())
     s = result["settings"]
     assert (s["x0"], s["target"], s["T"]) == (0.5, 0.7, 50) and s["smoke"]

@@ -131,3 +131,38 @@ def test_train_step_reports_the_clip_cosine(smoke_config):
         _, m = step_fn(state, _batch(smoke_config))
         cosine = float(m["clip_cosine"])
         assert (cosine < 0.999) if below_one else cosine == pytest.approx(1.0, abs=1e-6)
+
+
+def test_spectral_radius_is_the_eigenvalues_not_the_singular_values():
+    """A non-normal W_hh: [[0.5, 3], [0, 0.5]] has both eigenvalues 0.5 (triangular) and
+    ||W||₂ = (3 + √10)/2 ≈ 3.08 (the square root of the top eigenvalue of WᵀW); in a gated
+    cell's [H, 2H] the radius is the largest over the blocks, the singular value the whole's."""
+    w = np.array([[0.5, 3.0], [0.0, 0.5]], np.float32)
+    assert diagnostics.spectral_radius(w) == pytest.approx(0.5, rel=1e-6)
+    assert diagnostics.top_singular_value(w) == pytest.approx((3 + np.sqrt(10)) / 2, rel=1e-6)
+    summary = diagnostics.whh_summary({"layer_0": {"W_hh": np.concatenate([w, 0.2 * w], 1)},
+                                       "layer_1": {"W_hh": 0.4 * w.T}})
+    assert summary["whh_spectral_radius/0"] == pytest.approx(0.5, rel=1e-6)
+    assert summary["whh_spectral_radius/1"] == pytest.approx(0.2, rel=1e-6)
+    assert summary["whh_top_singular/1"] == pytest.approx(0.4 * (3 + np.sqrt(10)) / 2, rel=1e-6)
+    assert summary["whh_top_singular/0"] == pytest.approx(
+        np.sqrt(1.04) * (3 + np.sqrt(10)) / 2, rel=1e-6)  # [W, 0.2W]: σ·√(1 + 0.2²)
+
+
+def test_exploding_gradients_smoke_run_writes_its_outputs(report_smoke):
+    """``report.py --smoke --steps=exploding`` (once per session: conftest.ReportSmoke):
+    the linear RNN's measured slope is ln ρ for every ρ, the tanh RNN stays under the bound."""
+    import csv
+    import json
+    out = report_smoke.step("exploding")
+    result = json.loads((out / "exploding_gradients.json").read_text())
+    assert result["settings"]["hidden_size"] == 16 and result["settings"]["seq_len"] == 20
+    for s in result["slopes"]:
+        assert s["linear_slope"] == pytest.approx(np.log(s["rho"]), abs=1e-5)
+        assert s["tanh_max_over_bound"] <= 1 + 1e-5
+    with open(out / "jacobian_norms.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(result["slopes"]) * 2 * 20  # ρ × (linear, tanh) × k = 1..T
+    assert (out / "jacobian_slopes.md").read_text() == result["markdown"]
+    assert (out / "jacobian_norms.png").stat().st_size > 1000
+    assert (out / "jacobian_slopes.csv").is_file()

@@ -1,15 +1,10 @@
-"""The experiment scripts end to end, tiny settings, as separate processes.
-
-One combined smoke test: ``report.py --smoke`` runs exploding_gradients.py,
-launch.py, clip_ablation.py, bench_sweep.py, cliff.py and smoothness.py with
-``--smoke`` and writes the report, so every script's outputs are checked in one run (about a minute).
-The quality page is checked on synthetic workdirs, in process.
-"""
+"""The clip ablation's smoke run and its one-run-per-process mode, the smoke language
+model's quality page, and the quality page on synthetic workdirs, in process. The report
+page rendered from every experiment's smoke outputs: test_report_smoke.py."""
 
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -22,75 +17,6 @@ from experiments.pages import provenance, quality
 
 def _run(args, **kw):
     return subprocess.run([sys.executable] + args, cwd=REPO, capture_output=True, text=True, **kw)
-
-
-def _tree_digest(*paths) -> str:
-    """sha256 over the bytes (and names) of the files at ``paths``, directories walked."""
-    h = hashlib.sha256()
-    for path in paths:
-        files = [path] if os.path.isfile(path) else sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-        for f in files:
-            h.update(os.path.relpath(f, REPO).encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
-
-
-def test_report_smoke_runs_every_experiment_and_writes_the_report(text_file, tmp_path):
-    out, work = tmp_path / "out", tmp_path / "work"
-    committed = [os.path.join(REPO, "REPORT.md"), os.path.join(REPO, "report")]
-    before = _tree_digest(*committed)
-    r = _run(["experiments/pages/report.py", "--smoke", f"--outdir={out}",
-              f"--workdir={work}", f"--data_path={text_file}"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    # A smoke run writes its page beside its figures; the committed page stays as it was.
-    assert _tree_digest(*committed) == before
-    assert sorted(p.name for p in out.glob("*.md")) == ["REPORT.md"]
-    for path in ["exploding/jacobian_slopes.md", "exploding/jacobian_norms.csv",
-                 "exploding/jacobian_norms.png", "ablation/clip_ablation.csv",
-                 "ablation/clip_ablation.md", "ablation/val_bpc_vs_threshold.png",
-                 "ablation/loss_curves.png", "ablation/grad_norm_traces.png",
-                 "ablation/threshold_in_force.png", "ablation/plateau.json",
-                 "bench/bench_sweep.json", "lm/metrics.jsonl", "cliff/cliff.json",
-                 "cliff/cliff.png", "smoothness/smoothness.json", "smoothness/smoothness.png"]:
-        assert (work / path).is_file(), path
-    # the studies' outputs, checked where they are made once (their own test modules)
-    import test_cliff
-    import test_smoothness
-    test_cliff.check_smoke_outputs(work / "cliff")
-    test_smoothness.check_smoke_outputs(work / "smoothness")
-    bench = json.loads((work / "bench" / "bench_sweep.json").read_text())
-    assert set(bench["ratio"]) == {"1", "2", "0"} and all(v > 0 for v in bench["ratio"].values())
-
-    report = (out / "REPORT.md").read_text()
-    for heading in ["## 1. Exploding gradients", "### 1.2 The L2-norm clipping algorithm",
-                    "## 2. The training loop", "### 2.1 Does the threshold matter",
-                    "### 1.3 The cliff of a one-unit recurrent network",
-                    "### 1.4 Smoothness against the gradient norm",
-                    "### 2.2 Every clipping rule at a trained operating point",
-                    "### 2.3 Many runs in one program", "## 3. Training versus inference"]:
-        assert heading in report
-    figures = re.findall(r"\]\(([^)]+\.png)\)", report)
-    assert len(figures) == 8 and all((out / f).is_file() for f in figures)
-    assert "**Trained to the plateau?**" in report
-    # Code is quoted from the source, the telemetry read back from TensorBoard's files.
-    assert "clipped, clip_state = clip.update(grads" in report
-    assert "`train/clip_cosine`" in report and "`val/whh_spectral_radius/0`" in report
-    assert "```text\n" in report  # the sample
-
-    # The quality page of the smoke training run, from its workdir alone.
-    lm = work / "lm"
-    assert (lm / "launches.jsonl").is_file()  # written by the launch itself
-    val = [json.loads(l) for l in (lm / "metrics.jsonl").read_text().splitlines()
-           if json.loads(l)["split"] == "val"]
-    r = _run(["experiments/pages/quality.py", f"--workdirs={lm}", "--threshold=100",
-              f"--markdown={out}/QUALITY.md"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    page = (out / "QUALITY.md").read_text()
-    assert f"`experiments/configs/default.py:smoke` with `data.path={text_file}`" in page
-    assert f"{val[0]['loss']:.4f} at step {val[0]['step']}" in page  # first val <= 100
-    assert f"| {val[-1]['step']} | {val[-1]['loss']:.4f} |" in page  # the curve
 
 
 def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
@@ -112,6 +38,39 @@ def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
     bad = _run(base + ["--devices=-1"])
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --devices must be >= 0, got -1"
+
+
+def test_clip_ablation_smoke_run_writes_its_outputs(report_smoke):
+    """``report.py --smoke --steps=ablation`` (clip_ablation.py --smoke; once per session)."""
+    from experiments.configs import clip_ablation
+    out = report_smoke.step("ablation")
+    for name in ["clip_ablation.csv", "clip_ablation.md", "val_bpc_vs_threshold.png",
+                 "loss_curves.png", "grad_norm_traces.png", "threshold_in_force.png",
+                 "plateau.json", "clip_ablation.json"]:
+        assert (out / name).is_file(), name
+    s = clip_ablation.get_config("smoke").sweep
+    runs = len(s.optimizers) * len(s.cells) * len(s.seeds) * sum(
+        1 if r == "none" else len(s.strengths[r]) for r in s.rules)
+    assert len((out / "clip_ablation.csv").read_text().splitlines()) == 1 + runs
+
+
+def test_the_smoke_language_model_and_its_quality_page(report_smoke, tmp_path):
+    """``report.py --smoke --steps=lm`` (launch.py with the smoke config; once per session),
+    then the quality page from its workdir alone."""
+    lm = report_smoke.step("lm")
+    assert (lm / "launches.jsonl").is_file()  # written by the launch itself
+    # the smoke config checkpoints every 10 of its 20 steps: 10 and 20, no other
+    assert sorted(os.listdir(lm / "checkpoints"), key=int) == ["10", "20"]
+    val = [json.loads(l) for l in (lm / "metrics.jsonl").read_text().splitlines()
+           if json.loads(l)["split"] == "val"]
+    r = _run(["experiments/pages/quality.py", f"--workdirs={lm}", "--threshold=100",
+              f"--markdown={tmp_path}/QUALITY.md"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    page = (tmp_path / "QUALITY.md").read_text()
+    assert "`experiments/configs/default.py:smoke` with `data.path=corpus.txt`" in page
+    assert str(report_smoke.root) not in page  # the corpus by name, not by machine path
+    assert f"{val[0]['loss']:.4f} at step {val[0]['step']}" in page  # first val <= 100
+    assert f"| {val[-1]['step']} | {val[-1]['loss']:.4f} |" in page  # the curve
 
 
 def _workdir(path, config, records, launches=None):
@@ -256,3 +215,29 @@ def test_quality_page_shows_averaged_weights_milestones_and_archived_runs(tmp_pa
                                        [dict(LAUNCH, config_arg=None, argv=[])]), 1.5)
     assert plain["best_ema"] is None
     assert "| 1 | 1.5200 | 2.193 | 1.0 min |" in quality.page([plain], 1.5, "cmd")
+
+
+def test_quality_page_names_the_corpus_not_its_path_and_shows_archived_runs(tmp_path):
+    corpus = tmp_path / "machine" / "corpus.txt"
+    corpus.parent.mkdir()
+    corpus.write_bytes(b"some text\n")
+    sha = hashlib.sha256(b"some text\n").hexdigest()
+    records = [{"step": 1, "split": "val", "loss": 1.45, "bpc": 2.1, "wall_s": 60.0}]
+    config = _config("smoke", data__path=str(corpus))
+    work = _workdir(tmp_path / "live", config, records,
+                    [dict(LAUNCH, config_arg=None, argv=[f"--config.data.path={corpus}"])])
+    run = quality.summarize(work, 1.5)
+    assert run["corpus_sha256"] == sha
+    # The same run's records kept in an archive (its workdir gone), shown like a live run.
+    archive = tmp_path / "archive.json"
+    gone = {k: run[k] for k in ("config", "origin", "launch_records", "val", "launches",
+                                "last_train", "corpus_sha256")}
+    archive.write_text(json.dumps({"runs": [dict(gone, workdir="gone", archived="copied.")]}))
+    runs = [run] + quality.archived_runs(quality.read_archive(str(archive)), 1.5)
+    text = quality.page(runs, 1.5, "cmd", str(archive))
+    assert str(tmp_path) not in text
+    for name in ("live", "gone"):
+        assert (f"| `{name}` | `experiments/configs/default.py:smoke` with "
+                f"`data.path=corpus.txt` | corpus.txt with sha256 {sha[:12]}… (val 5%)") in text
+        assert f"## `{name}`: val curve" in text
+    assert "  - archived: copied.\n" in text and "## Earlier runs" not in text

@@ -96,3 +96,11 @@ def test_comparisons_take_each_side_at_its_fastest_setting():
 def test_keep_freed_memory_takes_effect_once():
     from charrnn import hostmem
     assert hostmem.keep_freed_memory() and hostmem.keep_freed_memory()
+
+
+def test_sweep_benchmark_smoke_run_writes_its_ratios(report_smoke):
+    """``report.py --smoke --steps=bench`` (bench_sweep.py --smoke; once per session)."""
+    import json
+    result = json.loads((report_smoke.step("bench") / "bench_sweep.json").read_text())
+    assert set(result["ratio"]) == {"1", "2", "0"} and all(v > 0 for v in result["ratio"].values())
+    assert result["num_runs"] > 1 and result["hidden_size"] == 16

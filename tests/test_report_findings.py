@@ -163,3 +163,19 @@ def test_the_noise_floor_is_the_gap_of_settings_that_never_clipped():
         report_rules._noise(floor)
     rows[1]["clip_fraction"] = 0.01  # it clipped: no longer the same computation
     assert report_rules.noise_floor(rows) is None and report_rules._noise(None) == ""
+
+
+def _lm(cell, radius, slope):
+    return {"config": {"model": {"cell": cell}}, "jacobian_slope": slope,
+            "whh": {"whh_spectral_radius/0": radius}}
+
+
+def test_trained_model_sentence_only_where_radius_and_slope_disagree():
+    """The sentence (an LSTM whose W_hh radius is above 1 yet whose Jacobian grows by less
+    than the radius per step) appears only when the numbers say so."""
+    note = report_sections._trained_note(_lm("lstm", 1.3, -0.05))
+    assert "spectral radius above 1 and yet a slope of -0.05 " in note
+    assert f"a factor {math.exp(-0.05):.4f} per step" in note
+    assert report_sections._trained_note(_lm("lstm", 0.9, -0.5)) == ""  # radius below 1
+    assert report_sections._trained_note(_lm("lstm", 1.3, 0.3)) == ""  # slope ≥ ln 1.3 = 0.262
+    assert report_sections._trained_note(_lm("rnn", 1.3, -0.05)) == ""  # no gates to credit

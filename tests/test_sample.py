@@ -174,7 +174,9 @@ def _chi2(counts, probs):
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p",
-                         [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.5, 5, 0.6)])
+                         [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.5, 5, 0.6),
+                          # top-p after the temperature keeps 3 characters; before it, 5
+                          (0.5, 0, 0.8)])
 def test_drawn_frequencies_match_the_filtered_softmax(temperature, top_k, top_p):
     model, params = _bias_model()
     texts = charrnn.sample(params, VOCAB, model, prompt="a", length=200, num_samples=100,

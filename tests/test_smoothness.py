@@ -127,9 +127,13 @@ def _run(*args):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+def test_the_smoke_run_writes_its_outputs(report_smoke):
+    """``report.py --smoke --steps=smoothness`` (once per session: conftest.ReportSmoke)."""
+    check_smoke_outputs(report_smoke.step("smoothness"))
+
+
 def check_smoke_outputs(outdir):
-    """What ``smoothness.py --smoke --outdir=DIR`` wrote (the report's smoke test runs it
-    once, tests/test_experiments.py, and calls this on its outdir)."""
+    """What ``smoothness.py --smoke --outdir=DIR`` wrote."""
     result = json.loads((outdir / "smoothness.json").read_text())
     assert (outdir / "smoothness.png").stat().st_size > 1000
     with open(outdir / "smoothness.csv") as f:

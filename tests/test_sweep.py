@@ -94,10 +94,13 @@ def test_a_run_config_sets_its_rule_and_strength(ablation_config):
     assert c.optim.clip_mode == "none"
 
 
-def test_reference_norm_is_the_mean_norm_at_the_initial_parameters(ablation_config):
+# rnn: a norm (about 0.65) below the usual thresholds; irnn (W_hh = I): about 20, above
+# them, so a norm measured after clipping would show.
+@pytest.mark.parametrize("cell", ["rnn", "irnn"])
+def test_reference_norm_is_the_mean_norm_at_the_initial_parameters(ablation_config, cell):
     ablation_config.sweep.warmup_steps = 2
     corpus = sweep.Corpus.from_config(ablation_config)
-    run = sweep.Run("rnn", "sgd", 0, "1x")
+    run = sweep.Run(cell, "sgd", 0, "1x")
     config = sweep.run_config(ablation_config, run)
     model = models.CharRNN.from_config(config.model, corpus.vocab_size)
     params = model.init(jax.random.split(jax.random.key(0))[0])  # what init_state uses
@@ -109,6 +112,8 @@ def test_reference_norm_is_the_mean_norm_at_the_initial_parameters(ablation_conf
         norms.append(float(np.sqrt(sum(np.sum(np.square(a)) for a in jax.tree.leaves(g)))))
     assert sweep.reference_norm(ablation_config, run, corpus) == pytest.approx(np.mean(norms),
                                                                                rel=1e-5)
+    if cell == "irnn":
+        assert np.mean(norms) > 10 * max(1.0, ablation_config.optim.clip_norm)
 
 
 # A stateless rule (global_norm, with a threshold that clips and one that does not: the
@@ -153,6 +158,20 @@ def test_one_program_sweep_equals_separate_runs(ablation_config, rule, labels, o
         assert vmapped[0]["clipped"].any() and not vmapped[1]["clipped"].any()
         assert not vmapped[0]["clipped"][0]  # the first step never clips
         assert len(set(vmapped[0]["clip_threshold"])) > 1
+
+
+def test_each_run_of_a_group_draws_its_own_dropout(ablation_config):
+    """With dropout on, two runs (seeds 0 and 1) in one program each equal their run alone:
+    every run's dropout key comes from its own seed, not one key shared by the group."""
+    ablation_config.model.dropout = 0.3
+    corpus = sweep.Corpus.from_config(ablation_config)
+    runs = [sweep.Run("rnn", "sgd", seed, "100") for seed in (0, 1)]
+    configs = [sweep.run_config(ablation_config, r, 100.0) for r in runs]
+    group = sweep.run_group(configs, [100.0, 100.0], corpus, runs_per_chunk=1, num_steps=3)
+    for config, got in zip(configs, group):
+        alone = sweep.run_single(config, corpus, num_steps=3)
+        for key in ("loss", "grad_norm", "val_loss"):
+            np.testing.assert_allclose(got[key], alone[key], rtol=2e-5, err_msg=key)
 
 
 def _history(val_loss, nonfinite=0):

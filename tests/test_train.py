@@ -4,7 +4,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 
@@ -50,6 +49,20 @@ def test_reported_norms_are_before_and_after_the_clip(smoke_config):
     assert float(m["grad_norm"]) > 1e-3
     assert float(m["grad_norm_clipped"]) == pytest.approx(1e-3, rel=1e-4)
     assert bool(m["clipped"])
+
+
+def test_an_epoch_start_resets_the_carried_state(smoke_config):
+    """A window with ``reset`` (an epoch's first) starts from the zero state whatever the
+    state carries; any other window starts from the carried state."""
+    _, state, step_fn = _setup(smoke_config)
+    copy = lambda s: jax.tree.map(jnp.array, s)  # the step donates its state
+    carried = state.replace(carry=jax.tree.map(lambda c: jnp.full_like(c, 0.5), state.carry))
+    batch = _batch(smoke_config)
+    _, from_zero = step_fn(copy(state), batch)
+    _, reset = step_fn(copy(carried), batch)
+    _, kept = step_fn(copy(carried), dict(batch, reset=np.bool_(False)))
+    assert float(reset["loss"]) == float(from_zero["loss"])
+    assert abs(float(kept["loss"]) - float(from_zero["loss"])) > 1e-4
 
 
 def test_a_nonfinite_step_changes_nothing_and_is_counted(smoke_config):
@@ -102,6 +115,8 @@ def test_train_resumes_from_its_checkpoint(smoke_config, tmp_path):
     records = metrics.read_metrics(workdir)
     train_steps = [r["step"] for r in records if r["split"] == "train"]
     assert train_steps == [5, 10, 15, 20]  # continued from 10, not from 0
+    # checkpoint_every 10: steps 10 and 20, no other (an off-by-one would add 9 or 11, 19)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["10", "20"]
     val = [r for r in records if r["split"] == "val"]
     assert {"whh_spectral_radius/0", "whh_top_singular/0"} <= set(val[-1])
     config, vocab, _, params, step = restore.load_checkpoint(workdir)
@@ -141,7 +156,13 @@ def test_launch_says_what_it_trains_and_what_to_do_next(text_file, tmp_path):
     config_arg = os.path.relpath(f"{REPO}/experiments/configs/default.py", tmp_path) + ":smoke"
     argv = [os.path.join(REPO, "launch.py"), f"--workdir={workdir}", f"--config={config_arg}",
             f"--config.data.path={os.path.basename(text_file)}", "--config.train.num_steps=6"]
-    out = subprocess.run([sys.executable] + argv, capture_output=True, text=True, cwd=tmp_path)
+    # A "python" on PATH that is the same file as this interpreter, as a venv's python
+    # (a symlink) is for the base interpreter, which lacks the venv's packages.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable] + argv, capture_output=True, text=True, cwd=tmp_path,
+                         env=env)
     assert out.returncode == 0, out.stderr
     assert "step 5/6 | loss" in out.stdout and "val bpc" in out.stdout
     lines = out.stdout.splitlines()
@@ -151,15 +172,16 @@ def test_launch_says_what_it_trains_and_what_to_do_next(text_file, tmp_path):
     vocab, n = len(set(text)), len(text)
     params = vocab * 16 + 4 * (16 * 32 + 32 * 32 + 32) + 32 * vocab + vocab
     n_val = round(n * 0.05)  # the smoke config holds out 5% for val and 5% for test
-    assert lines[:5] == [
+    assert lines[:7] == [
         f"charrnn: lstm 1x32 (embedding 16), {params:,} parameters",
         f"  corpus   {text_file}: {n:,} characters, vocabulary {vocab}; "
         f"train/val/test {n - 2 * n_val:,}/{n_val:,}/{n_val:,}",
         "  batch    B x T = 4 x 16, 6 steps",
+        "  optim    adam, learning rate 0.002, constant schedule",
+        "  clipping global_norm, clip_norm=1, clip_at=gradient",
         "  devices  1 x cpu (cpu)",
         f"  workdir  {workdir}"]
-    on_path = shutil.which("python")
-    python = "python" if on_path and os.path.samefile(on_path, sys.executable) else sys.executable
+    python = sys.executable  # the interpreter the run used, not whichever python PATH finds
     assert lines[-4:-1] == [
         f"trained model in {workdir}; next:",
         f"  sample:       {python} {REPO}/launch.py --mode=sample --workdir=run --length=500",
@@ -183,7 +205,11 @@ def test_launch_says_what_it_trains_and_what_to_do_next(text_file, tmp_path):
     evaluate = shlex.split(lines[-2].split(":", 1)[1])
     assert evaluate[-1] == "--workdir=run"
     evaluate[-1] = f"--workdir={workdir}"  # from /, "run" would not name it
-    out = subprocess.run(evaluate, capture_output=True, text=True, cwd="/")
+    # In a fresh shell: no venv on PATH (a bare "python" would find another interpreter).
+    fresh = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/"),
+             **{k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_"))}}
+    out = subprocess.run(["bash", "-c", shlex.join(evaluate)], capture_output=True, text=True,
+                         cwd="/", env=fresh)
     assert out.returncode == 0, out.stderr
     assert "step 6 | val loss" in out.stdout and "test bpc" in out.stdout
 
@@ -210,6 +236,26 @@ def test_eval_loss_is_one_streams_whatever_the_batch(smoke_config):
     for b in (3, 64):
         assert abs(loss(b, burn_in=0) - one) > 2e-4
         assert loss(b) == pytest.approx(one, abs=2e-4)
+
+
+def test_evaluation_uses_no_dropout(smoke_config):
+    """A model with dropout and weight drop evaluates exactly as the same parameters with
+    both off: dropout is for training only (eval_step passes no dropout key)."""
+    from conftest import _SPEECH
+    smoke_config.model.num_layers = 2
+    vocab = data.Vocab.from_text(_SPEECH)
+    ids = vocab.encode(_SPEECH)
+    plain = models.CharRNN.from_config(smoke_config.model, vocab.size)
+    smoke_config.model.dropout, smoke_config.model.weight_drop = 0.5, 0.5
+    dropped = models.CharRNN.from_config(smoke_config.model, vocab.size)
+    params = plain.init(jax.random.key(0))
+    loss = lambda m: step_lib.evaluate(step_lib.make_eval_step(m), m, params, ids, 2, 16)["loss"]
+    assert loss(dropped) == loss(plain)
+    # The dropout model does drop when given a key: the equality above is not vacuous.
+    x = ids[None, :16]
+    _, with_key = dropped(params, dropped.initial_carry(1), x, dropout_key=jax.random.key(1))
+    _, without = plain(params, plain.initial_carry(1), x)
+    assert not np.allclose(with_key, without)
 
 
 def test_the_launch_record_names_the_commit_and_says_when_the_code_differs(tmp_path):

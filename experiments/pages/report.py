@@ -2,6 +2,8 @@
 
     python experiments/pages/report.py                      # full: REPORT.md + report/*.png
     python experiments/pages/report.py --smoke --outdir=DIR # tiny: DIR/REPORT.md + DIR/*.png
+    python experiments/pages/report.py --workdir=W --steps=cliff,lm   # those steps into W only
+    python experiments/pages/report.py --workdir=W --reuse  # the page from W's finished steps
 
 Only the full run with the default --outdir writes the committed REPORT.md (and
 report/); a smoke run, or any run given another --outdir, writes its Markdown
@@ -57,6 +59,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "Checkpoints and run histories (de
 _REUSE = flags.DEFINE_bool("reuse", False, "Reuse finished steps found in --workdir.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Every step tiny: the whole pipeline in about a minute.")
 _DATA_PATH = flags.DEFINE_string("data_path", "", "A text file instead of the built-in corpus.")
+_STEPS = flags.DEFINE_list("steps", None, "Run only these steps into --workdir and write no "
+                           "page (of: exploding, lm, ablation, bench, cliff, smoothness): the "
+                           "pieces a later --reuse run renders from.")
 
 # The language model whose telemetry and sample the report shows.
 LM_FLAGS = ["--config.model.cell=lstm", "--config.model.hidden_size=256",
@@ -97,6 +102,21 @@ def _load_timings(work: str) -> None:
     if _REUSE.value and os.path.exists(path):
         with open(path) as f:
             _TIMINGS.update(json.load(f))
+
+
+def _add_timings(work: str) -> None:
+    """This run's timings added to the workdir's, under a lock: runs with --steps may
+    finish in one workdir at the same time."""
+    import fcntl
+    with open(os.path.join(work, "timings.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mine = dict(_TIMINGS)
+        path = os.path.join(work, "timings.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                _TIMINGS.update(json.load(f))
+        _TIMINGS.update(mine)
+        _save_timings(work)
 
 
 def _save_timings(work: str) -> None:
@@ -164,6 +184,24 @@ def train_lm(work: str, smoke: bool) -> str:
     run_script(["launch.py", f"--workdir={lm}", f"--config={config}"] + flags_
                + _data_flags(), "train the language model (launch.py)")
     return lm
+
+
+STEPS = {"exploding": exploding, "lm": train_lm, "ablation": ablation, "bench": bench,
+         "cliff": cliff, "smoothness": smoothness}  # name -> step(work, smoke), as in main
+
+
+def run_steps(names: list, work: str, smoke: bool) -> None:
+    """--steps: run the named steps into ``work`` (a ReportError names a failed one)."""
+    unknown = [n for n in names if n not in STEPS]
+    if unknown:
+        raise ReportError(f"--steps: unknown {', '.join(unknown)}; choose from "
+                          f"{', '.join(STEPS)}")
+    if not _WORKDIR.value:
+        raise ReportError("--steps needs --workdir (where a later --reuse run finds them)")
+    _TIMINGS.clear()
+    for name in names:
+        STEPS[name](work, smoke)
+    _add_timings(work)
 
 
 def tensorboard_tags(logdir: str) -> list:
@@ -286,6 +324,13 @@ def main(argv):
     cli.start(argv)
     from experiments.pages import report_sections
     smoke = _SMOKE.value
+    if _STEPS.value:
+        try:
+            run_steps(_STEPS.value, os.path.abspath(_WORKDIR.value), smoke)
+        except ReportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        return
     outdir, report_path = destinations(_OUTDIR.value, smoke)
     os.makedirs(outdir, exist_ok=True)
     work = os.path.abspath(_WORKDIR.value) if _WORKDIR.value else tempfile.mkdtemp("-report")

@@ -4,6 +4,8 @@ Written from the JSON of experiments/science/clip_ablation.py and experiments/be
 every number comes from ``results``. Used by report_sections.render.
 """
 
+import os
+
 from experiments.pages.report_format import (by as _by, cell_name as _cell_name, fmt as _f,
                                               multiple as _mult)
 
@@ -59,7 +61,7 @@ gradient norm train well. `experiments/science/clip_ablation.py` runs that exper
 optimizers {', '.join(sw['optimizers'])} (SGD lr {lrs['sgd']}, Adam lr {lrs['adam']},
 constant), seeds {', '.join(str(s) for s in sw['seeds'])}, B = {t['batch_size']},
 T = {t['seq_len']}, {t['num_steps']} steps each, on the
-{cfg['data']['path'] or 'built-in ' + cfg['data']['name']} corpus. A threshold `k x` is
+{os.path.basename(cfg['data']['path']) or 'built-in ' + cfg['data']['name']} corpus. A threshold `k x` is
 k times the run's *reference norm*: the mean unclipped gradient norm over its first
 {sw['warmup_steps']} training windows at the initial parameters (a warm-up that trained at an
 exploding learning rate would measure the explosion). Reference norms, and for comparison the

@@ -5,6 +5,7 @@ sentence that states a finding comes from ``result``.
 """
 
 import math
+import os
 
 from experiments.pages.report_format import fmt as _f
 
@@ -155,7 +156,7 @@ curvature grows with ‖∇f‖ ((L0, L1)-smoothness, ‖∇²f‖ ≤ L0 + L1�
 long exactly where gradients are large, and clipping shortens those steps.
 `experiments/science/smoothness.py` measures this on charrnn's own training:
 {st['cell'].upper()} {st['num_layers']}×{st['hidden_size']} (embedding {st['embed_dim']}, no
-dropout) on the `{st['corpus']}` corpus, B = {st['batch_size']}, T = {st['seq_len']},
+dropout) on the `{os.path.basename(st['corpus'])}` corpus, B = {st['batch_size']}, T = {st['seq_len']},
 `{st['clip_mode']}` clipping at τ = {st['clip_norm']} followed by {rules}, {st['num_steps']}
 steps, one run per seed ({seeds}; the fits pool them). Every {st['measure_every']} steps, with
 Δ_t = x_{{t+1}} − x_t the step's real update and f the loss on {st['batch']},

@@ -41,6 +41,8 @@ def header(config, workdir: str, *, params, text_chars: int, vocab_size: int, sp
     ``init_from``: ``{"workdir", "step"}`` whose weights a fine-tuned run started from.
     """
     import jax
+    from charrnn import config as config_lib
+    config = config_lib.upgrade(config)  # a config saved before a field existed
     m, t = config.model, config.train
     num_params = sum(int(np.size(p)) for p in jax.tree.leaves(params))
     devices = jax.devices()
@@ -56,7 +58,7 @@ def header(config, workdir: str, *, params, text_chars: int, vocab_size: int, sp
         f"  optim    {_optimizer(config.optim)}",
         f"  clipping {_clipping(config.optim)}",
     ]
-    if config.optim.get("ema_decay", 0.0) > 0:
+    if config.optim.ema_decay > 0:
         lines.append(f"  ema      averaged weights, decay {config.optim.ema_decay:g} "
                      "(eval and sampling use them)")
     lines += [
@@ -73,7 +75,7 @@ def header(config, workdir: str, *, params, text_chars: int, vocab_size: int, sp
 def _optimizer(o) -> str:
     """``adamw (weight decay 0.1), learning rate 0.002, cosine schedule (...)``."""
     name = o.name + (f" (weight decay {o.weight_decay:g})" if o.name == "adamw" else "")
-    name += f" (momentum {o.momentum:g})" if o.name == "sgd" and o.get("momentum", 0) else ""
+    name += f" (momentum {o.momentum:g})" if o.name == "sgd" and o.momentum else ""
     schedule = f"{o.schedule} schedule"
     if o.schedule == "cosine":
         schedule += (f" (warm-up {o.warmup_steps} steps, decay to "
@@ -87,10 +89,12 @@ def _clipping(o) -> str:
     rule = clipping.get(o.clip_mode)
     if rule.strength is None:
         return f"{rule.name} (no clipping)"  # no strength, and nowhere to act
-    settings = ", ".join(f"{s.field}={o.get(s.field, s.default):g}" for s in rule.settings)
-    strength = o.get(rule.strength.field, rule.strength.default)
+    settings = ", ".join(f"{s.field}={value:g}" for s, value in
+                         zip(rule.settings, clipping.settings_of(rule, o).values()))
+    strength = clipping.strength_of(rule, o)
+    # where the rule acts: on the raw gradient, between the backward pass and the update rule
     return (f"{rule.name}, {rule.strength.field}={strength:g}"
-            + (f" ({settings})" if settings else "") + f", clip_at={o.get('clip_at', 'gradient')}")
+            + (f" ({settings})" if settings else "") + ", clip_at=gradient")
 
 
 def next_commands(workdir: str, launcher: str) -> str:
@@ -129,7 +133,7 @@ def launch_record(start_step: int, config_arg: str | None, argv: list[str]) -> d
                      "device_count": len(devices), "device_kind": devices[0].device_kind},
         "software": {"python": platform.python_version(),
                      **{name: _version(name) for name in _PACKAGES},
-                     "charrnn_commit": _package_commit()},
+                     "charrnn_commit": package_commit()},
     }
 
 
@@ -172,7 +176,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _package_commit() -> str | None:
+def package_commit() -> str | None:
     """git HEAD of the checkout that holds this package; None when installed elsewhere."""
     return git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

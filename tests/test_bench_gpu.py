@@ -269,3 +269,38 @@ def test_gpu_render_only_of_a_bad_file_is_one_error_line(tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot render"), result.stderr
+
+
+def test_gpu_runs_merge_group_by_group_and_compare_within_a_run(tmp_path):
+    """A later run (--only) replaces the groups it measured, no others; the page names
+    each run and each group's; a sweep is not compared with sequential runs of another run."""
+    from experiments.bench import gpu_report
+    first, later = _h200_like_results(), _h200_like_results(slow_key=None)
+    for section in ("train", "sweep", "sample"):
+        for key, group in later[section].items():
+            if (section, key) != ("train", "lstm_1x128/B32"):
+                later[section][key] = {label: {"skipped": "not selected (--only)"} for label in group}
+    later["train"]["lstm_1x128/B32"]["charrnn"]["per_sec"] = 400.0
+    later["memory"] = {"charrnn": {"device_peak_mb": 100.0}, "pytorch": {"skipped": "--only"}}
+    later["settings"]["command"] += " --only=train/lstm_1x128/B32"
+    merged = gpu_report.merge([first, later])
+    assert merged["train"]["lstm_1x128/B32"]["charrnn"]["per_sec"] == 400.0
+    assert merged["train"]["lstm_2x512/B32"] == first["train"]["lstm_2x512/B32"]
+    assert merged["memory"] == {"charrnn": {"device_peak_mb": 100.0},
+                                "pytorch": {"device_peak_mb": 200.0}}
+    assert merged["origin"]["train/lstm_1x128/B32"] == 2 and merged["origin"]["sample/" + next(
+        iter(first["sample"]))] == 1
+    ratio = {(c["comparison"], c["a"], c["b"]): c["ratio"] for c in merged["comparisons"]}
+    assert ratio[("train lstm_1x128/B32", "charrnn", "pytorch")] == 5.0  # 400 / 80, run 2
+    assert ratio[("sweep lstm_1x128/B32/runs8", "charrnn_sweep8", "8 sequential charrnn")] is None
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, out in zip(paths, (first, later)):
+        path.write_text(json.dumps(out))
+    result = _gpu_py(f"--render_only={paths[0]},{paths[1]}", f"--markdown={tmp_path / 'p.md'}",
+                     tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "p.md").read_text()
+    assert "2. `python experiments/bench/gpu.py --markdown=BENCHMARKS-gpu.md --only=train/" \
+           "lstm_1x128/B32` (2026-12-04 12:00, charrnn unknown): memory/charrnn, " \
+           "train/lstm_1x128/B32\n" in page
+    assert "| lstm_1x128/B32 | charrnn | 400 | 2.00 | 2 |" in page

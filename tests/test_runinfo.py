@@ -32,11 +32,9 @@ def test_the_header_names_the_clipping_rule_its_strength_and_settings(rule):
         return
     expected = f"{r.strength.field}={config.optim[r.strength.field]:g}"
     assert clip.startswith(f"  clipping {rule}, {expected}") and clip.endswith(
-        ", clip_at=gradient")  # no optim.clip_at field: the gradient, as before it existed
+        ", clip_at=gradient")  # the one placement so far: the raw gradient
     for setting in r.settings:
         assert f"{setting.field}={config.optim[setting.field]:g}" in clip
-    config.optim.clip_at = "update"
-    assert _line(_header(config), "clipping").endswith(", clip_at=update")
 
 
 def test_the_header_names_the_optimizer_schedule_and_averaged_weights():

@@ -55,7 +55,8 @@ _MARKDOWN = flags.DEFINE_string("markdown", None, "Write the page here (BENCHMAR
 _ALLOW_CPU = flags.DEFINE_bool("allow_cpu", False, "Without a GPU: the same code on the CPU "
                                "at tiny sizes (a test of the pipeline, not a benchmark).")
 _RENDER_ONLY = flags.DEFINE_string("render_only", None, "Render --markdown from this saved "
-                                   "JSON; measure nothing.")
+                                   "JSON, or from several runs' (comma-separated; a later "
+                                   "run's groups replace an earlier one's); measure nothing.")
 _BUDGET = flags.DEFINE_float("budget_s", 420.0, "Seconds for the whole run, compiles included.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timing windows per contender.")
 _WINDOW = flags.DEFINE_float("window", 0.5, "Seconds per timing window.")
@@ -201,10 +202,18 @@ def _equivalence(platform, tiny, log) -> dict:
     return result
 
 
-def _render_only(path, markdown):
+def _render_only(paths, markdown):
+    """The page of one saved JSON, or of several runs' (comma-separated: a later run's
+    groups replace an earlier one's, :func:`gpu_report.merge`)."""
+    path = paths
     try:
-        with open(path) as f:
-            out = json.load(f)
+        outs = []
+        for path in paths.split(","):
+            with open(path) as f:
+                outs.append(json.load(f))
+        out = outs[0] if len(outs) == 1 else gpu_report.merge(outs)
+        if len(outs) > 1:
+            out["render_command"] = " ".join(["python", "experiments/bench/gpu.py"] + sys.argv[1:])
         page = gpu_report.markdown(out)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: cannot render {path}: {type(e).__name__}: {e}") from None

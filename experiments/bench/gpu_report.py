@@ -19,6 +19,42 @@ MEMORY_PAIRS = [("charrnn", "pytorch"), ("charrnn_bf16", "pytorch_bf16"),
                 ("jax_cudnn", "pytorch")]
 
 
+SECTIONS = ("train", "sweep", "sample")
+
+
+def merge(outs: list) -> dict:
+    """Several runs' results as one: each later run (e.g. ``--only`` after a change, or
+    where an earlier run failed) replaces the groups and memory variants it measured.
+    ``origin`` names the run (1, 2, ...) each group and memory variant comes from;
+    ``runs`` each run's command, date and what it measured. Comparisons stay within a
+    run: a sweep is compared with sequential runs only when both come from one run."""
+    import copy
+    out = copy.deepcopy(outs[0])
+    origin = {f"{section}/{key}": 1 for section in SECTIONS for key in out[section]}
+    origin.update({f"memory/{label}": 1 for label in out["memory"]})
+    for number, later in enumerate(outs[1:], start=2):
+        for section in SECTIONS:
+            for key, group in later[section].items():
+                if any(_measured(r) for r in group.values()):
+                    out[section][key], origin[f"{section}/{key}"] = group, number
+        for label, r in later["memory"].items():
+            if _measured(r):
+                out["memory"][label], origin[f"memory/{label}"] = r, number
+        if later.get("equivalence"):
+            out["equivalence"] = later["equivalence"]
+    out["origin"] = origin
+    out["runs"] = [{"command": o["settings"]["command"], "date": o["machine"]["date"],
+                    "code": o["machine"].get("charrnn_commit") or "unknown",
+                    "measured": sorted(k for k, n in origin.items() if n == i)}
+                   for i, o in enumerate(outs, start=1)]
+    out["comparisons"] = compare(out)
+    return out
+
+
+def _measured(result: dict) -> bool:
+    return not ("skipped" in result or "error" in result)
+
+
 def compare(out) -> list:
     """Every comparison as a dict (a, b, their rates, ratio; ``target``/``met`` on the
     issue's targets): training pairs, sweeps against sequential runs, sampling."""
@@ -31,9 +67,12 @@ def compare(out) -> list:
                     key in {f"{m}/B{small}" for m in TARGET_MODELS} else None
                 rows.append(_comparison(f"train {key}", a, _rate(group, a), b, _rate(group, b),
                                         target))
+    origin = out.get("origin", {})
     for key, group in out["sweep"].items():
         model, batch, runs = key.split("/")
         one_run = out["train"].get(f"{model}/{batch}", {})
+        if origin.get(f"sweep/{key}") != origin.get(f"train/{model}/{batch}"):
+            one_run = {}  # measured in another run: no ratio across runs
         for label, r in group.items():
             for ref in ("charrnn", "pytorch"):
                 rows.append(_comparison(f"sweep {key}", label, _rate(group, label),
@@ -73,27 +112,31 @@ def tables(out) -> list:
     """[(title, header, rows)] of the page and the text output."""
     s = out["settings"]
     tiny = " TINY CPU RUN: sizes shrunk, names are the full run's;" if s["tiny"] else ""
-    rows = [[key, label, _cell(r), _fmt(r.get("first_step_s"), 2)]
-            for key, group in out["train"].items() for label, r in group.items()]
+    origin = out.get("origin")
+    run = (lambda key: [str(origin.get(key, ""))]) if origin else (lambda key: [])
+    run_head = ["run"] if origin else []
+
+    def timed(section):
+        return [[key, label, _cell(r), _fmt(r.get("first_step_s"), 2)] + run(f"{section}/{key}")
+                for key, group in out[section].items() for label, r in group.items()]
     result = [(f"training chars/s (T={s['seq_len']}, Adam, clip 1.0;{tiny} first step: "
                "compilation included)", ["config/batch", "contender", "chars/s",
-                                          "first step s"], rows)]
-    rows = [[key, label, _cell(r), _fmt(r.get("first_step_s"), 2)]
-            for key, group in out["sweep"].items() for label, r in group.items()]
+                                          "first step s"] + run_head, timed("train"))]
     result.append(("one-program sweeps (chars/s of all runs together)",
-                   ["model/batch/runs", "contender", "chars/s", "first step s"], rows))
-    rows = [[key, label, _cell(r), _fmt(r.get("first_step_s"), 2)]
-            for key, group in out["sample"].items() for label, r in group.items()]
+                   ["model/batch/runs", "contender", "chars/s", "first step s"] + run_head,
+                   timed("sweep")))
     result.append((f"sampling chars/s ({s['sample_length']} characters, all rows counted)",
-                   ["model/batch", "contender", "chars/s", "first call s"], rows))
+                   ["model/batch", "contender", "chars/s", "first call s"] + run_head,
+                   timed("sample")))
     spec, mem = out["memory_spec"], out["memory"]
     rows = [[label, _fmt(r.get("device_peak_mb"), 0), _fmt(r.get("xla_temp_mb"), 0),
-             r.get("error", r.get("skipped", ""))] for label, r in mem.items()]
-    rows += [[f"{a} / {b}", _ratio_text(_memory_ratio(mem, a, b)), "", ""]
+             r.get("error", r.get("skipped", ""))] + run(f"memory/{label}")
+            for label, r in mem.items()]
+    rows += [[f"{a} / {b}", _ratio_text(_memory_ratio(mem, a, b)), "", ""] + [""] * len(run_head)
              for a, b in MEMORY_PAIRS]
     result.append((f"peak device memory, training LSTM {spec['layers']}x{spec['hidden']}, "
                    f"B={spec['batch']}, T={spec['seq_len']} (MB, a fresh process each)",
-                   ["variant", "device peak", "XLA temp", ""], rows))
+                   ["variant", "device peak", "XLA temp", ""] + run_head, rows))
     rows = [[r["comparison"], f"{r['a']} / {r['b']}", _fmt(r["a_per_sec"]), _fmt(r["b_per_sec"]),
              _ratio_text(r["ratio"])] for r in out["comparisons"]]
     result.append(("ratios (within this run)", ["what", "a / b", "a", "b", "ratio"], rows))
@@ -159,7 +202,13 @@ def markdown(out) -> str:
     device = m.get("torch_device") or m["jax_device"]
     lines = ["# charrnn on a GPU, against cuDNN", "",
              "Generated by `experiments/bench/gpu.py`; do not edit by hand. Regenerate with", "",
-             "```", s["command"], "```", ""]
+             "```", out.get("render_command", s["command"]), "```", ""]
+    if "runs" in out:
+        lines += ["Measured in these runs; a later run's groups replace the earlier ones' "
+                  "(the `run` column), ratios are taken within one run:", ""]
+        lines += [f"{i}. `{r['command']}` ({r['date']}, charrnn {r['code']}): "
+                  + ("the rest" if i == 1 else ", ".join(r["measured"]))
+                  for i, r in enumerate(out["runs"], start=1)] + [""]
     if s["tiny"]:
         lines += ["**A tiny run on the CPU (`--allow_cpu`): a test of the pipeline, not a "
                   "benchmark.**", ""]

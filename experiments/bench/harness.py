@@ -96,7 +96,7 @@ def fresh_process(flag):
 def machine_info():
     info = {"python": platform.python_version(), "platform": platform.platform(),
             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "cpu": runinfo.cpu_model()}
+            "cpu": runinfo.cpu_model(), "charrnn_commit": runinfo.package_commit()}
     from importlib import metadata
     for pkg in ("jax", "jaxlib", "numpy", "torch"):
         try:

@@ -27,6 +27,7 @@ SCHEDULES = ("constant", "cosine")  # optim.SCHEDULES
 CORPORA = ("shakespeare", "tinyshakespeare")  # data.BUILTIN_CORPORA
 MATMUL_DTYPES = ("float32", "bfloat16")
 DROPOUT_MASKS = ("step", "locked")  # the kinds of models.CharRNN.dropout_mask
+START_STATES = ("zero", "learned")  # models.START_STATES
 
 _POSITIVE_INTS = (
     "model.hidden_size", "model.num_layers", "model.embed_dim",
@@ -34,7 +35,8 @@ _POSITIVE_INTS = (
     "train.eval_every", "train.checkpoint_every", "train.eval_batch_size",
     "train.max_consecutive_nonfinite", "train.keep_checkpoints")
 _CHOICES = {"optim.name": OPTIMIZERS, "optim.schedule": SCHEDULES,
-            "model.matmul_dtype": MATMUL_DTYPES, "model.dropout_mask": DROPOUT_MASKS}
+            "model.matmul_dtype": MATMUL_DTYPES, "model.dropout_mask": DROPOUT_MASKS,
+            "model.start_state": START_STATES}
 # field: (low, high, high included); checked only where the field matters (see _applies).
 _RANGES = {
     "data.val_fraction": (0.0, 1.0, False),
@@ -47,13 +49,14 @@ _RANGES = {
     "optim.final_lr_fraction": (0.0, 1.0, True),
     "optim.weight_decay": (0.0, math.inf, False),
     "optim.ema_decay": (0.0, 1.0, False),
+    "train.reset_prob": (0.0, 1.0, False),
 }
 # Fields added after the first release, with the value a config without them means
 # (configs saved in older checkpoints lack them).
 _OPTIONAL = {"model.embed_init_std": 1.0, "model.weight_drop": 0.0,
              "model.matmul_dtype": "float32", "optim.weight_decay": 0.0,
              "train.cpu_devices": "auto", "model.dropout_mask": "step",
-             "optim.ema_decay": 0.0}
+             "optim.ema_decay": 0.0, "model.start_state": "zero", "train.reset_prob": 0.0}
 
 
 class ConfigError(UserError, ValueError):

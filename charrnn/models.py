@@ -30,6 +30,7 @@ from charrnn import cells as cell_registry
 from charrnn import scan
 
 CELLS = cell_registry.names()  # the built-in cell names (the registry's)
+START_STATES = ("zero", "learned")  # the kinds of CharRNN.start_state
 
 Carry = Any  # one carry per layer: [B, H] (rnn, irnn, gru, mgu) or a (c, h) pair (lstm)
 
@@ -104,6 +105,10 @@ class CharRNN:
     ``matmul_dtype``: ``float32`` or ``bfloat16``, the operand type of every
     product of an activation with a weight matrix (float32 accumulation;
     parameters and all other arithmetic stay float32).
+    ``start_state``: where every text starts (:data:`START_STATES`): ``zero``, the zero
+    state; ``learned``, a trained state, one carry per layer in ``params['start']``
+    (shapes of one row of the carry, e.g. ``(c [H], h [H])`` for an LSTM, initialised
+    to zeros), which training restarts streams from (:meth:`start_carry`).
     """
     vocab_size: int
     cell: str = "lstm"
@@ -117,6 +122,7 @@ class CharRNN:
     embed_init_std: float = 1.0
     weight_drop: float = 0.0
     dropout_mask: str = "step"
+    start_state: str = "zero"
 
     @classmethod
     def from_config(cls, model_config, vocab_size: int) -> "CharRNN":
@@ -129,7 +135,8 @@ class CharRNN:
                               matmul_dtype=model_config.get("matmul_dtype", "float32"),
                               embed_init_std=model_config.get("embed_init_std", 1.0),
                               weight_drop=model_config.get("weight_drop", 0.0),
-                              dropout_mask=model_config.get("dropout_mask", "step"))
+                              dropout_mask=model_config.get("dropout_mask", "step"),
+                              start_state=model_config.get("start_state", "zero"))
 
     @property
     def cell_def(self):
@@ -153,11 +160,26 @@ class CharRNN:
             in_dim = self.hidden_size
         head = nn.Dense(self.vocab_size)
         params["head"] = head.init(keys[-1], jnp.zeros((1, in_dim)))["params"]
+        if self.start_state == "learned":  # no random draw: the other parameters stay as they were
+            params["start"] = jax.tree.map(lambda a: a[0], self.initial_carry(1))
         return params
 
     def initial_carry(self, batch_size: int) -> tuple:
         """Zero hidden state: a tuple with one carry per layer."""
         return tuple(cell.initial_carry(batch_size) for cell in self.cells)
+
+    def start_carry(self, params: dict, batch_size: int) -> tuple:
+        """The start state (``start_state``) for ``batch_size`` rows: zeros, or the learned
+        ``params['start']`` broadcast over the rows. Sampling, evaluation and restarts begin here."""
+        if self.start_state != "learned":
+            return self.initial_carry(batch_size)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch_size,) + a.shape), params["start"])
+
+    def restart(self, params: dict, carry: tuple, rows) -> tuple:
+        """``carry`` with the rows where ``rows`` (bool [B]) is True set to the start state."""
+        start = self.start_carry(params, rows.shape[0])
+        pick = lambda s, c: jnp.where(rows.reshape((-1,) + (1,) * (c.ndim - 1)), s, c)
+        return jax.tree.map(pick, start, carry)
 
     def cell_step(self, params: dict, layer: int) -> Callable:
         """The step function of one layer, ``(carry, x_t [B, in]) -> (carry, h_t [B, H])``."""

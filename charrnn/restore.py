@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from charrnn import clipping, data, models, optim
+from charrnn import start as start_lib
 from charrnn import step as step_lib
 from charrnn.checkpoint import CheckpointError, Checkpointer
 
@@ -235,4 +236,9 @@ def evaluate_workdir(workdir: str, step: int | None = None, weights: str = "auto
                                  config.train.seq_len)
         print(f"step {step} | {split} loss {result[split]['loss']:.4f} nats/char "
               f"| {split} bpc {result[split]['bpc']:.4f}", flush=True)
+        scalars, curves = start_lib.measure(model, params, ids, start_lib.newline_id(vocab))
+        if scalars:
+            result[split].update(scalars)
+            print(f"step {step} | {split} {start_lib.describe(scalars)}\n"
+                  f"{start_lib.format_curves(curves)}", flush=True)
     return result

@@ -69,11 +69,16 @@ def update_ema(ema, params, decay):
     return jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, ema, params)
 
 
-def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_rows=None):
+def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_rows=None,
+            restart=None):
     """Mean cross-entropy in nats/char of targets y [B, T] given inputs x [B, T].
 
     Returns (loss, carry after the window). ``batch_rows``: see ``CharRNN.__call__``.
+    ``restart``: bool [B], rows that begin from the start state instead of ``carry``
+    (inside the loss, so that a learned start state gets its gradient).
     """
+    if restart is not None:
+        carry = model.restart(params, carry, restart)
     carry, logits = model(params, carry, x, dropout_key, batch_rows=batch_rows)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), carry
 
@@ -81,11 +86,12 @@ def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_
 def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
                clip: optax.GradientTransformation, optimizer: optax.GradientTransformation,
                schedule, axis_name: str | None = None,
-               clip_threshold=None, ema_decay: float = 0.0) -> tuple[TrainState, dict]:
+               clip_threshold=None, ema_decay: float = 0.0,
+               reset_prob: float = 0.0) -> tuple[TrainState, dict]:
     """One update: forward, loss, gradient, clip, optimizer step.
 
     batch: ``x``, ``y`` int [B, T] and ``reset`` bool [] (start of an epoch:
-    the carried hidden state restarts from zeros). key: dropout key of this step.
+    every stream restarts from the start state, ``model.start_carry``). key: dropout key of this step.
     A step whose loss, gradient or update is not finite changes neither the
     parameters nor the optimizer state; it is counted instead. (An update whose
     norm overflows float32, e.g. Adam with a learning rate of 1e20, counts too:
@@ -100,14 +106,16 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
     ``clip_threshold``: clip state after the update -> the threshold in force
     (``clipping.Clip.threshold``), logged as ``clip_threshold``; None logs none.
     ``ema_decay``: d of the averaged weights ``state.ema`` (when the state keeps them).
+    ``reset_prob``: p, each stream restarts from the start state with probability p
+    per window (:func:`restart_rows`), besides all of them at an epoch's start.
     """
-    carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), state.carry)
     rows = None
     if axis_name is not None:
         local = batch["x"].shape[0]
         rows = (jax.lax.axis_index(axis_name) * local, local * jax.lax.axis_size(axis_name))
+    restart = restart_rows(batch["reset"], key, reset_prob, batch["x"].shape[0], rows)
     (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, model, carry, batch["x"], batch["y"], key, rows)
+        state.params, model, state.carry, batch["x"], batch["y"], key, rows, restart)
     if axis_name is not None:
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
 
@@ -145,9 +153,37 @@ def train_step(state: TrainState, batch: dict, key, *, model: models.CharRNN,
     }
     if clip_threshold is not None:
         metrics["clip_threshold"] = clip_threshold(clip_state)
+    if reset_prob > 0:  # the share of streams restarted in this window
+        metrics["restart_fraction"] = jnp.mean(restart.astype(jnp.float32))
     for layer, w_grad in enumerate(models.recurrent_weights(grads)):
         metrics[f"whh_grad_norm/{layer}"] = jnp.linalg.norm(w_grad)
     return new_state, metrics
+
+
+# fold_in(step key, RESTART_STREAM) draws the restarts; dropout folds in 0..num_layers.
+RESTART_STREAM = 0x7E57A27
+
+
+def restart_rows(reset, key, reset_prob: float, batch_size: int, batch_rows=None):
+    """Streams that start this window from the start state: bool [B].
+
+    All of them when ``reset`` (bool [], an epoch's start); else stream b when
+    u_b < ``reset_prob``, u_b ~ U[0, 1) drawn from ``fold_in(key, RESTART_STREAM)``
+    for the whole batch, so resuming from a checkpoint redraws the same restarts.
+    ``batch_rows`` (start, total): these B rows are rows start.. of the whole batch
+    (one device's share), which take their own draws of the whole batch's.
+    """
+    restart = jnp.broadcast_to(reset, (batch_size,))
+    if reset_prob == 0:
+        return restart
+    start, total = (0, batch_size) if batch_rows is None else batch_rows
+    u = jax.random.uniform(jax.random.fold_in(key, RESTART_STREAM), (total,))
+    return restart | (jax.lax.dynamic_slice_in_dim(u, start, batch_size) < reset_prob)
+
+
+def reset_prob(config) -> float:
+    """The run's train.reset_prob (configs saved before it: 0, no random restarts)."""
+    return float(config.train.get("reset_prob", 0.0))
 
 
 def make_train_step(model, config, mesh=None):
@@ -166,7 +202,7 @@ def make_train_step(model, config, mesh=None):
         train_step, model=model, clip=clip.transform, clip_threshold=clip.threshold,
         optimizer=optim.make_base_optimizer(config.optim, config.train.num_steps),
         schedule=optim.make_schedule(config.optim, config.train.num_steps), axis_name=axis,
-        ema_decay=ema_decay(config))
+        ema_decay=ema_decay(config), reset_prob=reset_prob(config))
     if mesh is not None:
         rows, whole = parallel.P(axis), parallel.P()
         state = TrainState(step=whole, params=whole, opt_state=whole, carry=rows, rng=whole,
@@ -200,13 +236,14 @@ def evaluate(eval_fn, model, params, ids: np.ndarray, batch_size: int, seq_len: 
              burn_in: int = data.EVAL_BURN_IN) -> dict:
     """Loss over a whole split, the hidden state carried from window to window.
 
+    Every stream starts from the model's start state (:meth:`models.CharRNN.start_carry`).
     The split is read as ``batch_size`` streams, each of which first reads the
     ``burn_in`` characters before its start without scoring them
     (:func:`data.eval_windows`), so the loss is that of one stream carried
     through the whole split, whatever the batch size.
     Returns ``{"loss": nats/char, "bpc": bits/char}``.
     """
-    carry = model.initial_carry(batch_size)
+    carry = model.start_carry(params, batch_size)
     total, count = 0.0, 0
     for x, y, mask in data.eval_windows(ids, batch_size, seq_len, burn_in):
         carry, nll = eval_fn(params, carry, x, y, mask)

@@ -27,6 +27,7 @@ import numpy as np
 
 from charrnn import config as config_lib
 from charrnn import data, diagnostics, models, optim, parallel, restore, runinfo
+from charrnn import start as start_lib
 from charrnn import step as step_lib
 from charrnn import workdir as workdir_lib
 from charrnn.checkpoint import Checkpointer, decode_step_metrics, encode_step_metrics
@@ -274,6 +275,11 @@ class _Loop:
             record["wall_s"] = time.perf_counter() - self.started
             if split == "val":
                 record.update(diagnostics.whh_summary(params))
+                hand_over, _ = start_lib.measure(self.model, params, ids,
+                                                 start_lib.newline_id(self.start.vocab))
+                if hand_over:  # start_loss, context_loss, start_gap
+                    record.update(hand_over)
+                    line += " | " + start_lib.describe(hand_over)
             self.writer.write({"step": step, "split": split, **record})
             print(line, flush=True)
             result[split] = record

@@ -26,13 +26,16 @@ from charrnn.checkpoint import CheckpointError, Checkpointer
 # Fields whose change makes a checkpoint unusable: parameter or carry shapes,
 # or the optimizer state's structure.
 _SHAPE_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
-                 "train.batch_size", "optim.name", "optim.clip_mode")
+                 "train.batch_size", "optim.name", "optim.clip_mode", "model.start_state")
 # Fields whose change would make the resumed run another run: the batcher position
 # means other text under another seq_len, seed or split; the random streams differ.
 _SAME_RUN_FIELDS = ("seed", "train.seq_len", "data.encoding", "data.val_fraction",
-                    "data.test_fraction")
+                    "data.test_fraction", "train.reset_prob")
 # The model fields a fine-tuned run (--init_from) must share with its source.
-MODEL_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim")
+MODEL_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
+                "model.start_state")
+# What a config saved before a field existed means by its absence.
+_ABSENT = {"model.start_state": "zero", "train.reset_prob": 0.0}
 _ELSEWHERE = ("use another --workdir, --fresh to set the old run aside and start afresh, or "
               "--init_from=WORKDIR to start a new run from its weights")
 
@@ -40,7 +43,7 @@ _ELSEWHERE = ("use another --workdir, --fresh to set the old run aside and start
 def _field(tree: dict, field: str):
     for name in field.split("."):
         tree = tree.get(name) if isinstance(tree, dict) else None
-    return tree
+    return _ABSENT.get(field) if tree is None else tree
 
 
 def differences(saved: dict, current: dict, fields) -> list[str]:

@@ -242,6 +242,7 @@ def evaluate_workdir(workdir: str, step: int | None = None, weights: str = "auto
         scalars, curves = start_lib.measure(model, params, ids, start_lib.newline_id(vocab))
         if scalars:
             result[split].update(scalars)
-            print(f"step {step} | {split} {start_lib.describe(scalars)}\n"
-                  f"{start_lib.format_curves(curves)}", flush=True)
+            table = f"\nloss by position after a line start ({split}):\n" \
+                + start_lib.format_curves(curves) if split == "val" else ""
+            print(f"step {step} | {split} {start_lib.describe(scalars)}{table}", flush=True)
     return result

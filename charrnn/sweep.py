@@ -299,7 +299,7 @@ def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh
         clip = clipping.from_config(config.optim, strength=tau)
         return step_lib.train_step(state, batch, key, model=model, clip=clip.transform,
                                 clip_threshold=clip.threshold, optimizer=optimizer,
-                                schedule=schedule)
+                                schedule=schedule, reset_prob=step_lib.reset_prob(config))
 
     def group(states, batches, taus):
         num_runs = taus.shape[0]

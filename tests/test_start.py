@@ -137,8 +137,11 @@ def test_restarts_happen_at_the_configured_rate_and_are_per_row():
     rows = np.asarray(draw(keys))
     sigma = math.sqrt(p * (1 - p) / rows.size)
     assert abs(rows.mean() - p) < 4 * sigma  # 4 standard deviations: fails 1 run in 16,000
-    per_row = rows.mean(axis=0)  # every stream restarts at the rate, independently
+    per_row = rows.mean(axis=0)  # every stream restarts at the rate ...
     assert np.all(np.abs(per_row - p) < 5 * math.sqrt(p * (1 - p) / n_keys))
+    # ... independently: restarts per window vary as a binomial's, B p (1-p) = 3.04, not as
+    # one draw shared by the rows would make them (B² p (1-p) = 195).
+    assert rows.sum(axis=1).var() < 1.5 * batch * p * (1 - p)
     np.testing.assert_array_equal(step_lib.restart_rows(True, keys[0], p, batch), [True] * batch)
     # One device's share (rows 16..31 of 64) takes exactly those rows of the whole draw.
     share = step_lib.restart_rows(False, keys[0], p, 16, batch_rows=(16, 64))

@@ -31,6 +31,7 @@ CHOICES = {
     "data.name": ("shakespeare", "tinyshakespeare"),  # the built-in corpora (charrnn.data)
     "model.matmul_dtype": ("float32", "bfloat16"),
     "model.dropout_mask": ("step", "locked"),  # the kinds of models.CharRNN.dropout_mask
+    "model.start_state": ("zero", "learned"),  # where texts start: models.CharRNN.start_state
 }
 
 _POSITIVE_INTS = (
@@ -50,13 +51,15 @@ _RANGES = {
     "optim.final_lr_fraction": (0.0, 1.0, True),
     "optim.weight_decay": (0.0, math.inf, False),
     "optim.ema_decay": (0.0, 1.0, False),
+    "train.reset_prob": (0.0, 1.0, False),
 }
 # Fields added after the first release, with the value a config without them means
 # (configs saved in older checkpoints lack them): what upgrade() fills in.
 ADDED = {"model.fast_vjp": True, "model.remat": False, "model.embed_init_std": 1.0,
          "model.weight_drop": 0.0, "model.matmul_dtype": CHOICES["model.matmul_dtype"][0],
          "model.dropout_mask": CHOICES["model.dropout_mask"][0], "optim.weight_decay": 0.0,
-         "train.cpu_devices": "auto", "optim.ema_decay": 0.0, "model.unroll": "auto"}
+         "train.cpu_devices": "auto", "optim.ema_decay": 0.0, "model.unroll": "auto",
+         "model.start_state": CHOICES["model.start_state"][0], "train.reset_prob": 0.0}
 
 
 class ConfigError(UserError, ValueError):

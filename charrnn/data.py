@@ -435,3 +435,20 @@ def eval_windows(ids: np.ndarray, batch_size: int, seq_len: int, burn_in: int = 
     for w in range(n_windows):
         cols = slice(w * t, (w + 1) * t)
         yield x[:, cols], y[:, cols], mask[:, cols]
+
+
+def line_starts(ids: np.ndarray, newline_id: int, count: int, context: int, length: int
+                ) -> np.ndarray:
+    """Positions s of ``count`` newlines spread evenly over a split: int [K], K <= count.
+
+    Candidates are the s with ids[s] = newline, at least ``context`` - 1 characters
+    before it (so ids[s-context+1 .. s] exist) and ``length`` characters after it.
+    Of the n candidates, those of rank round(k (n-1) / (count-1)), k = 0..count-1, are
+    kept (all of them when n <= count): a fixed choice that depends on the split alone.
+    """
+    ids = _as_ids(ids)
+    s = np.flatnonzero(ids == newline_id)
+    s = s[(s >= context - 1) & (s + length < len(ids))]
+    if len(s) <= count:
+        return s
+    return s[np.round(np.linspace(0, len(s) - 1, count)).astype(np.int64)]

@@ -36,6 +36,7 @@ from charrnn import scan
 
 CELLS = cell_registry.names()  # the built-in cell names (the registry's)
 MATMUL_DTYPE = config_lib.CHOICES["model.matmul_dtype"][0]  # float32: the default operand type
+START_STATES = config_lib.CHOICES["model.start_state"]  # the kinds of CharRNN.start_state
 
 Carry = Any  # one carry per layer: [B, H] (rnn, irnn, gru, mgu) or a (c, h) pair (lstm)
 
@@ -199,6 +200,10 @@ class CharRNN:
     ``matmul_dtype``: ``float32`` or ``bfloat16``, the operand type of every
     product of an activation with a weight matrix (float32 accumulation;
     parameters and all other arithmetic stay float32).
+    ``start_state``: where every text starts (:data:`START_STATES`): ``zero``, the zero
+    state; ``learned``, a trained state, one carry per layer in ``params['start']``
+    (shapes of one row of the carry, e.g. ``(c [H], h [H])`` for an LSTM, initialised
+    to zeros), which training restarts streams from (:meth:`start_carry`).
     """
     vocab_size: int
     cell: str = "lstm"
@@ -213,6 +218,7 @@ class CharRNN:
     weight_drop: float = 0.0
     dropout_mask: str = "step"
     unroll: int = 1
+    start_state: str = "zero"
 
     @classmethod
     def from_config(cls, model_config, vocab_size: int) -> "CharRNN":
@@ -222,7 +228,8 @@ class CharRNN:
                    num_layers=m.num_layers, embed_dim=m.embed_dim, dropout=m.dropout,
                    fast_vjp=m.fast_vjp, remat=m.remat, matmul_dtype=m.matmul_dtype,
                    embed_init_std=m.embed_init_std, weight_drop=m.weight_drop,
-                   dropout_mask=m.dropout_mask, unroll=resolve_unroll(m.unroll))
+                   dropout_mask=m.dropout_mask, unroll=resolve_unroll(m.unroll),
+                   start_state=m.start_state)
 
     @property
     def cell_def(self):
@@ -248,12 +255,27 @@ class CharRNN:
             in_dim = self.hidden_size
         head = nn.Dense(self.vocab_size)
         params["head"] = head.init(keys[-1], jnp.zeros((1, in_dim)))["params"]
+        if self.start_state == "learned":  # no random draw: the other parameters stay as they were
+            params["start"] = jax.tree.map(lambda a: a[0], self.initial_carry(1))
         return params
 
     def initial_carry(self, batch_size: int) -> tuple:
         """Zero hidden state: a tuple with one carry per layer."""
         return tuple(self.cell_def.init_carry(batch_size, self.hidden_size)
                      for _ in range(self.num_layers))
+
+    def start_carry(self, params: dict, batch_size: int) -> tuple:
+        """The start state (``start_state``) for ``batch_size`` rows: zeros, or the learned
+        ``params['start']`` broadcast over the rows. Sampling, evaluation and restarts begin here."""
+        if self.start_state != "learned":
+            return self.initial_carry(batch_size)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch_size,) + a.shape), params["start"])
+
+    def restart(self, params: dict, carry: tuple, rows) -> tuple:
+        """``carry`` with the rows where ``rows`` (bool [B]) is True set to the start state."""
+        start = self.start_carry(params, rows.shape[0])
+        pick = lambda s, c: jnp.where(rows.reshape((-1,) + (1,) * (c.ndim - 1)), s, c)
+        return jax.tree.map(pick, start, carry)
 
     def cell_step(self, params: dict, layer: int) -> Callable:
         """Layer ``layer``'s reference step (:meth:`Layer.cell_step`)."""

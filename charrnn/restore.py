@@ -20,6 +20,7 @@ import numpy as np
 
 from charrnn import clipping, data, metrics, models, optim
 from charrnn import config as config_lib
+from charrnn import start as start_lib
 from charrnn import step as step_lib
 from charrnn import workdir as workdir_lib
 from charrnn.checkpoint import CheckpointError, CheckpointGone, Checkpointer
@@ -28,13 +29,14 @@ from charrnn.checkpoint import CheckpointError, CheckpointGone, Checkpointer
 # Fields whose change makes a checkpoint unusable: parameter or carry shapes,
 # or the optimizer state's structure.
 _SHAPE_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
-                 "train.batch_size", "optim.name", "optim.clip_mode")
+                 "train.batch_size", "optim.name", "optim.clip_mode", "model.start_state")
 # Fields whose change would make the resumed run another run: the batcher position
 # means other text under another seq_len, seed or split; the random streams differ.
 _SAME_RUN_FIELDS = ("seed", "train.seq_len", "data.encoding", "data.val_fraction",
-                    "data.test_fraction")
+                    "data.test_fraction", "train.reset_prob")
 # The model fields a fine-tuned run (--init_from) must share with its source.
-MODEL_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim")
+MODEL_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
+                "model.start_state")
 _ELSEWHERE = ("use another --workdir, --fresh to set the old run aside and start afresh, or "
               "--init_from=WORKDIR to start a new run from its weights")
 
@@ -42,7 +44,7 @@ _ELSEWHERE = ("use another --workdir, --fresh to set the old run aside and start
 def _field(tree: dict, field: str):
     for name in field.split("."):
         tree = tree.get(name) if isinstance(tree, dict) else None
-    return tree
+    return config_lib.ADDED.get(field) if tree is None else tree  # absent: its old meaning
 
 
 def differences(saved: dict, current: dict, fields) -> list[str]:
@@ -370,4 +372,10 @@ def evaluate_workdir(workdir: str, step: int | None = None, weights: str = "auto
                                  config.train.seq_len)
         print(f"step {step} | {split} loss {result[split]['loss']:.4f} nats/char "
               f"| {split} bpc {result[split]['bpc']:.4f}", flush=True)
+        scalars, curves = start_lib.measure(model, params, ids, start_lib.newline_id(vocab))
+        if scalars:
+            result[split].update(scalars)
+            table = f"\nloss by position after a line start ({split}):\n" \
+                + start_lib.format_curves(curves) if split == "val" else ""
+            print(f"step {step} | {split} {start_lib.describe(scalars)}{table}", flush=True)
     return result

@@ -4,7 +4,7 @@ Inference has no target and no loss. Two stages:
 
 1. **Priming** runs the prompt through the training forward pass
    (:meth:`models.CharRNN.__call__`: the same teacher-forced scan, no
-   sampling, no dropout) from the zero state. That gives the hidden state
+   sampling, no dropout) from the model's start state (zeros, or a learned one). That gives the hidden state
    after the prompt and the logits for the character that follows it.
 2. **Generation** is one jitted function: the first character is drawn from
    the priming logits, then a ``jax.lax.scan`` over the remaining steps whose
@@ -89,12 +89,13 @@ def encode_prompt(vocab: data.Vocab, prompt: str) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames="model")
 def prime(params, ids, *, model: models.CharRNN):
-    """Teacher-forced pass over the prompt ids int [P] (P >= 1) from the zero state.
+    """Teacher-forced pass over the prompt ids int [P] (P >= 1) from the start state
+    (:meth:`models.CharRNN.start_carry`: zeros, or the learned one).
 
     Returns (carry after the last prompt character, logits [1, V] for the next
     character) — exactly the training scan's carry and last logits for the same text.
     """
-    carry, logits = model(params, model.initial_carry(1), ids[None, :])
+    carry, logits = model(params, model.start_carry(params, 1), ids[None, :])
     return carry, logits[:, -1]
 
 

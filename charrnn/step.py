@@ -64,11 +64,16 @@ def update_ema(ema, params, decay):
     return jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, ema, params)
 
 
-def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_rows=None):
+def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_rows=None,
+            restart=None):
     """Mean cross-entropy in nats/char of targets y [B, T] given inputs x [B, T].
 
     Returns (loss, carry after the window). ``batch_rows``: see ``CharRNN.__call__``.
+    ``restart``: bool [B], rows that begin from the start state instead of ``carry``
+    (inside the loss, so that a learned start state gets its gradient).
     """
+    if restart is not None:
+        carry = model.restart(params, carry, restart)
     carry, logits = model(params, carry, x, dropout_key, batch_rows=batch_rows)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), carry
 
@@ -79,14 +84,16 @@ def step_key(state: TrainState) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict, *, model: models.CharRNN,
-               optimizer: optim.Optimizer, axis_name: str | None = None) -> tuple[TrainState, dict]:
+               optimizer: optim.Optimizer, axis_name: str | None = None,
+               reset_prob: float = 0.0) -> tuple[TrainState, dict]:
     """One update: forward, loss, gradient, clip, optimizer step.
 
     batch: ``x``, ``y`` int [B, T] and ``reset`` bool [] (start of an epoch:
-    the carried hidden state restarts from zeros). The step's dropout key is
-    :func:`step_key` of the state. A step whose loss, gradient or update is not
-    finite changes neither the parameters nor the optimizer state; it is counted
-    instead. (An update whose norm overflows float32, e.g. Adam with a learning
+    every stream restarts from the start state, ``model.start_carry``); besides,
+    each stream restarts with probability ``reset_prob`` (:func:`restart_rows`).
+    The step's random key (dropout, restarts) is :func:`step_key` of the state. A
+    step whose loss, gradient or update is not finite changes neither the
+    parameters nor the optimizer state; it is counted instead. (An update whose norm overflows float32, e.g. Adam with a learning
     rate of 1e20, counts too: applying it would leave finite but meaningless
     weights, and the next loss inf.)
 
@@ -96,13 +103,13 @@ def train_step(state: TrainState, batch: dict, *, model: models.CharRNN,
     whole batch's mean and its gradient), and everything after, clipping
     included, sees exactly what one device would.
     """
-    carry = jax.tree.map(lambda c: jnp.where(batch["reset"], jnp.zeros_like(c), c), state.carry)
-    rows = None
+    key, rows = step_key(state), None
     if axis_name is not None:
         local = batch["x"].shape[0]
         rows = (jax.lax.axis_index(axis_name) * local, local * jax.lax.axis_size(axis_name))
+    restart = restart_rows(batch["reset"], key, reset_prob, batch["x"].shape[0], rows)
     (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, model, carry, batch["x"], batch["y"], step_key(state), rows)
+        state.params, model, state.carry, batch["x"], batch["y"], key, rows, restart)
     if axis_name is not None:
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
 
@@ -125,8 +132,10 @@ def train_step(state: TrainState, batch: dict, *, model: models.CharRNN,
         rng=state.rng, nonfinite_run=nonfinite_run,
         nonfinite_total=state.nonfinite_total + (1 - finite.astype(jnp.int32)),
         ema=None if ema is None else keep_new(ema, state.ema))
-    return new_state, _step_metrics(loss, grads, grad_norm, step, finite,
-                                    optimizer.schedule(state.step))
+    metrics = _step_metrics(loss, grads, grad_norm, step, finite, optimizer.schedule(state.step))
+    if reset_prob > 0:  # the share of streams restarted in this window
+        metrics["restart_fraction"] = jnp.mean(restart.astype(jnp.float32))
+    return new_state, metrics
 
 
 def _step_metrics(loss, grads, grad_norm, step: optim.Update, finite, lr) -> dict:
@@ -151,7 +160,28 @@ def _step_metrics(loss, grads, grad_norm, step: optim.Update, finite, lr) -> dic
     return metrics
 
 
-def make_train_step(model, optimizer: optim.Optimizer, mesh=None):
+# fold_in(step key, RESTART_STREAM) draws the restarts; dropout folds in 0..num_layers.
+RESTART_STREAM = 0x7E57A27
+
+
+def restart_rows(reset, key, reset_prob: float, batch_size: int, batch_rows=None):
+    """Streams that start this window from the start state: bool [B].
+
+    All of them when ``reset`` (bool [], an epoch's start); else stream b when
+    u_b < ``reset_prob``, u_b ~ U[0, 1) drawn from ``fold_in(key, RESTART_STREAM)``
+    for the whole batch, so resuming from a checkpoint redraws the same restarts.
+    ``batch_rows`` (start, total): these B rows are rows start.. of the whole batch
+    (one device's share), which take their own draws of the whole batch's.
+    """
+    restart = jnp.broadcast_to(reset, (batch_size,))
+    if reset_prob == 0:
+        return restart
+    start, total = (0, batch_size) if batch_rows is None else batch_rows
+    u = jax.random.uniform(jax.random.fold_in(key, RESTART_STREAM), (total,))
+    return restart | (jax.lax.dynamic_slice_in_dim(u, start, batch_size) < reset_prob)
+
+
+def make_train_step(model, optimizer: optim.Optimizer, mesh=None, reset_prob: float = 0.0):
     """``train_step`` bound to this run's model and optimizer, jitted once, state donated:
     ``(state, batch) -> (state, metrics)``.
 
@@ -159,11 +189,13 @@ def make_train_step(model, optimizer: optim.Optimizer, mesh=None):
     rows of the batch and carry under ``jax.shard_map``, with one all-reduce of
     the gradient (``train_step``'s ``axis_name``); the parameters, optimizer
     state and metrics are the same on every device. Feed it batches placed by
-    ``DataParallel.wrap_step``.
+    ``DataParallel.wrap_step``. ``reset_prob``: the run's ``train.reset_prob``
+    (:func:`train_step`).
     """
     hostmem.keep_freed_memory()  # on CPU, stops every step page-faulting its buffers in again
     axis = None if mesh is None else mesh.axis_names[0]
-    step = functools.partial(train_step, model=model, optimizer=optimizer, axis_name=axis)
+    step = functools.partial(train_step, model=model, optimizer=optimizer, axis_name=axis,
+                             reset_prob=reset_prob)
     if mesh is not None:
         rows, whole = parallel.P(axis), parallel.P()
         state = TrainState(step=whole, params=whole, opt_state=whole, carry=rows, rng=whole,
@@ -213,6 +245,7 @@ def evaluate(eval_fn, model, params, ids: np.ndarray, batch_size: int, seq_len: 
              burn_in: int = data.EVAL_BURN_IN, num_runs: int | None = None) -> dict:
     """Loss over a whole split, the hidden state carried from window to window.
 
+    Every stream starts from the model's start state (:meth:`models.CharRNN.start_carry`).
     The split is read as ``batch_size`` streams, each of which first reads the
     ``burn_in`` characters before its start without scoring them
     (:func:`data.eval_windows`), so the loss is that of one stream carried
@@ -221,9 +254,10 @@ def evaluate(eval_fn, model, params, ids: np.ndarray, batch_size: int, seq_len: 
     ``make_eval_step(model, runs=True)``); the losses are then arrays [R].
     Returns ``{"loss": nats/char, "bpc": bits/char}``.
     """
-    carry = model.initial_carry(batch_size)
-    if num_runs is not None:
-        carry = jax.tree.map(lambda a: jnp.stack([a] * num_runs), carry)
+    if num_runs is None:
+        carry = model.start_carry(params, batch_size)
+    else:  # each run's start state (the learned ones differ)
+        carry = jax.vmap(lambda p: model.start_carry(p, batch_size))(params)
     total, count = 0.0, 0
     for x, y, mask in data.eval_windows(ids, batch_size, seq_len, burn_in):
         carry, nll = eval_fn(params, carry, x, y, mask)

@@ -27,6 +27,7 @@ import numpy as np
 
 from charrnn import config as config_lib
 from charrnn import data, diagnostics, memory, models, optim, parallel, restore, runinfo
+from charrnn import start as start_lib
 from charrnn import step as step_lib
 from charrnn import workdir as workdir_lib
 from charrnn.checkpoint import Checkpointer, decode_step_metrics, encode_step_metrics
@@ -95,7 +96,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False, launch: dic
 def _with_absolute_path(config):
     """A copy of ``config`` whose data.path is absolute, so that config.json and the
     checkpoints name the text wherever eval or sampling later runs from."""
-    config = config.copy_and_resolve_references()
+    config = config_lib.upgrade(config.copy_and_resolve_references())  # every field present
     if config.data.path:
         config.data.path = os.path.abspath(os.path.expanduser(config.data.path))
     return config
@@ -189,7 +190,8 @@ class _Loop:
         self.batcher, self.ckpt, self.writer = batcher, ckpt, writer
         self.val_ids, self.test_ids = eval_splits
         self.dp = dp or parallel.DataParallel(mesh=None)
-        self.step_fn = self.dp.wrap_step(step_lib.make_train_step(model, optimizer, self.dp.mesh))
+        self.step_fn = self.dp.wrap_step(step_lib.make_train_step(
+            model, optimizer, self.dp.mesh, reset_prob=config.train.reset_prob))
         self.eval_fn = self.dp.wrap_eval(step_lib.make_eval_step(model))
 
     def run(self, state: step_lib.TrainState, stop: _StopOnSignal,
@@ -275,6 +277,11 @@ class _Loop:
             record["wall_s"] = time.perf_counter() - self.started
             if split == "val":
                 record.update(diagnostics.whh_summary(params))
+                hand_over, _ = start_lib.measure(self.model, params, ids,
+                                                 start_lib.newline_id(self.start.vocab))
+                if hand_over:  # start_loss, context_loss, start_gap
+                    record.update(hand_over)
+                    line += " | " + start_lib.describe(hand_over)
             self.writer.write({"step": step, "split": split, **record})
             print(line, flush=True)
             result[split] = record

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from charrnn import config as config_lib
 from charrnn import data, models, optim, parallel
 from charrnn import step as step_lib
 from charrnn.sweep.grid import Run, SweepError, parse_strength, run_config
@@ -69,7 +70,8 @@ def run_single(config, corpus: Corpus, num_steps: int | None = None) -> dict:
     model = models.CharRNN.from_config(config.model, corpus.vocab_size)
     optimizer = optim.Optimizer.from_config(config)
     state = step_lib.init_state(model, optimizer, config.train.batch_size, config.seed)
-    step_fn = step_lib.make_train_step(model, optimizer)
+    step_fn = step_lib.make_train_step(model, optimizer,
+                                       reset_prob=config_lib.upgrade(config).train.reset_prob)
     batcher = data.Batcher(corpus.train_ids, config.train.batch_size, config.train.seq_len,
                            config.seed)
     evaluate = _evaluator(model, config, corpus, num_runs=None)
@@ -153,9 +155,12 @@ def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh
     if runs_per_chunk < 0:
         raise SweepError(f"runs_per_chunk must be >= 0, got {runs_per_chunk}")
 
+    reset_prob = config_lib.upgrade(config).train.reset_prob
+
     def one_run(state, batch, hypers):
         optimizer = optim.Optimizer.from_config(config, **hypers)
-        return step_lib.train_step(state, batch, model=model, optimizer=optimizer)
+        return step_lib.train_step(state, batch, model=model, optimizer=optimizer,
+                                   reset_prob=reset_prob)
 
     def group(states, batches, hypers):
         num_runs = jax.tree.leaves(hypers)[0].shape[0]

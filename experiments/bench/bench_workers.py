@@ -121,7 +121,8 @@ class JaxTrain(Task):
         optimizer = optim.Optimizer.from_config(config)
         self.state = dp.create_state(functools.partial(
             step_lib.init_state, self.model, optimizer, spec["batch"], config.seed))
-        self.step = dp.wrap_step(step_lib.make_train_step(self.model, optimizer, dp.mesh))
+        self.step = dp.wrap_step(step_lib.make_train_step(
+            self.model, optimizer, dp.mesh, reset_prob=config.train.reset_prob))
         shape = (spec["batch"], spec["seq_len"])
         self.batch = {"x": _random_tokens(shape, 1), "y": _random_tokens(shape, 2),
                       "reset": np.bool_(False)}

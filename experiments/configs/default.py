@@ -47,6 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # operand type of the matmuls (float32 accumulation, float32 parameters):
     # bfloat16 is faster on GPUs, TPUs and CPUs with AMX/AVX512-BF16
     config.model.matmul_dtype = "float32"
+    # The state every text starts from (sampling, evaluation, restarts in training): "zero",
+    # or "learned", a trained carry per layer (charrnn/start.py measures how well the first
+    # characters after a line start are predicted from it: start_loss)
+    config.model.start_state = "zero"
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32  # B parallel streams
@@ -56,6 +60,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.eval_every = 500  # steps between val evaluations (and at the end)
     config.train.checkpoint_every = 500  # steps between checkpoints (and at the end)
     config.train.eval_batch_size = 64  # streams used to sweep the whole val/test split
+    # Probability per stream per window that training restarts the stream from the start
+    # state (besides every stream at an epoch's start). 0 carries the state across windows
+    # until the epoch ends: a default run stopped before its first epoch (~1,050 steps) met
+    # the start state only at step 0 and began its samples with random symbols. 0.02 had the
+    # lowest start_loss and val loss of zero / learned / restarts / both at 1000 steps
+    # (docs/design-notes.md, "The start state")
+    config.train.reset_prob = 0.02
     config.train.max_consecutive_nonfinite = 20  # stop after this many skipped steps in a row
     config.train.keep_checkpoints = 3  # how many recent checkpoints to keep
     # CPU devices the host is split into: "auto" (one per core for small models, see

@@ -139,7 +139,7 @@ def train_and_measure(config, measure_every: int, seeds=None) -> tuple[list, flo
     tx, batch_size = optim.Optimizer.from_config(config), config.train.batch_size
     # one compiled program rather than op-by-op dispatch (seconds of compiling tiny ops)
     init = jax.jit(lambda seed: step_lib.init_state(model, tx, batch_size, seed))
-    step_fn = step_lib.make_train_step(model, tx)
+    step_fn = step_lib.make_train_step(model, tx, reset_prob=config.train.reset_prob)
 
     @jax.jit
     def measure(params, delta, carry, x, y):

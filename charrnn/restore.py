@@ -111,12 +111,14 @@ def check_workdir(workdir: str, config) -> None:
     the second save waits for it).
     """
     workdir_lib.check_run_files(workdir)
-    ckpt = Checkpointer(workdir, create=False)
-    try:
-        if ckpt.all_steps():
-            return
-    finally:
-        ckpt.close()
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    # Read from the directory, not through orbax: every process of a multi-process run
+    # checks, and an extra CheckpointManager on some of them would put their barriers
+    # (orbax numbers them per process) out of step with the others'.
+    if os.path.isdir(directory) and any(
+            name.isdigit() and os.path.isdir(os.path.join(directory, name))
+            for name in os.listdir(directory)):
+        return  # a finished save (orbax writes a step under a temporary name first)
     if not _record_steps(os.path.join(workdir, "metrics.jsonl")):
         return  # a launch that failed before its first record: nothing to lose
     present = _records(workdir)
@@ -124,7 +126,7 @@ def check_workdir(workdir: str, config) -> None:
     if reason:
         raise CheckpointError(
             f"workdir {workdir} holds the records of a run ({', '.join(present)}) but no "
-            f"checkpoint in {ckpt.directory}, and {reason}: starting at step 0 would overwrite "
+            f"checkpoint in {directory}, and {reason}: starting at step 0 would overwrite "
             "them; put the checkpoints back to resume, --fresh to set the records aside, or "
             "use another --workdir")
 

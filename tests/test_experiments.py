@@ -25,8 +25,8 @@ def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
             "--config.sweep.optimizers=('sgd',)", "--config.sweep.rules=('none','global_norm')",
             "--config.sweep.strengths.global_norm=('1x',)"]
     listed = _run(base + ["--list_runs"])
-    assert listed.stdout.split() == ["0", "rnn-sgd-seed0-none", "1",
-                                     "rnn-sgd-seed0-global_norm_1x"]
+    assert listed.stdout.split() == ["0", "rnn-sgd-lr1-seed0-none", "1",
+                                     "rnn-sgd-lr1-seed0-global_norm_1x"]
     one = _run(base + ["--run_index=1"])
     assert one.returncode == 0, one.stderr[-2000:]
     assert os.listdir(tmp_path / "runs") == ["rnn-sgd-seed0-global_norm_1x.json"]

@@ -190,4 +190,4 @@ def test_a_script_runs_by_path_and_as_a_module(form, tmp_path):
     out = subprocess.run([sys.executable, *script, f"--outdir={tmp_path}", "--smoke",
                           "--list_runs"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[:2] == ["0", "lstm-sgd-seed0-none"]
+    assert out.stdout.split()[:2] == ["0", "lstm-sgd-lr1-seed0-none"]

@@ -125,3 +125,16 @@ def test_bfloat16_matmuls_stay_close_to_float32(cell, fast_vjp):
     for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)):
         assert g16.dtype == jnp.float32
         assert _cosine(g16, g32) > 0.999
+
+
+@pytest.mark.parametrize("fast_vjp", [True, False])
+def test_unrolling_changes_speed_not_results(fast_vjp, monkeypatch):
+    """model.unroll (time steps per loop iteration; 'auto' = 8 on an accelerator) gives the
+    loss and gradients of one step per iteration, on the fast path and the reference."""
+    loss_one, grads_one = _grads(_model("lstm", fast_vjp=fast_vjp, unroll=1))
+    loss_four, grads_four = _grads(_model("lstm", fast_vjp=fast_vjp, unroll=4))
+    assert float(loss_four) == pytest.approx(float(loss_one), abs=1e-6)
+    _assert_trees_close(grads_four, grads_one, tol=1e-6)
+    assert models.resolve_unroll("3") == 3 and models.resolve_unroll("auto") == 1  # on a CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert models.resolve_unroll("auto") == models.ACCELERATOR_UNROLL

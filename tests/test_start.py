@@ -214,6 +214,16 @@ def test_bad_values_are_named(smoke_config):
             config_lib.validate(config)
 
 
+def test_a_config_without_the_fields_means_zero_and_no_restarts():
+    """config.upgrade: a config saved before the fields existed gets their old meaning."""
+    old = {"model": {"cell": "lstm"}, "train": {"batch_size": 4}, "optim": {"name": "adam"}}
+    new = config_lib.upgrade(old)
+    assert (new.model.start_state, new.train.reset_prob) == ("zero", 0.0)
+    assert new.model.cell == "lstm" and "start_state" not in old["model"]
+    kept = config_lib.upgrade({"model": {"start_state": "learned"}, "train": {"reset_prob": 0.1}})
+    assert (kept.model.start_state, kept.train.reset_prob) == ("learned", 0.1)
+
+
 def test_a_checkpoint_without_the_fields_evaluates_and_samples(smoke_config, tmp_path, capsys):
     """A run saved before model.start_state and train.reset_prob existed (its config lacks
     them) restores, evaluates (start_loss included) and samples from the zero state."""
@@ -224,7 +234,7 @@ def test_a_checkpoint_without_the_fields_evaluates_and_samples(smoke_config, tmp
     workdir = str(tmp_path / "old")
     train.train_and_evaluate(smoke_config, workdir)
     config, vocab, model, params, _ = restore.load_checkpoint(workdir)
-    assert "start_state" not in config.model and model.start_state == "zero"
+    assert model.start_state == "zero" and config.train.reset_prob == 0.0  # config.upgrade
     assert "start" not in params
     result = restore.evaluate_workdir(workdir)
     assert result["val"]["start_loss"] > 0 and "from start" in capsys.readouterr().out

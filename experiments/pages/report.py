@@ -227,7 +227,7 @@ def measure_lm(lm: str, outdir: str, smoke: bool) -> dict:
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
-    from charrnn import data, diagnostics, metrics, optim
+    from charrnn import clipping, data, diagnostics, metrics, optim
     from charrnn import restore
     from charrnn import step as step_lib
 
@@ -247,7 +247,8 @@ def measure_lm(lm: str, outdir: str, smoke: bool) -> dict:
              ("agc", 0.01, "λ = 0.01")]
     cosines = []
     for mode, bound, label in rules:
-        clip = optim.make_clip(ml_collections.ConfigDict({"clip_mode": mode, "clip_norm": bound}))
+        clip = clipping.from_config(ml_collections.ConfigDict(
+            {"clip_mode": mode, "clip_norm": bound})).transform
         clipped, _ = clip.update(grads, clip.init(params), params)
         cosines.append({"mode": mode, "setting": label, "bound": bound,
                         "cosine": float(diagnostics.tree_cosine(grads, clipped)),

@@ -29,11 +29,11 @@ def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
                                      "rnn-sgd-lr1-seed0-global_norm_1x"]
     one = _run(base + ["--run_index=1"])
     assert one.returncode == 0, one.stderr[-2000:]
-    assert os.listdir(tmp_path / "runs") == ["rnn-sgd-seed0-global_norm_1x.json"]
+    assert os.listdir(tmp_path / "runs") == ["rnn-sgd-lr1-seed0-global_norm_1x.json"]
     collected = _run(base + ["--aggregate"])
     assert collected.returncode == 0, collected.stderr[-2000:]
     rows = (tmp_path / "clip_ablation.csv").read_text().splitlines()
-    assert len(rows) == 2 and rows[1].startswith("rnn,sgd,0,global_norm,1x,")
+    assert len(rows) == 2 and rows[1].startswith("rnn,sgd,1.0,0,global_norm,1x,")
     bad = _run(base + ["--run_index=5"])
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
     bad = _run(base + ["--devices=-1"])

@@ -262,6 +262,7 @@ $= \\langle g, \\hat g\\rangle / (\\lVert g\\rVert \\lVert \\hat g\\rVert)$:
 
 
 def section_loop(results) -> str:
+    from charrnn import optim
     from charrnn import step as step_lib
     lm = results["lm"]
     cfg = lm["config"]
@@ -293,8 +294,11 @@ One iteration of `charrnn.step.train_step` (jitted once, state donated):
 The lines that do 3–5, read from the source now:
 
 {quote(step_lib.train_step, 'jax.value_and_grad', 'optax.apply_updates')}
-`clip` is the rule `optim.clip_mode` of `charrnn/clipping.py` and `optimizer` the Adam/SGD link
-(`step.make_train_step`); `grad_norm` is $g$ before clipping and is logged.
+and inside `optimizer.update` (`charrnn/optim.py`, the one optimizer object of a run):
+
+{quote(optim.Optimizer.update, 'clip_state, base_state = state', 'return Update(')}
+`self.clip` is the rule `optim.clip_mode` of `charrnn/clipping.py` and `self.base` the Adam/SGD
+link; `grad_norm` is $g$ before clipping and is logged.
 
 **Telemetry of a real run.** The report trained its language model
 ({_cell_name(cfg['model']['cell'])}

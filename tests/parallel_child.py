@@ -106,7 +106,6 @@ def collectives(hlo: str) -> list:
 
 def sweep_layout(configs, taus, vocab_size: int, mesh) -> dict:
     """How the compiled group step lays out its runs on ``mesh``: output specs, collectives."""
-    import re
     import jax.numpy as jnp
     from charrnn import sweep
     model = models.CharRNN.from_config(configs[0].model, vocab_size)

@@ -1,7 +1,5 @@
 """Elman tanh RNN: h_t = tanh(x_t W_xh + b + h_{t-1} W_hh), G = 1."""
 
-import jax.numpy as jnp
-
 from charrnn.cells.base import Cell, tanh
 
 

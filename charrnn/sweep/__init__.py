@@ -15,3 +15,8 @@ from charrnn.sweep.results import summarize
 from charrnn.sweep.run import (STEP_METRICS, Corpus, default_runs_per_chunk, group_mesh,
                                init_group, make_group_step, reference_norm, run_group,
                                run_single, stack_batches, strengths)
+
+__all__ = ["Corpus", "Run", "STEP_METRICS", "SweepError", "default_runs_per_chunk", "group_mesh",
+           "init_group", "make_group_step", "make_grid", "parse_strength", "parse_threshold",
+           "reference_norm", "run_config", "run_group", "run_single", "stack_batches",
+           "strengths", "summarize"]

@@ -14,7 +14,6 @@ should cost no more than 5% of the step). ``window_spread``: slowest /
 fastest window of each rule (the timing noise).
 """
 
-import json
 import time
 
 from absl import app, flags

@@ -16,7 +16,6 @@ one-program sweep is at least as fast as running the runs one by one.
 ``window_spread``: slowest / fastest window of each variant (timing noise).
 """
 
-import json
 import time
 
 from absl import app, flags

@@ -111,7 +111,6 @@ class JaxTrain(Task):
 
     def __init__(self, spec):
         import functools
-        import jax
         import numpy as np
         from charrnn import models, optim, parallel
         from charrnn import step as step_lib

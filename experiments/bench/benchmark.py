@@ -46,7 +46,6 @@ import time
 
 from absl import app, flags
 
-from experiments import cli
 from experiments.bench import bench_report, harness
 
 _OUTDIR = flags.DEFINE_string("outdir", "runs/benchmark", "Directory for benchmark.json.")

@@ -139,7 +139,8 @@ def tables(out) -> list:
                    ["variant", "device peak", "XLA temp", ""] + run_head, rows))
     rows = [[r["comparison"], f"{r['a']} / {r['b']}", _fmt(r["a_per_sec"]), _fmt(r["b_per_sec"]),
              _ratio_text(r["ratio"])] for r in out["comparisons"]]
-    result.append(("ratios (within this run)", ["what", "a / b", "a", "b", "ratio"], rows))
+    result.append(("ratios (a and b measured in one run)", ["what", "a / b", "a", "b", "ratio"],
+                   rows))
     rows = [[r["comparison"], _ratio_text(r["ratio"]), f">= {r['target']}x",
              "met" if r["met"] else "NOT MET"] for r in out["comparisons"] if "target" in r]
     result.append((f"targets: charrnn float32 / {_pytorch(out)} float32",
@@ -224,8 +225,9 @@ def markdown(out) -> str:
               "charrnn's own training step with its LSTM layers as one "
               "`jax.experimental.rnn.lstm` call (experiments/bench/cudnn_lstm.py). Each number "
               f"is the median of {s['repeats']} timing windows of {s['window_s']} s, rotated "
-              f"over the contenders of a group; total run {s['total_s'] / 60:.1f} min "
-              f"(budget {s['budget_s']:.0f} s, compilation included).", "",
+              f"over the contenders of a group; {'the first ' if 'runs' in out else ''}run "
+              f"took {s['total_s'] / 60:.1f} min (budget {s['budget_s']:.0f} s, compilation "
+              "included).", "",
               finding(out), "", equivalence(out), ""]
     lines += bench_report.format_markdown(tables(out))
     return "\n".join(lines)

@@ -4,7 +4,6 @@
 
 B=32, T=128, Adam, global_norm 1.0, one device; prints JSON {unroll: chars/s}.
 """
-import dataclasses
 import json
 import time
 
@@ -16,19 +15,11 @@ from charrnn import step as step_lib
 from experiments.configs import default
 
 
-@dataclasses.dataclass(frozen=True)
-class Unrolled(models.CharRNN):
-    unroll_by: int = 1
-
-    def __call__(self, params, carry, tokens, dropout_key=None, unroll=1, batch_rows=None):
-        return super().__call__(params, carry, tokens, dropout_key, self.unroll_by, batch_rows)
-
-
 def rate(unroll, hidden=128, layers=1, steps=50):
     config = default.get_config()
     config.model.hidden_size, config.model.num_layers = hidden, layers
-    model = Unrolled(65, cell="lstm", hidden_size=hidden, num_layers=layers, embed_dim=64,
-                     unroll_by=unroll)
+    model = models.CharRNN(65, cell="lstm", hidden_size=hidden, num_layers=layers, embed_dim=64,
+                           unroll=unroll)  # model.unroll, as a config would set it
     tx = optim.Optimizer.from_config(config)
     state = step_lib.init_state(model, tx, 32, 0)
     step = step_lib.make_train_step(model, tx)

@@ -103,16 +103,20 @@ class _DamagedMetadataFilter(logging.Filter):
 
 
 class _DiskFullFilter(logging.Filter):
-    """Drops orbax's log records (tracebacks included) of a save that met a full disk.
+    """Drops the log records (tracebacks included) of a save that met a full disk.
 
-    Its background threads log each failure, hundreds of lines; the error reaches
-    the main thread at the next save or wait, where the launcher says it in one
-    line (:func:`charrnn.workdir.disk_full_is_an_error`).
+    orbax's background threads log each failure, hundreds of lines, and asyncio
+    logs the write tasks whose failure nobody awaited ("Task exception was never
+    retrieved", when their loop is collected, sometimes after the error line);
+    the error reaches the main thread at the next save or wait, where the
+    launcher says it in one line (:func:`charrnn.workdir.disk_full_is_an_error`).
+    Installed on the ``absl`` and the ``asyncio`` loggers: a filter sees only
+    the records logged to its own logger, not those propagated to it.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not ("orbax" in record.pathname and (
+        return not (("orbax" in record.pathname or record.name == "asyncio") and (
             is_disk_full(error) or any(text in record.getMessage() for text in DISK_FULL)))
 
 
@@ -141,10 +145,11 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, create: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         _quiet_closed_loop_callbacks()  # before any read that might fail
-        absl_logger = logging.getLogger("absl")
-        for kind in (_DamagedMetadataFilter, _DiskFullFilter):
-            if not any(isinstance(f, kind) for f in absl_logger.filters):
-                absl_logger.addFilter(kind())
+        for name, kind in (("absl", _DamagedMetadataFilter), ("absl", _DiskFullFilter),
+                           ("asyncio", _DiskFullFilter)):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
         self.created = create and not os.path.lexists(self.directory)
         if not create and not os.path.isdir(self.directory):
             self._manager = None

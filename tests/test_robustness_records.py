@@ -8,6 +8,7 @@ tests/test_robustness.py's.
 
 import errno
 import json
+import logging
 import os
 import random
 import re
@@ -288,3 +289,25 @@ def test_a_full_disk_met_by_a_writer_is_one_line(writer, reference, corpus, tmp_
     with pytest.raises(ValueError, match="not a disk"):  # any other error passes through
         with workdir_lib.disk_full_is_an_error(workdir):
             raise ValueError("not a disk")
+
+
+def test_a_failed_write_task_nobody_awaited_is_not_logged(tmp_path):
+    """asyncio logs an orbax write task that met a full disk when its loop is collected,
+    with the traceback, sometimes after the error line; the launcher says it once."""
+    checkpoint.Checkpointer(str(tmp_path / "run"))  # installs the filters
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        full = ValueError("RESOURCE_EXHAUSTED: Failed to write 43415 bytes to file 8: "
+                          "No space left on device [os_error_code='28']")
+        log = logging.getLogger("asyncio")
+        log.error("Task exception was never retrieved\nfuture: <Task exception=%r>", full,
+                  exc_info=(ValueError, full, None))
+        log.error("Task exception was never retrieved\nfuture: <Task exception=%r>",
+                  KeyError("other"))
+    finally:
+        root.removeHandler(handler)
+    assert [r.getMessage().split("exception=")[-1] for r in seen] == ["KeyError('other')>"]

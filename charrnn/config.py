@@ -32,6 +32,8 @@ CHOICES = {
     "model.matmul_dtype": ("float32", "bfloat16"),
     "model.dropout_mask": ("step", "locked"),  # the kinds of models.CharRNN.dropout_mask
     "model.start_state": ("zero", "learned"),  # where texts start: models.CharRNN.start_state
+    # where the clipping rule acts (charrnn.optim's docstring gives each one's equation)
+    "optim.clip_at": ("gradient", "update", "bptt", "example", "device"),
 }
 
 _POSITIVE_INTS = (
@@ -59,7 +61,8 @@ ADDED = {"model.fast_vjp": True, "model.remat": False, "model.embed_init_std": 1
          "model.weight_drop": 0.0, "model.matmul_dtype": CHOICES["model.matmul_dtype"][0],
          "model.dropout_mask": CHOICES["model.dropout_mask"][0], "optim.weight_decay": 0.0,
          "train.cpu_devices": "auto", "optim.ema_decay": 0.0, "model.unroll": "auto",
-         "model.start_state": CHOICES["model.start_state"][0], "train.reset_prob": 0.0}
+         "model.start_state": CHOICES["model.start_state"][0], "train.reset_prob": 0.0,
+         "optim.clip_at": CHOICES["optim.clip_at"][0]}
 
 
 class ConfigError(UserError, ValueError):
@@ -137,6 +140,7 @@ def _cross_field_problems(config) -> list[str]:
     # optim.clip_mode and the fields its rule reads: the registry checks them.
     from charrnn import clipping  # imports JAX: only once the plain checks have passed
     problems += clipping.config_problems(config.optim)
+    problems += _placement_problems(config.optim)
     if config.optim.schedule == "cosine" and not (
             _is_int(config.optim.warmup_steps) and config.optim.warmup_steps >= 0):
         problems.append(f"optim.warmup_steps must be an integer >= 0, "
@@ -153,6 +157,16 @@ def _cross_field_problems(config) -> list[str]:
         problems.append(f"unknown text encoding data.encoding {config.data.encoding!r} "
                         "(e.g. utf-8, latin-1, cp1252, utf-16)")
     return problems
+
+
+def _placement_problems(optim) -> list[str]:
+    """optim.clip_at=bptt clips each step's cotangent: only by value or by its norm."""
+    from charrnn import scan
+    clip_at = optim.get("clip_at", ADDED["optim.clip_at"])
+    if clip_at == "bptt" and optim.clip_mode not in scan.BPTT_RULES:
+        return [f"optim.clip_at=bptt takes optim.clip_mode {' or '.join(scan.BPTT_RULES)}, "
+                f"got {optim.clip_mode!r} (the other placements take every rule)"]
+    return []
 
 
 def _is_known_encoding(name) -> bool:

@@ -45,7 +45,8 @@ class CellModule(nn.Module):
     """The Flax module of a cell definition: its parameters and one step.
 
     ``__call__(carry, x [B, E]) -> (carry, y [B, H])`` with zx = x W_xh + b and
-    zh = recurrent_input(carry) W_hh. Parameters are made in the order W_xh,
+    zh = recurrent_input(carry) W_hh; with ``clip`` (a :class:`scan.CotangentClip`)
+    the backward pass clips the cotangents of zx and zh (:func:`scan.clip_pre_activations`). Parameters are made in the order W_xh,
     W_hh, b, extras (the order fixes which random draw each one gets).
     """
     cell: Any  # a charrnn.cells.base.Cell
@@ -53,7 +54,7 @@ class CellModule(nn.Module):
     matmul_dtype: str = MATMUL_DTYPE  # operand type of the products (see scan.matmul)
 
     @nn.compact
-    def __call__(self, carry, x):
+    def __call__(self, carry, x, clip=None):
         H, G, cell = self.hidden_size, self.cell.num_gates, self.cell
         w_xh = self.param("W_xh", cell.input_init, (x.shape[-1], G * H))
         w_hh = self.param("W_hh", cell.recurrent_init, (H, G * H))
@@ -63,6 +64,8 @@ class CellModule(nn.Module):
         dtype = jnp.dtype(self.matmul_dtype)
         zx = scan.matmul(x, w_xh, dtype) + b
         zh = scan.matmul(cell.recurrent_input(carry), w_hh, dtype)
+        if clip is not None:
+            zx, zh = scan.clip_pre_activations(clip.rule, clip.tau, zx, zh)
         return cell.update(extras, carry, zx, zh)
 
     def initial_carry(self, batch_size: int) -> Carry:
@@ -113,20 +116,22 @@ class Layer:
     def module(self) -> CellModule:
         return CellModule(self.cell, hidden_size=self.hidden_size, matmul_dtype=self.matmul_dtype)
 
-    def cell_step(self, params: dict) -> Callable:
+    def cell_step(self, params: dict, clip=None) -> Callable:
         """The reference step, ``(carry, x_t [B, in]) -> (carry, h_t [B, H])`` (x_t
-        the embeddings for layer 0), from the model's ``params``."""
+        the embeddings for layer 0), from the model's ``params``; ``clip``: see
+        :class:`CellModule`."""
         p = {"params": params[self.name]}
-        return lambda carry, x: self.module.apply(p, carry, x)
+        return lambda carry, x: self.module.apply(p, carry, x, clip)
 
     def run(self, params: dict, carry, xs, *, fast: bool = True, unroll: int = 1,
-            remat: bool = False):
+            remat: bool = False, clip=None):
         """The layer over a window: xs token ids [T, B] (layer 0) or the layer below's
         outputs [T, B, in] -> (carry after step T, hs [T, B, H]).
 
         ``fast``: :func:`charrnn.scan.recurrence` (the derived backward); else the
         reference, autodiff of :func:`reference_scan`. ``remat``: the backward pass
         recomputes the forward pass in chunks of about √T steps (:func:`_remat_chunks`).
+        ``clip``: a :class:`scan.CotangentClip`, clipping inside BPTT (both ways alike).
         """
         table = None
         if self.reads_tokens:
@@ -137,14 +142,14 @@ class Layer:
         p = params[self.name]
 
         def over_time(inputs, carry, xs):
-            p, table = inputs
+            p, table, clip = inputs
             if not fast:
-                return reference_scan(self.cell_step({self.name: p}), carry, xs, unroll)
+                return reference_scan(self.cell_step({self.name: p}, clip), carry, xs, unroll)
             return scan.recurrence(self.cell, p, carry, xs, table=table, unroll=unroll,
-                                   matmul_dtype=self.matmul_dtype)
+                                   matmul_dtype=self.matmul_dtype, clip=clip)
         if remat:
-            return _remat_chunks(over_time, (p, table), carry, xs)
-        return over_time((p, table), carry, xs)
+            return _remat_chunks(over_time, (p, table, clip), carry, xs)
+        return over_time((p, table, clip), carry, xs)
 
     def step_weights(self, params: dict) -> tuple:
         """What every sampling step of this layer reads, prepared once per loop:
@@ -282,7 +287,7 @@ class CharRNN:
         return self.layers[layer].cell_step(params)
 
     def __call__(self, params, carry, tokens, dropout_key=None, unroll: int | None = None,
-                 batch_rows=None):
+                 batch_rows=None, clip=None):
         """Teacher-forced forward pass.
 
         tokens: int [B, T]; carry: from :meth:`initial_carry` or a previous call.
@@ -292,6 +297,7 @@ class CharRNN:
         ``batch_rows`` (start, total): these B rows are rows start..start+B-1 of a
         batch of ``total`` (one device's share under data parallelism); dropout then
         applies to them the whole batch's mask rows, as on one device.
+        ``clip``: a :class:`scan.CotangentClip`: clipping inside BPTT in every layer.
         """
         xs = jnp.swapaxes(tokens, 0, 1)  # [T, B], time-major for scan
         params = dropout_lib.drop_recurrent_weights(params, dropout_key, self.weight_drop,
@@ -299,7 +305,7 @@ class CharRNN:
         new_carry = []
         for layer in self.layers:
             c, xs = layer.run(params, carry[layer.index], xs, fast=self.fast_vjp,
-                              unroll=unroll or self.unroll, remat=self.remat)
+                              unroll=unroll or self.unroll, remat=self.remat, clip=clip)
             new_carry.append(c)
             xs = dropout_lib.dropout(xs, dropout_key, self.dropout, layer.index,
                                      self.dropout_mask == "locked", batch_rows)

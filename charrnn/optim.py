@@ -20,6 +20,30 @@ project matches optax:
 (no epsilon: PyTorch's ``clip_grad_norm_`` divides by g + 1e-6 instead.)
 Scaling every component by the same factor keeps the gradient's direction.
 
+Where the rule acts is ``optim.clip_at`` (:data:`PLACEMENTS`). With g_b the
+gradient of row (sequence) b's mean loss, g = (1/B) Σ_b g_b the batch's, g_d
+= the mean of device d's rows' (D devices), clip the rule and base the update rule:
+
+    gradient  (default)  u = base(clip(g))               Pascanu et al. 2013, Alg. 1
+    update               u = clip(base(g))               optax.chain(base, clip): the
+                         update the optimizer computed is clipped ("update clipping")
+    bptt                 u = base(g̃), g̃ from a backward pass that clips each step's
+                         pre-activation cotangent (charrnn.scan: Graves 2013 §2.1;
+                         Mikolov, as Pascanu et al. 2013 §3.1 describe it);
+                         rules ``value`` and ``global_norm`` only (:data:`BPTT_RULES`)
+    example              u = base((1/B) Σ_b clip(g_b))   per-example clipping (Abadi et
+                         al. 2016, "Deep Learning with Differential Privacy", §3.1, without
+                         the noise); B = 1 is ``gradient``
+    device               u = base((1/D) Σ_d clip(g_d))   each device's gradient clipped
+                         before the data-parallel all-reduce; one device is ``gradient``
+
+A rule with state (``autoclip``, ``zclip``) keeps one state wherever it sits:
+at ``update`` it tracks the norms of the updates; at ``example`` and ``device``
+every row (device) clips against the same state, and the new state is the mean
+of the B (D) states their updates would leave: autoclip's history gets the mean
+per-row (per-device) norm of each step, zclip's μ and σ² follow the mean of the
+parts' clipped norms, and the logged threshold is the mean of the parts'.
+
 The optimizer also owns the averaged weights' decay (``optim.ema_decay``,
 0 = none): ema_k = d·ema_{k-1} + (1-d)·θ_k after every step.
 """
@@ -33,11 +57,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from charrnn import clipping
+from charrnn import clipping, diagnostics, scan
 from charrnn import config as config_lib
 
 OPTIMIZERS = config_lib.CHOICES["optim.name"]
 SCHEDULES = config_lib.CHOICES["optim.schedule"]
+PLACEMENTS = config_lib.CHOICES["optim.clip_at"]  # where the clipping rule acts
+BPTT_RULES = tuple(scan.BPTT_RULES)  # the rules clip_at=bptt can apply
 
 
 def make_schedule(optim_config, num_steps: int, learning_rate=None) -> optax.Schedule:
@@ -93,6 +119,9 @@ class Update(NamedTuple):
     clipped: Any  # the gradient after the clipping rule (what the update rule read)
     state: Any  # the optimizer state after the step
     threshold: jax.Array  # float32 []: the clipping threshold in force (inf: none)
+    raw: Any  # the batch's gradient before the rule acted (bptt: already clipped)
+    changed: Any = None  # bool []: the rule changed something (None: clipped != raw)
+    metrics: Any = None  # the placement's own metrics (dict of float32 []) or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +132,8 @@ class Optimizer:
     base: optax.GradientTransformation
     schedule: optax.Schedule
     ema_decay: float = 0.0
+    clip_at: str = PLACEMENTS[0]  # where clip acts (module docstring)
+    bptt: scan.CotangentClip | None = None  # clip_at=bptt: what the backward pass clips
 
     @classmethod
     def from_config(cls, config, strength=None, learning_rate=None) -> "Optimizer":
@@ -112,9 +143,15 @@ class Optimizer:
         rule's strength; ``learning_rate``: the schedule's peak."""
         optim_config = config_lib.upgrade(config).optim
         schedule = make_schedule(optim_config, config.train.num_steps, learning_rate)
+        bptt = None
+        if optim_config.clip_at == "bptt":
+            rule = clipping.get(optim_config.clip_mode)
+            tau = clipping.strength_of(rule, optim_config) if strength is None else strength
+            bptt = scan.CotangentClip(rule.name, jnp.asarray(tau, jnp.float32))
         return cls(clip=clipping.from_config(optim_config, strength),
                    base=make_base_optimizer(optim_config, schedule), schedule=schedule,
-                   ema_decay=float(optim_config.ema_decay))
+                   ema_decay=float(optim_config.ema_decay), clip_at=optim_config.clip_at,
+                   bptt=bptt)
 
     @classmethod
     def frozen(cls) -> "Optimizer":
@@ -125,13 +162,72 @@ class Optimizer:
     def init(self, params):
         return (self.clip.transform.init(params), self.base.init(params))
 
-    def update(self, grads, state, params) -> Update:
-        """Clip the raw gradient, then step the update rule on the clipped one."""
+    def update(self, grads, state, params, axis_name: str | None = None) -> Update:
+        """Clip where ``clip_at`` says and step the update rule (module docstring).
+
+        grads: the gradient of this device's rows (with ``clip_at=example``: of each
+        row, every leaf [B, ...]); ``axis_name``: the devices' mesh axis, over which
+        the gradient is averaged into the whole batch's (None: one device).
+        """
+        if self.clip_at in ("example", "device"):
+            return self._update_parts(grads, state, params, axis_name)
+        if axis_name is not None:  # the whole batch's gradient: one all-reduce
+            grads = jax.lax.pmean(grads, axis_name)
+        if self.clip_at == "update":
+            return self._update_then_clip(grads, state, params)
         clip_state, base_state = state
-        # Gradient clipping sits here: after the backward pass, before the update rule.
-        clipped, clip_state = self.clip.transform.update(grads, clip_state, params)
+        clipped = grads  # clip_at=bptt: the backward pass has clipped already
+        if self.clip_at == "gradient":
+            # Gradient clipping sits here: after the backward pass, before the update rule.
+            clipped, clip_state = self.clip.transform.update(grads, clip_state, params)
         updates, base_state = self.base.update(clipped, base_state, params)
-        return Update(updates, clipped, (clip_state, base_state), self.clip.threshold(clip_state))
+        return Update(updates, clipped, (clip_state, base_state), self.clip.threshold(clip_state),
+                      grads)
+
+    def _update_then_clip(self, grads, state, params) -> Update:
+        """clip_at=update: u = clip(base(g)), as ``optax.chain(base, clip)``."""
+        clip_state, base_state = state
+        raw, base_state = self.base.update(grads, base_state, params)
+        updates, clip_state = self.clip.transform.update(raw, clip_state, params)
+        metrics = {"update_norm": global_norm(raw), "update_norm_clipped": global_norm(updates),
+                   "update_clip_cosine": diagnostics.tree_cosine(raw, updates)}
+        return Update(updates, grads, (clip_state, base_state), self.clip.threshold(clip_state),
+                      grads, changed=_differs(raw, updates), metrics=metrics)
+
+    def _update_parts(self, grads, state, params, axis_name) -> Update:
+        """clip_at=example (grads per row, [B, ...]) or device (this device's gradient):
+        each part clipped against the same state, then the parts averaged (the states too)."""
+        clip_state, base_state = state
+        if self.clip_at == "example":
+            clip_rows = jax.vmap(self.clip.transform.update, in_axes=(0, None, None))
+            clipped, states = clip_rows(grads, clip_state, params)
+            part_changed = jax.vmap(_differs)(grads, clipped).astype(jnp.float32)  # [B]
+            mean = lambda tree: jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)
+            grads, clipped, part_changed = mean(grads), mean(clipped), jnp.mean(part_changed)
+            clip_state = _mean_state(states, lambda a: jnp.mean(a, axis=0))
+        else:
+            clipped, clip_state = self.clip.transform.update(grads, clip_state, params)
+            part_changed = _differs(grads, clipped).astype(jnp.float32)
+        if axis_name is not None:  # the all-reduce, after the clip
+            grads, clipped, part_changed = jax.lax.pmean((grads, clipped, part_changed),
+                                                         axis_name)
+            clip_state = _mean_state(clip_state, lambda a: jax.lax.pmean(a, axis_name))
+        updates, base_state = self.base.update(clipped, base_state, params)
+        metrics = {f"{self.clip_at}_clip_fraction": part_changed}
+        return Update(updates, clipped, (clip_state, base_state), self.clip.threshold(clip_state),
+                      grads, changed=part_changed > 0, metrics=metrics)
+
+
+def _differs(a, b) -> jax.Array:
+    """bool []: some leaf of ``b`` differs from ``a`` somewhere."""
+    return jnp.any(jnp.array([jnp.any(x != y) for x, y in
+                              zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
+
+
+def _mean_state(state, mean):
+    """A clip state averaged over its parts by ``mean`` (float32 arithmetic, each leaf's
+    dtype kept: the integer counters agree across the parts)."""
+    return jax.tree.map(lambda a: mean(a.astype(jnp.float32)).astype(a.dtype), state)
 
 
 def global_norm(tree) -> jnp.ndarray:

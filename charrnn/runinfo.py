@@ -92,9 +92,9 @@ def _clipping(o) -> str:
     settings = ", ".join(f"{s.field}={value:g}" for s, value in
                          zip(rule.settings, clipping.settings_of(rule, o).values()))
     strength = clipping.strength_of(rule, o)
-    # where the rule acts: on the raw gradient, between the backward pass and the update rule
+    # where the rule acts (optim.clip_at; charrnn.optim describes each placement)
     return (f"{rule.name}, {rule.strength.field}={strength:g}"
-            + (f" ({settings})" if settings else "") + ", clip_at=gradient")
+            + (f" ({settings})" if settings else "") + f", clip_at={o.clip_at}")
 
 
 def next_commands(workdir: str, launcher: str) -> str:

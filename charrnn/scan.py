@@ -27,15 +27,106 @@ a ``jax.custom_vjp`` shaped for speed:
 With ``matmul_dtype=jnp.bfloat16`` every product reads bfloat16 operands and
 accumulates in float32 (:func:`matmul`); parameters, state and all other
 arithmetic stay float32.
+
+Clipping inside BPTT (``optim.clip_at=bptt``, a :class:`CotangentClip`): the
+backward loop clips each step's pre-activation cotangents dzx_t, dzh_t [B, G*H]
+as soon as the cell's backward step emits them, before dzh_t W_hhᵀ carries them
+to step t-1 and before they reach the weight gradients (one elementwise pass
+per step: no extra sequential work). With δ_t = ∂L/∂z_t:
+
+    value:        δ̃_t = clip(δ_t, −τ, τ)                 every component
+    global_norm:  δ̃_t[b] = δ_t[b]·τ/‖δ_t[b]‖₂ if ‖δ_t[b]‖₂ > τ   per row b
+
+so the recursion is dh_{t-1} = (direct part) + δ̃zh_t W_hhᵀ and the weights get
+dW_hh = Σ_t h_{t-1}ᵀ δ̃zh_t, dW_xh = Σ_t x_tᵀ δ̃zx_t. The norm is over one row
+(one sequence), one layer, one time step (the G*H gate pre-activations): no
+row's clip depends on the others, so the result does not depend on the batch.
+A cell whose update reads only zx + zh has one cotangent (dzx = dzh); a GRU
+clips its two each on its own. The cell's extra parameters (a GRU's b_hn) get
+their gradient from the cell's own backward step, before the clip. This is
+Graves's clipping ("Generating Sequences With Recurrent Neural Networks" 2013,
+§2.1: the derivatives with respect to the LSTM's inputs before the
+nonlinearities, clipped to [−1, 1]) and Mikolov's "temporal components clipped
+element-wise" (as Pascanu, Mikolov & Bengio 2013 §3.1 describe it). The
+autodiff path clips the same cotangents with :func:`clip_pre_activations`.
+Telemetry travels as the threshold's cotangent: ∂/∂τ of the loss is zero (the
+forward pass does not read τ), so the backward pass returns in its place the
+number of (row, step) cotangents it clipped.
 """
 
 from __future__ import annotations
 
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
+
+
+def _clip_value(g, tau):
+    """Each component into [−τ, τ]."""
+    return jnp.clip(g, -tau, tau)
+
+
+def _clip_row_norm(g, tau):
+    """Each row g[..., :] rescaled to L2 norm ≤ τ (as optax's clip_by_global_norm, no ε)."""
+    norm = jnp.sqrt(jnp.sum(g * g, axis=-1, keepdims=True))
+    return g * jnp.where(norm > tau, tau / jnp.where(norm > 0, norm, 1.0), 1.0)
+
+
+# The clipping rules (charrnn.clipping's names) that optim.clip_at=bptt can apply to a
+# step's cotangent; config validation reads the names from here.
+BPTT_RULES = {"value": _clip_value, "global_norm": _clip_row_norm}
+
+
+@flax.struct.dataclass
+class CotangentClip:
+    """Clipping inside BPTT: the rule (a :data:`BPTT_RULES` name) and its threshold τ
+    (float32 [], may be traced). Its gradient's ``tau`` is the number of (row, layer,
+    time step) cotangents that were clipped (see the module docstring)."""
+    rule: str = flax.struct.field(pytree_node=False)
+    tau: jax.Array
+
+
+def clip_cotangents(rule: str, tau, dzx, dzh):
+    """(dzx', dzh', clipped rows (float32 [])) of one step's cotangents [..., G*H].
+
+    ``dzx is dzh`` (the update reads zx + zh): one array, clipped once. A row is
+    counted when the rule changed either of its cotangents.
+    """
+    clip = BPTT_RULES[rule]
+    new_h = clip(dzh, tau)
+    changed = jnp.any(new_h != dzh, axis=-1)
+    if dzx is dzh:
+        new_x = new_h
+    else:
+        new_x = clip(dzx, tau)
+        changed = changed | jnp.any(new_x != dzx, axis=-1)
+    return new_x, new_h, jnp.sum(changed.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def clip_pre_activations(rule: str, tau, zx, zh):
+    """The identity on one step's pre-activations (zx, zh) [B, G*H] whose backward
+    clips their cotangents (:func:`clip_cotangents`): BPTT clipping for the autodiff
+    path. τ's cotangent is the number of rows clipped."""
+    del rule, tau
+    return zx, zh
+
+
+def _clip_pre_activations_fwd(rule, tau, zx, zh):
+    del rule
+    return (zx, zh), tau
+
+
+def _clip_pre_activations_bwd(rule, tau, cotangents):
+    dzx, dzh = cotangents
+    dzx, dzh, count = clip_cotangents(rule, tau, dzx, dzh)
+    return jnp.broadcast_to(count, jnp.shape(tau)).astype(jnp.result_type(tau)), dzx, dzh
+
+
+clip_pre_activations.defvjp(_clip_pre_activations_fwd, _clip_pre_activations_bwd)
 
 
 def matmul(a, b, dtype=jnp.float32):
@@ -52,7 +143,8 @@ def split_params(params: dict):
 
 
 def recurrence(cell, params: dict, carry, xs, table=None, unroll: int = 1,
-               matmul_dtype=jnp.float32, derived: bool = False):
+               matmul_dtype=jnp.float32, derived: bool = False,
+               clip: CotangentClip | None = None):
     """Run one layer over time with the scan-shaped VJP.
 
     cell: a :class:`charrnn.cells.base.Cell`; params: the layer's parameters
@@ -62,13 +154,15 @@ def recurrence(cell, params: dict, carry, xs, table=None, unroll: int = 1,
     pre-activation x_t W_xh + b is row xs[t] of the table (W_xh, b unused).
     ``matmul_dtype``: operand type of the products (float32 or bfloat16).
     ``derived``: use the derived backward even where the cell has a tuned one.
+    ``clip``: clip every step's pre-activation cotangents in the backward loop.
     Returns (carry after step T, ys [T, B, H]).
     """
     w_hh, extras, proj = split_params(params)
     proj = None if table is not None else proj
     mode = "derived" if derived or cell.tuned_forward is None else "tuned"
-    return _layer(cell, unroll, jnp.dtype(matmul_dtype), mode, w_hh, extras, proj, table,
-                  xs, carry)
+    rule, tau = (None, None) if clip is None else (clip.rule, clip.tau)
+    return _layer(cell, unroll, jnp.dtype(matmul_dtype), mode, rule, w_hh, extras, proj, table,
+                  xs, carry, tau)
 
 
 def cell_step(cell, rec: tuple, carry, zx_t):
@@ -203,25 +297,27 @@ def _inputs(dtype, table, xs, proj):
     return matmul(xs, w_xh, dtype), bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _layer(cell, unroll, dtype, mode, w_hh, extras, proj, table, xs, carry):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _layer(cell, unroll, dtype, mode, rule, w_hh, extras, proj, table, xs, carry, tau):
+    del rule, tau  # the backward pass's
     zx, bias = _inputs(dtype, table, xs, proj)
     last, (ys, _, _) = _scan_forward(cell, mode, dtype, w_hh, extras, carry, table, zx, bias,
                                      unroll, save=False)
     return last, ys
 
 
-def _layer_fwd(cell, unroll, dtype, mode, w_hh, extras, proj, table, xs, carry):
+def _layer_fwd(cell, unroll, dtype, mode, rule, w_hh, extras, proj, table, xs, carry, tau):
+    del rule
     zx, bias = _inputs(dtype, table, xs, proj)
     varying = None if mode == "tuned" else _pullback_layout(cell, extras, carry, w_hh.shape[1])[1]
     last, (ys, hs, saved) = _scan_forward(cell, mode, dtype, w_hh, extras, carry, table, zx,
                                           bias, unroll, save=True, varying=varying)
     h_prev = _shift(cell.recurrent_input(carry), ys if isinstance(hs, tuple) else hs)  # [T, B, H]
-    return (last, ys), (w_hh, extras, proj, table, xs, carry, h_prev, saved)
+    return (last, ys), (w_hh, extras, proj, table, xs, carry, h_prev, saved, tau)
 
 
-def _layer_bwd(cell, unroll, dtype, mode, residuals, cotangents):
-    w_hh, extras, proj, table, xs, carry0, h_prev, saved = residuals
+def _layer_bwd(cell, unroll, dtype, mode, rule, residuals, cotangents):
+    w_hh, extras, proj, table, xs, carry0, h_prev, saved, tau = residuals
     dlast, dys = cotangents
     w_hh_t = _transposed(w_hh, dtype)  # [G*H, H]: transposed (and cast) once, before the loop
     _, to_carry = jax.vjp(cell.recurrent_input, carry0)  # dh [B, H] -> d carry
@@ -231,16 +327,21 @@ def _layer_bwd(cell, unroll, dtype, mode, residuals, cotangents):
         saved_t, dy_t = inputs
         dextras, dcarry, dzx, dzh = _backward_step(cell, mode, extras, layout, saved_t,
                                                    (dcarry, dy_t))
+        clipped = ()
+        if rule is not None:  # clip_at=bptt: before the cotangent moves on to step t-1
+            dzx, dzh, clipped = clip_cotangents(rule, tau, dzx, dzh)
         dcarry = jax.tree.map(jnp.add, dcarry, to_carry(_step_matmul(dzh, w_hh_t))[0])
-        return dcarry, (dzh, () if dzx is dzh else dzx, dextras)  # `is`: update read zx + zh
+        # `is`: the update read zx + zh
+        return dcarry, (dzh, () if dzx is dzh else dzx, dextras, clipped)
 
-    dcarry0, (dzh, dzx, dextras) = jax.lax.scan(step, dlast, (saved, dys), reverse=True,
-                                                unroll=unroll)
+    dcarry0, (dzh, dzx, dextras, clipped) = jax.lax.scan(step, dlast, (saved, dys),
+                                                         reverse=True, unroll=unroll)
     dextras = jax.tree.map(lambda g: jnp.sum(g, axis=0), dextras)
+    dtau = None if rule is None else jnp.sum(clipped).astype(jnp.result_type(tau))
     dw_hh, dproj, dtable, dxs = _weight_gradients(dtype, proj, table, xs, h_prev, dzh,
                                                   dzh if isinstance(dzx, tuple) else dzx,
                                                   isinstance(dzx, tuple))
-    return dw_hh, dextras, dproj, dtable, dxs, dcarry0
+    return dw_hh, dextras, dproj, dtable, dxs, dcarry0, dtau
 
 
 def _weight_gradients(dtype, proj, table, xs, h_prev, dzh, dzx, shared):

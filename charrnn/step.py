@@ -7,8 +7,10 @@ One training iteration, in the order the seed describes it:
    window (truncated BPTT);
 2. loss: mean cross-entropy against the next characters, in nats/char;
 3. backward pass (BPTT through the scan): raw gradients g;
-4. clipping: the rule of ``optim.clip_mode`` — exactly between the backward
-   pass and the update rule (:meth:`optim.Optimizer.update`);
+4. clipping: the rule of ``optim.clip_mode`` — by default exactly between the
+   backward pass and the update rule (:meth:`optim.Optimizer.update`);
+   ``optim.clip_at`` moves it (inside the backward pass, per row, per device,
+   or after the update rule: :mod:`charrnn.optim`);
 5. the update rule: Adam (or SGD) on the clipped gradient.
 
 Everything here is a pure function of arrays (plus the jit wrappers that bind
@@ -65,16 +67,17 @@ def update_ema(ema, params, decay):
 
 
 def loss_fn(params, model: models.CharRNN, carry, x, y, dropout_key=None, batch_rows=None,
-            restart=None):
+            restart=None, clip=None):
     """Mean cross-entropy in nats/char of targets y [B, T] given inputs x [B, T].
 
     Returns (loss, carry after the window). ``batch_rows``: see ``CharRNN.__call__``.
     ``restart``: bool [B], rows that begin from the start state instead of ``carry``
     (inside the loss, so that a learned start state gets its gradient).
+    ``clip``: a :class:`charrnn.scan.CotangentClip`, clipping inside BPTT.
     """
     if restart is not None:
         carry = model.restart(params, carry, restart)
-    carry, logits = model(params, carry, x, dropout_key, batch_rows=batch_rows)
+    carry, logits = model(params, carry, x, dropout_key, batch_rows=batch_rows, clip=clip)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), carry
 
 
@@ -85,7 +88,7 @@ def step_key(state: TrainState) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, *, model: models.CharRNN,
                optimizer: optim.Optimizer, axis_name: str | None = None,
-               reset_prob: float = 0.0) -> tuple[TrainState, dict]:
+               reset_prob: float = 0.0, measure_every: int = 0) -> tuple[TrainState, dict]:
     """One update: forward, loss, gradient, clip, optimizer step.
 
     batch: ``x``, ``y`` int [B, T] and ``reset`` bool [] (start of an epoch:
@@ -101,22 +104,31 @@ def train_step(state: TrainState, batch: dict, *, model: models.CharRNN,
     (:func:`make_train_step` with a mesh): the loss and the gradient are averaged
     over that axis right after the backward pass (equal shares, so this is the
     whole batch's mean and its gradient), and everything after, clipping
-    included, sees exactly what one device would.
+    included, sees exactly what one device would; except with ``clip_at=device``,
+    where each device clips its own gradient before the average.
+    ``measure_every``: see :func:`bptt_gradients`.
     """
     key, rows = step_key(state), None
     if axis_name is not None:
         local = batch["x"].shape[0]
         rows = (jax.lax.axis_index(axis_name) * local, local * jax.lax.axis_size(axis_name))
     restart = restart_rows(batch["reset"], key, reset_prob, batch["x"].shape[0], rows)
-    (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, model, state.carry, batch["x"], batch["y"], key, rows, restart)
+    args = (state.params, model, state.carry, batch["x"], batch["y"], key, rows, restart)
+    bptt_metrics = {}
+    if optimizer.clip_at == "example":  # each row's gradient, [B, ...]: clipped row by row
+        (loss, new_carry), grads = row_gradients(*args)
+    elif optimizer.bptt is not None:  # clipped inside the backward pass
+        (loss, new_carry), grads, bptt_metrics = bptt_gradients(
+            args, optimizer.bptt, axis_name, state.step, measure_every)
+    else:
+        (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(*args)
     if axis_name is not None:
-        loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        loss = jax.lax.pmean(loss, axis_name)
 
-    grad_norm = optim.global_norm(grads)  # g = ||∇θ L||_2, before clipping
-    # Clipping, then the update rule (optim.Optimizer.update): between the backward pass
-    # and the parameter update.
-    step = optimizer.update(grads, state.opt_state, state.params)
+    # The gradient averaged over the devices, clipping, then the update rule
+    # (optim.Optimizer.update): between the backward pass and the parameter update.
+    step = optimizer.update(grads, state.opt_state, state.params, axis_name)
+    grad_norm = optim.global_norm(step.raw)  # g = ||∇θ L||_2, before clipping
     params = optax.apply_updates(state.params, step.updates)
     ema = None if state.ema is None else update_ema(state.ema, params, optimizer.ema_decay)
 
@@ -132,25 +144,28 @@ def train_step(state: TrainState, batch: dict, *, model: models.CharRNN,
         rng=state.rng, nonfinite_run=nonfinite_run,
         nonfinite_total=state.nonfinite_total + (1 - finite.astype(jnp.int32)),
         ema=None if ema is None else keep_new(ema, state.ema))
-    metrics = _step_metrics(loss, grads, grad_norm, step, finite, optimizer.schedule(state.step))
+    metrics = _step_metrics(loss, grad_norm, step, finite, optimizer.schedule(state.step))
+    metrics.update(step.metrics or {}, **bptt_metrics)
+    if bptt_metrics:  # a step is clipped when some cotangent was
+        metrics["clipped"] = bptt_metrics["bptt_clip_fraction"] > 0
     if reset_prob > 0:  # the share of streams restarted in this window
         metrics["restart_fraction"] = jnp.mean(restart.astype(jnp.float32))
     return new_state, metrics
 
 
-def _step_metrics(loss, grads, grad_norm, step: optim.Update, finite, lr) -> dict:
+def _step_metrics(loss, grad_norm, step: optim.Update, finite, lr) -> dict:
     """What a train step logs: the loss, the gradient's norm before and after clipping
     and how clipping changed it, the threshold in force, the learning rate, and each
     layer's ||∂L/∂W_hh||."""
-    clipped = step.clipped
+    grads, clipped = step.raw, step.clipped
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
         "grad_norm_clipped": optim.global_norm(clipped),
         # cos∠(g, clip(g)): 1 for global-norm clipping, below 1 when a rule turns g.
         "clip_cosine": diagnostics.tree_cosine(grads, clipped),
-        "clipped": jnp.any(jnp.array([jnp.any(a != b) for a, b in
-                                      zip(jax.tree.leaves(clipped), jax.tree.leaves(grads))])),
+        "clipped": step.changed if step.changed is not None else jnp.any(jnp.array(
+            [jnp.any(a != b) for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(grads))])),
         "nonfinite": 1 - finite.astype(jnp.int32),
         "lr": lr,
         "clip_threshold": step.threshold,
@@ -158,6 +173,66 @@ def _step_metrics(loss, grads, grad_norm, step: optim.Update, finite, lr) -> dic
     for layer, w_grad in enumerate(models.recurrent_weights(grads)):
         metrics[f"whh_grad_norm/{layer}"] = jnp.linalg.norm(w_grad)
     return metrics
+
+
+def row_gradients(params, model, carry, x, y, key, rows, restart):
+    """clip_at=example: ((mean loss, carry), the gradient of each row's mean loss, every
+    leaf [B, ...]). Row b is a batch of one under ``jax.vmap`` that keeps its place in
+    the batch (``batch_rows``: its dropout mask rows); the batch's gradient is their mean."""
+    start, total = (0, x.shape[0]) if rows is None else rows
+
+    def one_row(carry_b, x_b, y_b, restart_b, b):
+        add_row = lambda tree: jax.tree.map(lambda a: a[None], tree)
+        (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, model, add_row(carry_b), x_b[None], y_b[None], key, (start + b, total),
+            None if restart is None else restart_b[None])
+        return (loss, jax.tree.map(lambda a: a[0], new_carry)), grads
+
+    (losses, new_carry), grads = jax.vmap(one_row)(carry, x, y, restart,
+                                                   jnp.arange(x.shape[0]))
+    return (jnp.mean(losses), new_carry), grads
+
+
+def bptt_gradients(args: tuple, clip, axis_name, step, measure_every: int):
+    """clip_at=bptt: ((loss, carry), the gradient with every step's cotangent clipped,
+    metrics). ``args``: :func:`loss_fn`'s first eight.
+
+    The rule's τ bounds ∂L_b/∂z_t, L_b the summed loss of row b (Graves 2013 clipped
+    the derivatives of a sequence's summed loss to [−1, 1]): the batch's mean loss
+    L = Σ_b L_b / (B·T) has the cotangents ∂L_b/∂z_t / (B·T), so those are clipped at
+    τ / (B·T), whatever B and T.
+
+    Metrics: ``bptt_clip_fraction``, the share of (row, layer, time step) cotangents
+    clipped (counted by the backward pass, returned as τ's cotangent: charrnn.scan);
+    with ``measure_every`` > 0, on every step s with (s + 1) % measure_every == 0 also
+    ``grad_norm_unclipped``, the norm of the gradient the same window would give without
+    clipping, and ``bptt_norm_ratio``, the clipped gradient's norm over it (a second
+    backward pass, so only then; NaN on the other steps).
+    """
+    params, model, _, x = args[:4]
+    # τ bounds the cotangent of one sequence's summed loss (Graves's convention); the loss
+    # here is the mean over the whole batch's B·T characters, whose cotangents are 1/(B·T) of those.
+    rows = x.shape[0] if args[6] is None else args[6][1]
+    clip = clip.replace(tau=clip.tau / (rows * x.shape[1]))
+    value_and_grad = jax.value_and_grad(loss_fn, argnums=(0, 8), has_aux=True)
+    (loss, new_carry), (grads, dclip) = value_and_grad(*args, clip)
+    cotangents = x.size * model.num_layers  # B * T * L (this device's rows)
+    metrics = {"bptt_clip_fraction": dclip.tau / cotangents}
+    if axis_name is not None:
+        metrics = jax.lax.pmean(metrics, axis_name)
+    if measure_every:
+        def norms():  # (unclipped, clipped) of the batch's gradient
+            free = clip.replace(tau=jnp.full_like(clip.tau, jnp.inf))
+            both = (value_and_grad(*args, free)[1][0], grads)
+            if axis_name is not None:
+                both = jax.lax.pmean(both, axis_name)
+            return tuple(optim.global_norm(g).astype(jnp.float32) for g in both)
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        unclipped, clipped = jax.lax.cond((step + 1) % measure_every == 0, norms,
+                                          lambda: (nan, nan))
+        metrics["grad_norm_unclipped"] = unclipped
+        metrics["bptt_norm_ratio"] = clipped / unclipped
+    return (loss, new_carry), grads, metrics
 
 
 # fold_in(step key, RESTART_STREAM) draws the restarts; dropout folds in 0..num_layers.
@@ -181,7 +256,8 @@ def restart_rows(reset, key, reset_prob: float, batch_size: int, batch_rows=None
     return restart | (jax.lax.dynamic_slice_in_dim(u, start, batch_size) < reset_prob)
 
 
-def make_train_step(model, optimizer: optim.Optimizer, mesh=None, reset_prob: float = 0.0):
+def make_train_step(model, optimizer: optim.Optimizer, mesh=None, reset_prob: float = 0.0,
+                    measure_every: int = 0):
     """``train_step`` bound to this run's model and optimizer, jitted once, state donated:
     ``(state, batch) -> (state, metrics)``.
 
@@ -190,12 +266,13 @@ def make_train_step(model, optimizer: optim.Optimizer, mesh=None, reset_prob: fl
     the gradient (``train_step``'s ``axis_name``); the parameters, optimizer
     state and metrics are the same on every device. Feed it batches placed by
     ``DataParallel.wrap_step``. ``reset_prob``: the run's ``train.reset_prob``
-    (:func:`train_step`).
+    (:func:`train_step`). ``measure_every``: with ``clip_at=bptt``, how often the step
+    also measures the unclipped gradient's norm (:func:`bptt_gradients`; 0: never).
     """
     hostmem.keep_freed_memory()  # on CPU, stops every step page-faulting its buffers in again
     axis = None if mesh is None else mesh.axis_names[0]
     step = functools.partial(train_step, model=model, optimizer=optimizer, axis_name=axis,
-                             reset_prob=reset_prob)
+                             reset_prob=reset_prob, measure_every=measure_every)
     if mesh is not None:
         rows, whole = parallel.P(axis), parallel.P()
         state = TrainState(step=whole, params=whole, opt_state=whole, carry=rows, rng=whole,

@@ -36,6 +36,11 @@ from charrnn.metrics import MetricWriter
 from charrnn.step import LN2
 
 
+# Step metrics measured only on some steps (clip_at=bptt, step.bptt_gradients): a record
+# gives their mean over the steps that measured them (null when none did).
+MEASURED_SOMETIMES = ("grad_norm_unclipped", "bptt_norm_ratio")
+
+
 def train_record(step_metrics: list[dict]) -> dict:
     """One train record from the per-step metrics since the last record (host arrays)."""
     stacked = {k: np.stack([m[k] for m in step_metrics]) for k in step_metrics[0]}
@@ -46,6 +51,10 @@ def train_record(step_metrics: list[dict]) -> dict:
         if key in ("loss", "clipped", "nonfinite"):
             continue
         record[key] = float(values.mean())
+    for key in MEASURED_SOMETIMES:  # NaN on the steps that did not measure it
+        if key in stacked:
+            measured = stacked[key][np.isfinite(stacked[key])]
+            record[key] = float(measured.mean()) if measured.size else float("nan")
     record["grad_norm_max"] = float(stacked["grad_norm"].max())
     record["clip_fraction"] = float(stacked["clipped"].mean())
     record["nonfinite_steps"] = int(stacked["nonfinite"].sum())
@@ -191,7 +200,8 @@ class _Loop:
         self.val_ids, self.test_ids = eval_splits
         self.dp = dp or parallel.DataParallel(mesh=None)
         self.step_fn = self.dp.wrap_step(step_lib.make_train_step(
-            model, optimizer, self.dp.mesh, reset_prob=config.train.reset_prob))
+            model, optimizer, self.dp.mesh, reset_prob=config.train.reset_prob,
+            measure_every=config.train.log_every))
         self.eval_fn = self.dp.wrap_eval(step_lib.make_eval_step(model))
 
     def run(self, state: step_lib.TrainState, stop: _StopOnSignal,

@@ -90,6 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A rule of charrnn/clipping.py: none, global_norm, value, agc, block_rms, autoclip, zclip.
     config.optim.clip_mode = "global_norm"
     config.optim.clip_norm = 1.0  # τ of global_norm; the bound of value, λ of agc, RMS of block_rms
+    # Where the rule acts: gradient (the batch gradient, before the update rule), update
+    # (the update the optimizer computed), bptt (each time step's cotangent; value or
+    # global_norm), example (each sequence's gradient), device (before the all-reduce).
+    config.optim.clip_at = "gradient"
     config.optim.autoclip_percentile = 10.0  # autoclip: p in (0, 100] of the norm history
     config.optim.autoclip_history = 1000  # autoclip: norms kept (ring buffer)
     config.optim.zclip_z = 2.5  # zclip: z-score above which a norm is a spike

@@ -140,6 +140,12 @@ def _catalogue(d, corpus, trained):
         ("unknown clip mode", work + ["--config.optim.clip_mode=norm"],
          "unknown optim.clip_mode 'norm'; choose from none, global_norm, value, agc, block_rms, "
          "autoclip, zclip"),
+        ("unknown placement", work + ["--config.optim.clip_at=weights"],
+         "unknown optim.clip_at 'weights'; choose from gradient, update, bptt, example, device"),
+        ("bptt with a rule it cannot apply", work + ["--config.optim.clip_at=bptt",
+                                                     "--config.optim.clip_mode=agc"],
+         "optim.clip_at=bptt takes optim.clip_mode value or global_norm, got 'agc' (the other "
+         "placements take every rule)"),
         ("unknown schedule", work + ["--config.optim.schedule=linear"],
          "unknown optim.schedule 'linear'; choose from constant, cosine"),
         ("dropout 1", work + ["--config.model.dropout=1.0"], "model.dropout must be in [0, 1)"),

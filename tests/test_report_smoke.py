@@ -57,7 +57,7 @@ def test_report_smoke_renders_every_experiment(report_smoke: ReportSmoke, tmp_pa
     assert len(figures) == 8 and all((out / f).is_file() for f in figures)
     assert "**Trained to the plateau?**" in report
     # Code is quoted from the source, the telemetry read back from TensorBoard's files.
-    assert "optimizer.update(grads, state.opt_state, state.params)" in report
+    assert "optimizer.update(grads, state.opt_state, state.params, axis_name)" in report
     assert "clipped, clip_state = self.clip.transform.update(grads, clip_state, params)" in report
     assert "`train/clip_cosine`" in report and "`val/whh_spectral_radius/0`" in report
     assert "```text\n" in report  # the sample

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from charrnn import clipping, runinfo
+from charrnn import clipping, optim, runinfo
 from experiments.configs import default
 
 
@@ -31,8 +31,11 @@ def test_the_header_names_the_clipping_rule_its_strength_and_settings(rule):
         assert clip == f"  clipping {rule} (no clipping)"
         return
     expected = f"{r.strength.field}={config.optim[r.strength.field]:g}"
+    # where it acts: the default placement, and another (a rule bptt takes: bptt)
+    config.optim.clip_at = "bptt" if rule in optim.BPTT_RULES else "example"
     assert clip.startswith(f"  clipping {rule}, {expected}") and clip.endswith(
-        ", clip_at=gradient")  # the one placement so far: the raw gradient
+        ", clip_at=gradient")
+    assert _line(_header(config), "clipping").endswith(f", clip_at={config.optim.clip_at}")
     for setting in r.settings:
         assert f"{setting.field}={config.optim[setting.field]:g}" in clip
 

@@ -14,8 +14,6 @@ should cost no more than 5% of the step). ``window_spread``: slowest /
 fastest window of each rule (the timing noise).
 """
 
-import time
-
 from absl import app, flags
 
 from charrnn import runinfo
@@ -46,47 +44,21 @@ def _config(rule: str, smoke: bool):
 
 def measure(smoke: bool, steps: int, repeats: int) -> dict:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from charrnn import clipping, models, optim
-    from charrnn import step as step_lib
+    from charrnn import clipping, models
+    from experiments.bench import harness
 
     configs = {rule: _config(rule, smoke) for rule in clipping.RULES}
     first = configs["global_norm"]
-    B, T = first.train.batch_size, first.train.seq_len
     model = models.CharRNN.from_config(first.model, _VOCAB)
-    rng = np.random.default_rng(0)
-    tokens = lambda: jnp.asarray(rng.integers(0, _VOCAB, (B, T), dtype=np.int32))
-    batch = {"x": tokens(), "y": tokens(), "reset": np.bool_(False)}
-    def timed(step_fn):
-        def run(state):
-            for _ in range(steps):
-                state, m = step_fn(state, batch)
-            jax.block_until_ready(m)
-            return state
-        return run
-
-    runs, states, times = {}, {}, {}
-    for rule, config in configs.items():
-        optimizer = optim.Optimizer.from_config(config)
-        runs[rule] = timed(step_lib.make_train_step(model, optimizer))
-        state = step_lib.init_state(model, optimizer, B, config.seed)
-        states[rule] = runs[rule](state)  # compile and warm up
-        times[rule] = []
-    for _ in range(repeats):
-        for rule, run in runs.items():
-            start = time.perf_counter()
-            states[rule] = run(states[rule])
-            times[rule].append(time.perf_counter() - start)
-    chars = steps * B * T
-    rate = {rule: chars / min(t) for rule, t in times.items()}
+    timing = harness.time_train_steps(model, configs, _VOCAB, steps, repeats)
+    rate = timing["chars_per_sec"]
     return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "cpu": runinfo.cpu_model(), "cell": first.model.cell,
             "hidden_size": first.model.hidden_size, "num_layers": first.model.num_layers,
-            "batch_size": B, "seq_len": T, "steps_per_window": steps, "repeats": repeats,
-            "chars_per_sec": rate,
+            "batch_size": first.train.batch_size, "seq_len": first.train.seq_len,
+            "steps_per_window": steps, "repeats": repeats, "chars_per_sec": rate,
             "ratio": {rule: r / rate["global_norm"] for rule, r in rate.items()},
-            "window_spread": {rule: max(t) / min(t) for rule, t in times.items()}}
+            "window_spread": timing["window_spread"]}
 
 
 def main(argv):

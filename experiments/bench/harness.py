@@ -110,3 +110,50 @@ def machine_info():
 def has_torch():
     import importlib.util
     return importlib.util.find_spec("torch") is not None
+
+
+def time_train_steps(model, configs: dict, vocab_size: int, steps: int, repeats: int) -> dict:
+    """Best-window chars/s of the real training step of ``model`` under each run config.
+
+    configs: {label: run config} (the same batch shape); every label's step
+    (:func:`charrnn.step.make_train_step`: jitted, state donated) trains on the
+    same random batch; compilation is excluded. Timing windows of ``steps``
+    steps alternate between the labels and each keeps its best of ``repeats``,
+    so a machine shared with other jobs biases no label. Returns
+    ``{"chars_per_sec": {label: ...}, "window_spread": {label: slowest / fastest}}``.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from charrnn import optim
+    from charrnn import step as step_lib
+
+    first = next(iter(configs.values()))
+    B, T = first.train.batch_size, first.train.seq_len
+    rng = np.random.default_rng(0)
+    tokens = lambda: jnp.asarray(rng.integers(0, vocab_size, (B, T), dtype=np.int32))
+    batch = {"x": tokens(), "y": tokens(), "reset": np.bool_(False)}
+
+    def timed(step_fn):
+        def run(state):
+            for _ in range(steps):
+                state, m = step_fn(state, batch)
+            jax.block_until_ready(m)
+            return state
+        return run
+
+    runs, states, times = {}, {}, {}
+    for label, config in configs.items():
+        optimizer = optim.Optimizer.from_config(config)
+        runs[label] = timed(step_lib.make_train_step(model, optimizer))
+        state = step_lib.init_state(model, optimizer, B, config.seed)
+        states[label] = runs[label](state)  # compile and warm up
+        times[label] = []
+    for _ in range(repeats):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            states[label] = run(states[label])
+            times[label].append(time.perf_counter() - start)
+    chars = steps * B * T
+    return {"chars_per_sec": {label: chars / min(t) for label, t in times.items()},
+            "window_spread": {label: max(t) / min(t) for label, t in times.items()}}

@@ -295,3 +295,49 @@ def test_launch_with_bptt_value_clipping_trains_resumes_and_samples(text_file, t
     runs = [restore.load_checkpoint(str(w))[3] for w in (straight, resumed)]
     for a, b in zip(*(jax.tree.leaves(p) for p in runs)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture
+def ablation_config(text_file):
+    from experiments.configs import clip_ablation
+    config = clip_ablation.get_config("smoke")
+    config.data.path = text_file
+    config.data.val_fraction = config.data.test_fraction = 0.1
+    config.sweep.eval_chars = 200
+    return config
+
+
+def test_placement_is_a_grid_axis_and_part_of_the_group_key(ablation_config):
+    from charrnn import sweep
+    s = ablation_config.sweep
+    s.cells, s.optimizers, s.seeds = ("lstm",), ("sgd",), (0,)
+    s.rules, s.strengths = ("none", "global_norm", "agc"), {"global_norm": ("1",), "agc": ("0.1",)}
+    s.placements = ("gradient", "bptt", "example")
+    runs = sweep.make_grid(s)
+    assert [(r.rule, r.clip_at) for r in runs] == [
+        ("none", "gradient"),  # no clipping: once
+        ("global_norm", "gradient"), ("global_norm", "bptt"), ("global_norm", "example"),
+        ("agc", "gradient"), ("agc", "example")]  # bptt takes value and global_norm only
+    assert len({r.group for r in runs}) == len(runs) and len({r.name for r in runs}) == len(runs)
+    assert runs[2].name.endswith("-at_bptt") and runs[1].name == "lstm-sgd-lr1-seed0-global_norm_1"
+    assert sweep.run_config(ablation_config, runs[2], 1.0).optim.clip_at == "bptt"
+    s.placements = ("gradient", "weights")
+    with pytest.raises(sweep.SweepError, match="unknown placement 'weights'"):
+        sweep.make_grid(s)
+
+
+def test_one_program_of_a_placement_equals_its_runs_alone(ablation_config):
+    """Two strengths of clipping inside BPTT in one vmapped program = each run alone (the
+    threshold a traced value of the backward pass)."""
+    from charrnn import sweep
+    corpus = sweep.Corpus.from_config(ablation_config)
+    runs = [sweep.Run("rnn", "sgd", seed, label, "value", 0.5, "bptt")
+            for seed, label in enumerate(("0.05", "100"))]
+    configs = [sweep.run_config(ablation_config, r, float(r.strength)) for r in runs]
+    group = sweep.run_group(configs, [0.05, 100.0], corpus, runs_per_chunk=0, num_steps=2)
+    for config, got in zip(configs, group):
+        alone = sweep.run_single(config, corpus, num_steps=2)
+        for key in ("loss", "grad_norm", "val_loss"):
+            np.testing.assert_allclose(got[key], alone[key], rtol=2e-5, err_msg=key)
+        np.testing.assert_array_equal(got["clipped"], alone["clipped"])
+    assert group[0]["clipped"].all() and not group[1]["clipped"].any()

@@ -1,5 +1,12 @@
 """A sweep's grid, written as data: cells × optimizers × clipping rules × seeds ×
-each rule's strengths, and the full run config of each point.
+each rule's strengths × placements, and the full run config of each point.
+
+``sweep.placements`` (optional; default ``("gradient",)``) lists where the rules act
+(``optim.clip_at``). A placement is part of a run's group key: the placements are
+different programs (bptt and example change the backward pass, update the order of
+clip and update rule, device the all-reduce), not runtime values. A rule a placement
+cannot apply (bptt takes only value and global_norm) is left out of that placement,
+and the rule ``none``, which clips nowhere, is run at the first placement only.
 
 The rules are those of :mod:`charrnn.clipping` (``sweep.rules``;
 ``sweep.strengths.<rule>`` lists a rule's strength labels). The rule ``none``
@@ -35,18 +42,20 @@ class Run:
     strength: str
     rule: str = "global_norm"
     learning_rate: float | None = None  # None: the sweep config's one rate for the optimizer
+    clip_at: str = optim.PLACEMENTS[0]  # where the rule acts (optim.clip_at)
 
     @property
     def name(self) -> str:
         clip = "none" if self.rule == "none" else f"{self.rule}_{self.strength}"
         lr = "" if self.learning_rate is None else f"-lr{self.learning_rate:g}"
-        return f"{self.cell}-{self.optimizer}{lr}-seed{self.seed}-{clip}"
+        at = "" if self.clip_at == optim.PLACEMENTS[0] else f"-at_{self.clip_at}"
+        return f"{self.cell}-{self.optimizer}{lr}-seed{self.seed}-{clip}{at}"
 
     @property
     def group(self) -> tuple:
         """Runs of one group share one compiled program: their seeds, strengths and
-        learning rates are runtime values."""
-        return (self.rule, self.cell, self.optimizer)
+        learning rates are runtime values; their placement is not."""
+        return (self.rule, self.cell, self.optimizer, self.clip_at)
 
 
 def parse_threshold(label: str) -> tuple[str, float]:
@@ -107,13 +116,33 @@ def make_grid(sweep_config) -> list[Run]:
                              f"{', '.join(clipping.RULES)}")
         for label in _strength_labels(sweep_config, rule):
             parse_strength(rule, label)
-    runs = [Run(c, o, int(s), t, rule, lr) for c in sweep_config.cells
+    placements = placements_of(sweep_config)
+    runs = [Run(c, o, int(s), t, rule, lr, at) for c in sweep_config.cells
             for o in sweep_config.optimizers for lr in learning_rates(sweep_config, o)
-            for rule in sweep_config.rules
+            for rule in sweep_config.rules for at in placements if _applies(rule, at, placements)
             for s in sweep_config.seeds for t in _strength_labels(sweep_config, rule)]
     if not runs:
         raise SweepError("the grid is empty: give at least one cell, optimizer, rule and seed")
     return runs
+
+
+def placements_of(sweep_config) -> tuple:
+    """``sweep.placements`` (default: gradient only), each checked against optim.PLACEMENTS."""
+    placements = tuple(sweep_config.get("placements", optim.PLACEMENTS[:1]))
+    for at in placements:
+        if at not in optim.PLACEMENTS:
+            raise SweepError(f"unknown placement {at!r} in sweep.placements; choose from "
+                             f"{', '.join(optim.PLACEMENTS)}")
+    if not placements:
+        raise SweepError("sweep.placements is empty: give at least one placement")
+    return placements
+
+
+def _applies(rule: str, clip_at: str, placements: tuple) -> bool:
+    """Whether the grid runs ``rule`` at ``clip_at`` (module docstring)."""
+    if clipping.RULES[rule].strength is None:
+        return clip_at == placements[0]
+    return clip_at != "bptt" or rule in optim.BPTT_RULES
 
 
 def learning_rates(sweep_config, optimizer: str) -> tuple:
@@ -145,6 +174,7 @@ def run_config(config, run: Run, tau: float = math.inf) -> ml_collections.Config
                              if run.learning_rate is None else run.learning_rate)
     rule = clipping.RULES[run.rule]
     c.optim.clip_mode = run.rule
+    c.optim.clip_at = run.clip_at
     if rule.strength is not None and not math.isinf(tau):
         c.optim[rule.strength.field] = float(tau)
     return c

@@ -23,7 +23,7 @@ def summarize(run: Run, tau: float, history: dict, reference: float | None = Non
     grad = history["grad_norm"][np.isfinite(history["grad_norm"])]
     return {
         "cell": run.cell, "optimizer": run.optimizer, "learning_rate": run.learning_rate,
-        "seed": run.seed, "rule": run.rule,
+        "seed": run.seed, "rule": run.rule, "clip_at": run.clip_at,
         # the strength label ('0.5x', '2.5', 'none'; the column's name predates the rules
         # whose strength is not a threshold) and its value
         "threshold": run.strength, "tau": tau, "reference_norm": reference,

@@ -202,9 +202,9 @@ class Optimizer:
             clip_rows = jax.vmap(self.clip.transform.update, in_axes=(0, None, None))
             clipped, states = clip_rows(grads, clip_state, params)
             part_changed = jax.vmap(_differs)(grads, clipped).astype(jnp.float32)  # [B]
-            mean = lambda tree: jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)
+            mean = lambda tree: jax.tree.map(_row_mean, tree)
             grads, clipped, part_changed = mean(grads), mean(clipped), jnp.mean(part_changed)
-            clip_state = _mean_state(states, lambda a: jnp.mean(a, axis=0))
+            clip_state = _mean_state(states, _row_mean)
         else:
             clipped, clip_state = self.clip.transform.update(grads, clip_state, params)
             part_changed = _differs(grads, clipped).astype(jnp.float32)
@@ -222,6 +222,12 @@ def _differs(a, b) -> jax.Array:
     """bool []: some leaf of ``b`` differs from ``a`` somewhere."""
     return jnp.any(jnp.array([jnp.any(x != y) for x, y in
                               zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
+
+
+def _row_mean(a):
+    """The mean of a [B, ...] over its rows, as a product with (1/B, ..., 1/B): XLA on a
+    CPU reduces over a leading axis about 10x slower than it multiplies."""
+    return jnp.tensordot(jnp.full(a.shape[:1], 1.0 / a.shape[0], a.dtype), a, axes=1)
 
 
 def _mean_state(state, mean):

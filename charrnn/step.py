@@ -211,9 +211,9 @@ def bptt_gradients(args: tuple, clip, axis_name, step, measure_every: int):
     """
     params, model, _, x = args[:4]
     # τ bounds the cotangent of one sequence's summed loss (Graves's convention); the loss
-    # here is the mean over the whole batch's B·T characters, whose cotangents are 1/(B·T) of those.
-    rows = x.shape[0] if args[6] is None else args[6][1]
-    clip = clip.replace(tau=clip.tau / (rows * x.shape[1]))
+    # differentiated here is the mean over this device's B·T characters, whose cotangents
+    # are 1/(B·T) of those.
+    clip = clip.replace(tau=clip.tau / x.size)
     value_and_grad = jax.value_and_grad(loss_fn, argnums=(0, 8), has_aux=True)
     (loss, new_carry), (grads, dclip) = value_and_grad(*args, clip)
     cotangents = x.size * model.num_layers  # B * T * L (this device's rows)

@@ -4,7 +4,8 @@
 
 One SGD step (learning rate 1) of the smoke LSTM with B = 8 (two rows per device)
 under ``clip_at=device``, against the hand average of the 4 shard gradients, each
-computed on one device from its two rows and clipped by ``optax.clip_by_global_norm``.
+computed on one device from its two rows and clipped by ``optax.clip_by_global_norm``;
+and one step clipped inside BPTT on 4 devices against one device.
 The last stdout line is a JSON object the parent test asserts on.
 """
 
@@ -55,10 +56,23 @@ def main(corpus: str) -> dict:
     update = [p0 - p1 for p0, p1 in zip(leaves(before), leaves(after))]
     error = lambda reference: max(float(np.abs(u - g).max())
                                   for u, g in zip(update, leaves(reference)))
-    return {"device_count": jax.device_count(),
+    return {"device_count": jax.device_count(), "bptt_error": bptt_four_against_one(config, model, batch),
             "shards_clipped": sum(float(optim.global_norm(g)) > TAU for g in shards),
             "device_clip_fraction": float(metrics["device_clip_fraction"]),
             "max_error": error(average), "clipped_average_differs": error(clipped_average)}
+
+
+def bptt_four_against_one(config, model, batch) -> float:
+    """Largest difference of the parameters after one step clipped inside BPTT on 4
+    devices and on one: the cotangents each device clips are those of the whole batch."""
+    config.optim.clip_at, config.optim.clip_mode, config.optim.clip_norm = "bptt", "value", 0.1
+    optimizer = optim.Optimizer.from_config(config)
+    params = []
+    for dp in (parallel.DataParallel(mesh=None), parallel.DataParallel.create(8)):
+        state = dp.place_state(step_lib.init_state(model, optimizer, 8, config.seed))
+        step_fn = dp.wrap_step(step_lib.make_train_step(model, optimizer, dp.mesh))
+        params.append(jax.tree.leaves(jax.device_get(step_fn(state, batch)[0].params)))
+    return max(float(np.abs(a - b).max()) for a, b in zip(*params))
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ class Optimizer:
         metrics = {"update_norm": global_norm(raw), "update_norm_clipped": global_norm(updates),
                    "update_clip_cosine": diagnostics.tree_cosine(raw, updates)}
         return Update(updates, grads, (clip_state, base_state), self.clip.threshold(clip_state),
-                      grads, changed=_differs(raw, updates), metrics=metrics)
+                      grads, changed=tree_differs(raw, updates), metrics=metrics)
 
     def _update_parts(self, grads, state, params, axis_name) -> Update:
         """clip_at=example (grads per row, [B, ...]) or device (this device's gradient):
@@ -201,13 +201,13 @@ class Optimizer:
         if self.clip_at == "example":
             clip_rows = jax.vmap(self.clip.transform.update, in_axes=(0, None, None))
             clipped, states = clip_rows(grads, clip_state, params)
-            part_changed = jax.vmap(_differs)(grads, clipped).astype(jnp.float32)  # [B]
+            part_changed = jax.vmap(tree_differs)(grads, clipped).astype(jnp.float32)  # [B]
             mean = lambda tree: jax.tree.map(_row_mean, tree)
             grads, clipped, part_changed = mean(grads), mean(clipped), jnp.mean(part_changed)
             clip_state = _mean_state(states, _row_mean)
         else:
             clipped, clip_state = self.clip.transform.update(grads, clip_state, params)
-            part_changed = _differs(grads, clipped).astype(jnp.float32)
+            part_changed = tree_differs(grads, clipped).astype(jnp.float32)
         if axis_name is not None:  # the all-reduce, after the clip
             grads, clipped, part_changed = jax.lax.pmean((grads, clipped, part_changed),
                                                          axis_name)
@@ -218,8 +218,8 @@ class Optimizer:
                       grads, changed=part_changed > 0, metrics=metrics)
 
 
-def _differs(a, b) -> jax.Array:
-    """bool []: some leaf of ``b`` differs from ``a`` somewhere."""
+def tree_differs(a, b) -> jax.Array:
+    """bool []: some leaf of ``b`` differs from ``a`` somewhere (two same-shaped pytrees)."""
     return jnp.any(jnp.array([jnp.any(x != y) for x, y in
                               zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
 

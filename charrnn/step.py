@@ -164,8 +164,8 @@ def _step_metrics(loss, grad_norm, step: optim.Update, finite, lr) -> dict:
         "grad_norm_clipped": optim.global_norm(clipped),
         # cos∠(g, clip(g)): 1 for global-norm clipping, below 1 when a rule turns g.
         "clip_cosine": diagnostics.tree_cosine(grads, clipped),
-        "clipped": step.changed if step.changed is not None else jnp.any(jnp.array(
-            [jnp.any(a != b) for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(grads))])),
+        "clipped": step.changed if step.changed is not None else optim.tree_differs(grads,
+                                                                                    clipped),
         "nonfinite": 1 - finite.astype(jnp.int32),
         "lr": lr,
         "clip_threshold": step.threshold,
@@ -209,7 +209,7 @@ def bptt_gradients(args: tuple, clip, axis_name, step, measure_every: int):
     clipping, and ``bptt_norm_ratio``, the clipped gradient's norm over it (a second
     backward pass, so only then; NaN on the other steps).
     """
-    params, model, _, x = args[:4]
+    model, x = args[1], args[3]
     # τ bounds the cotangent of one sequence's summed loss (Graves's convention); the loss
     # differentiated here is the mean over this device's B·T characters, whose cotangents
     # are 1/(B·T) of those.

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from charrnn import clipping, diagnostics, scan
+from charrnn import clipping, scan
 from charrnn import config as config_lib
 
 OPTIMIZERS = config_lib.CHOICES["optim.name"]
@@ -189,8 +189,7 @@ class Optimizer:
         clip_state, base_state = state
         raw, base_state = self.base.update(grads, base_state, params)
         updates, clip_state = self.clip.transform.update(raw, clip_state, params)
-        metrics = {"update_norm": global_norm(raw), "update_norm_clipped": global_norm(updates),
-                   "update_clip_cosine": diagnostics.tree_cosine(raw, updates)}
+        metrics = {"update_norm": global_norm(raw), "update_norm_clipped": global_norm(updates)}
         return Update(updates, grads, (clip_state, base_state), self.clip.threshold(clip_state),
                       grads, changed=tree_differs(raw, updates), metrics=metrics)
 

@@ -23,7 +23,7 @@ def summarize(run: Run, tau: float, history: dict, reference: float | None = Non
     grad = history["grad_norm"][np.isfinite(history["grad_norm"])]
     return {
         "cell": run.cell, "optimizer": run.optimizer, "learning_rate": run.learning_rate,
-        "seed": run.seed, "rule": run.rule, "clip_at": run.clip_at,
+        "seed": run.seed, "rule": run.rule,
         # the strength label ('0.5x', '2.5', 'none'; the column's name predates the rules
         # whose strength is not a threshold) and its value
         "threshold": run.strength, "tau": tau, "reference_norm": reference,
@@ -37,6 +37,7 @@ def summarize(run: Run, tau: float, history: dict, reference: float | None = Non
         "max_grad_norm": float(grad.max()) if grad.size else float("nan"),
         "nonfinite_steps": nonfinite,
         "steps": int(history["loss"].size),
+        "clip_at": run.clip_at,  # where the rule acted (last: the columns before keep their places)
     }
 
 

@@ -69,8 +69,8 @@ def test_report_steps_refuses_an_unknown_step_in_one_line(tmp_path):
     r = _run(["experiments/pages/report.py", "--smoke", f"--workdir={tmp_path}",
               "--steps=cliff,nope"])
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "error: --steps: unknown nope; choose from exploding, lm, ablation, bench, cliff, "
-        "smoothness"]
+        "error: --steps: unknown nope; choose from exploding, lm, lm_carried, ablation, bench, "
+        "cliff, smoothness"]
     assert os.listdir(tmp_path) == []  # nothing ran
     r = _run(["experiments/pages/report.py", "--smoke", "--steps=cliff"])
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [

@@ -17,7 +17,8 @@ Runs, each as its own process (the experiment scripts are the source of every nu
 2. launch.py: trains a small LSTM language model (its metrics.jsonl and
    TensorBoard files are the telemetry shown), then, in this process, measures
    the clipping cosine on one of its real gradients, the BPTT Jacobian of its
-   trained layer, and draws a sample with charrnn.sampling;
+   trained layer, and draws a sample with charrnn.sampling; launch.py again: the same
+   model in the old carried-state regime, for the hand-over (report_handover.py);
 3. experiments/science/clip_ablation.py: every clipping rule × strength × optimizer × cell
    × seed, and the plateau check;
 4. experiments/bench/bench_sweep.py: one-program sweep against sequential runs;
@@ -60,8 +61,8 @@ _REUSE = flags.DEFINE_bool("reuse", False, "Reuse finished steps found in --work
 _SMOKE = flags.DEFINE_bool("smoke", False, "Every step tiny: the whole pipeline in about a minute.")
 _DATA_PATH = flags.DEFINE_string("data_path", "", "A text file instead of the built-in corpus.")
 _STEPS = flags.DEFINE_list("steps", None, "Run only these steps into --workdir and write no "
-                           "page (of: exploding, lm, ablation, bench, cliff, smoothness): the "
-                           "pieces a later --reuse run renders from.")
+                           "page (of: exploding, lm, lm_carried, ablation, bench, cliff, "
+                           "smoothness): the pieces a later --reuse run renders from.")
 
 # The language model whose telemetry and sample the report shows.
 LM_FLAGS = ["--config.model.cell=lstm", "--config.model.hidden_size=256",
@@ -72,6 +73,9 @@ LM_FLAGS = ["--config.model.cell=lstm", "--config.model.hidden_size=256",
             # when it trained with τ = 1, where nothing was clipped): clipping is active.
             "--config.optim.clip_norm=0.3"]
 SAMPLE = {"prompt": "ROMEO:", "length": 400, "temperature": 0.8, "seed": 0}
+# The old carried-state regime (issue 26): the state carried from window to window and
+# restarted from zeros only at an epoch's start; the lm_carried step trains LM_FLAGS with it.
+CARRIED_FLAGS = ["--config.model.start_state=zero", "--config.train.reset_prob=0"]
 
 
 class ReportError(Exception):
@@ -172,22 +176,31 @@ def smoothness(work: str, smoke: bool) -> dict:
     return _script_result(work, "smoothness", "science.smoothness", smoke, extra=extra)
 
 
-def train_lm(work: str, smoke: bool) -> str:
-    """Train the report's language model with launch.py; returns its workdir."""
-    lm = os.path.join(work, "lm")
+def train_lm(work: str, smoke: bool, sub: str = "lm", extra=(),
+             what: str = "train the language model (launch.py)") -> str:
+    """Train the report's language model with launch.py (``extra``: more flags) into
+    work/sub; returns that workdir."""
+    lm = os.path.join(work, sub)
     if _REUSE.value and os.path.exists(os.path.join(lm, "metrics.jsonl")):
         return lm
     if os.path.isdir(lm):
         shutil.rmtree(lm)
     config = "experiments/configs/default.py" + (":smoke" if smoke else "")
     flags_ = [] if smoke else LM_FLAGS
-    run_script(["launch.py", f"--workdir={lm}", f"--config={config}"] + flags_
-               + _data_flags(), "train the language model (launch.py)")
+    run_script(["launch.py", f"--workdir={lm}", f"--config={config}"] + flags_ + list(extra)
+               + _data_flags(), what)
     return lm
 
 
-STEPS = {"exploding": exploding, "lm": train_lm, "ablation": ablation, "bench": bench,
-         "cliff": cliff, "smoothness": smoothness}  # name -> step(work, smoke), as in main
+def train_lm_carried(work: str, smoke: bool) -> str:
+    """The same language model trained in the old carried-state regime (CARRIED_FLAGS)."""
+    return train_lm(work, smoke, "lm_carried", CARRIED_FLAGS,
+                    "train the language model, carried state (launch.py)")
+
+
+# name -> step(work, smoke), as in main
+STEPS = {"exploding": exploding, "lm": train_lm, "lm_carried": train_lm_carried,
+         "ablation": ablation, "bench": bench, "cliff": cliff, "smoothness": smoothness}
 
 
 def run_steps(names: list, work: str, smoke: bool) -> None:

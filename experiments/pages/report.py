@@ -336,7 +336,7 @@ def destinations(outdir: str | None, smoke: bool) -> tuple[str, str]:
 
 def main(argv):
     cli.start(argv)
-    from experiments.pages import report_sections
+    from experiments.pages import report_handover, report_sections
     smoke = _SMOKE.value
     if _STEPS.value:
         try:
@@ -355,6 +355,11 @@ def main(argv):
         start = time.perf_counter()
         results["lm"] = measure_lm(lm, outdir, smoke)
         _TIMINGS["measurements in report.py"] = time.perf_counter() - start
+        carried = train_lm_carried(work, smoke)
+        start = time.perf_counter()
+        results["handover"] = report_handover.measure({"carried": carried, "restarts": lm},
+                                                      outdir, smoke)
+        _TIMINGS["hand-over measurements"] = time.perf_counter() - start
         results["ablation"] = ablation(work, smoke)
         results["bench"] = bench(work, smoke)
         results["cliff"] = cliff(work, smoke)

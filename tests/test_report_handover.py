@@ -70,6 +70,8 @@ def test_summarize_on_hand_made_losses(tmp_path):
     assert f"Restarts narrow it by {handover.fmt(-per_line.mean())} nats/char" in text
     assert "within two standard errors of the evaluation text's own noise" in text
     assert "seed 1:\nc d\n" in text and "](fig/handover.png)" in text
+    assert "the same budget (20 steps of 4 streams, the same seed)" in text
+    assert "(start_state zero, reset_prob 0: NOT today's defaults," in text  # they restart
     assert "carried: from position 9; restarts: from position 3. The first character after " \
         "the newline alone has a gap of 1 nats/char carried and 0.3 with restarts." in text
     assert handover.glance(h) == (

@@ -231,11 +231,28 @@ def _samples(h: dict) -> str:
     s = h["samples"]
     parts = []
     for name, reg in h["regimes"].items():
-        body = "\n".join(f"seed {seed}:\n{text}\n" for seed, text in zip(s["seeds"], reg["samples"]))
+        body = "\n".join(f"seed {seed}:\n{text}\n"
+                         for seed, text in zip(s["seeds"], reg["samples"]))
         parts.append(f"**{name}** ({_label(reg)}), {100 * reg['plain_share']:.0f}% of the "
                      f"characters letters, spaces, newlines or , . ; : ! ? ' -:\n\n"
                      f"```text\n{body}```\n")
     return "\n".join(parts)
+
+
+def _budget(old: dict, new: dict) -> str:
+    if old["step"] == new["step"] and old["batch_size"] == new["batch_size"]:
+        return (f"the same budget ({new['step']} steps of {new['batch_size']} streams, the "
+                "same seed)")
+    return (f"budgets that are NOT the same ({old['step']} steps of {old['batch_size']} streams "
+            f"carried, {new['step']} of {new['batch_size']} with restarts)")
+
+
+def _defaults_or_not(reg: dict) -> str:
+    """Whether a regime is the default config's, read from experiments/configs/default.py."""
+    from experiments.configs import default
+    d = default.get_config()
+    same = (d.model.start_state, d.train.reset_prob) == (reg["start_state"], reg["reset_prob"])
+    return "today's defaults" if same else "NOT today's defaults"
 
 
 def section(h: dict, fig: str) -> str:
@@ -253,9 +270,9 @@ def section(h: dict, fig: str) -> str:
 Sampling from an empty prompt, priming and evaluation all begin in the model's start state
 (`model.start_state`). Until issue 26 training carried the hidden state from window to window
 and restarted it only at an epoch's start. The report's language model was trained twice on
-the same budget ({new['step']} steps of {new['batch_size']} streams, the same seed):
-**carried** ({_label(old)}: the old regime) and **restarts** ({_label(new)}: today's
-defaults, each stream restarting from the start state with that probability per window). An
+{_budget(old, new)}: **carried** ({_label(old)}: the old regime) and **restarts**
+({_label(new)}: {_defaults_or_not(new)}, each stream restarting from the start state with
+that probability per window). An
 epoch is {old['windows_per_epoch']} windows here, so in training the streams began from the
 start state {old['stream_starts']:.0f} times in all with the carried state (every stream at
 each epoch's start) and {new['stream_starts']:.0f} times with restarts.

@@ -85,7 +85,8 @@ def throughput(config, cell: str, optimizer: str, chunks: list, steps: int,
                 configs = [c for c, _ in members]
                 step = sweep.make_group_step(model, configs[0], chunk, None,
                                              sweep.group_rules(configs))
-                programs.append([step, sweep.init_group(model, configs), _batches(len(configs), B, T),
+                programs.append([step, sweep.init_group(model, configs),
+                                 _batches(len(configs), B, T),
                                  sweep.group_hypers(configs, [t for _, t in members])])
             variants[f"{name}_chunk{chunk}"] = programs
 
@@ -143,12 +144,7 @@ def compile_grid(config) -> dict:
 
 def main(argv):
     cli.start(argv, outdir=_OUTDIR.value)
-    try:
-        chunks = [int(c) for c in _CHUNKS.value]
-    except ValueError:
-        raise app.UsageError("--runs_per_chunk must be integers") from None
-    if min(chunks) < 0:
-        raise app.UsageError("--runs_per_chunk must be >= 0")
+    chunks = cli.chunk_sizes(_CHUNKS.value)
     config = _config(_SMOKE.value)
     if _CELL.value not in config.sweep.cells and not _SMOKE.value:
         raise app.UsageError(f"--cell must be one of the grid's cells {config.sweep.cells}")

@@ -14,7 +14,9 @@ runtime index (:func:`charrnn.clipping.switch`). Two measurements:
   switch a real branch; 0: all vmapped, the switch a select over every rule's
   branch). Both see the same pre-made batches; compilation is excluded; timing
   windows alternate between the variants and each keeps its best window.
-  ``ratio`` = packed chars/s / grouped chars/s per C (within this one run).
+  ``ratio`` = packed chars/s / grouped chars/s per C (best windows, within this
+  one run); ``ratio_median_of_rounds``: the median over the rounds of that ratio
+  from the round's two windows.
 - ``--compile_grid``: the report's whole grid (experiments/configs/clip_ablation.py)
   as programs before and after, each lowered and compiled without training
   (``jit(...).lower(...).compile()`` on abstract inputs); program count and
@@ -72,6 +74,7 @@ def throughput(config, cell: str, optimizer: str, chunks: list, steps: int,
                repeats: int) -> dict:
     """chars/s of the grouped and the packed layout of one cell's runs, per chunk size."""
     import jax
+    import numpy as np
     from charrnn import models, sweep
     config.sweep.cells, config.sweep.optimizers = (cell,), (optimizer,)
     runs = sweep.make_grid(config.sweep)
@@ -114,6 +117,11 @@ def throughput(config, cell: str, optimizer: str, chunks: list, steps: int,
               "window_spread": {name: max(t) / min(t) for name, t in times.items()}}
     result["ratio"] = {str(c): result["chars_per_sec"][f"packed_chunk{c}"]
                        / result["chars_per_sec"][f"grouped_chunk{c}"] for c in chunks}
+    # The same from each round's two adjacent windows, the median over the rounds: load that
+    # drifts between rounds (a shared machine) moves both windows of a round alike.
+    result["ratio_median_of_rounds"] = {str(c): float(np.median(
+        np.array(times[f"grouped_chunk{c}"]) / np.array(times[f"packed_chunk{c}"])))
+        for c in chunks}
     return result
 
 

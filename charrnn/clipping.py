@@ -165,7 +165,7 @@ def switch(names: tuple, index, strength, optim_config) -> Clip:
 
     ``jax.lax.switch`` runs one branch when ``index`` is one number; under
     ``jax.vmap`` with an index per run it computes every branch and selects each
-    run's (``experiments/bench/bench_sweep.py --packed`` measures that cost).
+    run's (``experiments/bench/bench_packing.py`` measures that cost).
     """
     rules = [get(name) for name in names]
     transforms = [r.make(strength, **settings_of(r, optim_config)) for r in rules]

@@ -25,6 +25,18 @@ def write_json(outdir: str, name: str, result: dict) -> None:
     print(json.dumps(result))
 
 
+def chunk_sizes(values: list) -> list:
+    """A ``--runs_per_chunk`` list of the sweep benchmarks as integers >= 0 (0 = all runs
+    vmapped); else a usage error."""
+    try:
+        chunks = [int(c) for c in values]
+    except ValueError:
+        raise app.UsageError("--runs_per_chunk must be integers") from None
+    if min(chunks, default=0) < 0:
+        raise app.UsageError("--runs_per_chunk must be >= 0")
+    return chunks
+
+
 def usable_cores() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

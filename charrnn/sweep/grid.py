@@ -44,9 +44,15 @@ class Run:
 
     @property
     def group(self) -> tuple:
-        """Runs of one group share one compiled program: their seeds, strengths and
-        learning rates are runtime values."""
-        return (self.rule, self.cell, self.optimizer)
+        """Runs of one group share one compiled program: their seeds, strengths, learning
+        rates and clipping rules are runtime values; the cell (the parameters' shapes)
+        and the optimizer (its state's) are not."""
+        return self.program(pack_rules=True)
+
+    def program(self, pack_rules: bool = True) -> tuple:
+        """The key of the program that trains this run; ``pack_rules=False``: the
+        grouping before the rules were packed, one program per (rule, cell, optimizer)."""
+        return (self.cell, self.optimizer) if pack_rules else (self.rule, self.cell, self.optimizer)
 
 
 def parse_threshold(label: str) -> tuple[str, float]:

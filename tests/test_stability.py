@@ -87,9 +87,9 @@ def test_the_grid_needs_no_clipping_and_two_learning_rates():
     with pytest.raises(sweep.SweepError, match="put 'none' in sweep.rules"):
         stability.check_grid(config.sweep)
     config = stability_config.get_config("smoke")
-    config.sweep.learning_rates.adam = (0.1, 0.1)
+    config.sweep.learning_rates.sgd = (0.1, 0.1)
     with pytest.raises(sweep.SweepError, match="at least 2 learning rates per optimizer: "
-                       r"sweep.learning_rates.adam is \(0.1, 0.1\)"):
+                       r"sweep.learning_rates.sgd is \(0.1, 0.1\)"):
         stability.check_grid(config.sweep)
 
 

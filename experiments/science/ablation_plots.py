@@ -2,11 +2,15 @@
 
 - val_bpc_vs_threshold.png: final val bpc against τ (as a multiple of the
   reference norm, or absolute), one panel per cell, SGD and Adam, seeds as
-  dots, diverged runs as crosses, no clipping at the right edge;
-- loss_curves.png: training loss (bits/char, smoothed) of seed 0 per threshold;
+  dots, no clipping at the right edge; the axes span the runs that trained,
+  diverged runs are crosses at the top edge with their count;
+- loss_curves.png: training loss (bits/char, smoothed) of seed 0 per threshold,
+  the y axis zoomed on the trained runs after the first tenth of training;
 - grad_norm_traces.png: the pre-clip global gradient norm of seed 0's
   unclipped run and of its clipped runs, with each run's τ drawn;
 - threshold_in_force.png: the adaptive rules' threshold over training (seed 0).
+
+A panel whose runs all diverged says so in words.
 """
 
 import math
@@ -173,10 +177,10 @@ def plot_loss_curves(path, records):
             k = int(np.argmax(out)) if out.any() else len(y) - 1
             ax.scatter([x[k]], [0.97], marker="x", color=color, s=40,
                        transform=ax.get_xaxis_transform(), clip_on=False)
-        if not _say_all_diverged(ax, [r["row"] for r in rs]) and span:
-            ax.set_title(f"{cell} / {opt}: train loss, seed {seed} (y zoomed)", fontsize=9)
-        else:
-            ax.set_title(f"{cell} / {opt}: train loss, seed {seed}", fontsize=9)
+        if _say_all_diverged(ax, [r["row"] for r in rs]):
+            ax.set_yscale("log")  # the blow-up spans orders of magnitude
+        ax.set_title(f"{cell} / {opt}: train loss, seed {seed}" + (" (y zoomed)" if span else ""),
+                     fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("bits/char")
         ax.grid(alpha=0.3)

@@ -11,6 +11,11 @@ import math
 from experiments.pages.report_format import cell_name, fmt
 
 
+def _lr(x) -> str:
+    """A learning rate as written in the config ('1000', '0.003'); '–' for None."""
+    return "–" if x is None else f"{x:g}"
+
+
 def _panels(table) -> list:
     """[(cell, optimizer, its entries)] in the table's order."""
     keys = list(dict.fromkeys((e["cell"], e["optimizer"]) for e in table))
@@ -26,10 +31,10 @@ def survival(entries) -> str:
     if base is None:
         head = "without clipping a seed diverged at every learning rate of the grid"
     else:
-        head = f"without clipping the largest stable learning rate is {fmt(base)}"
+        head = f"without clipping the largest stable learning rate is {_lr(base)}"
         head += (" (the grid's largest: no clipping never diverged, so the grid shows no "
                  "rate that clipping rescues)" if none["stable_at_top"] else
-                 f" (a seed diverged at {fmt(none['smallest_diverged_lr'])})")
+                 f" (a seed diverged at {_lr(none['smallest_diverged_lr'])})")
     parts = []
     for e in entries:
         if e is none:
@@ -38,14 +43,14 @@ def survival(entries) -> str:
         if lr is None:
             parts.append(f"{e['setting']} diverged at every rate")
         elif base is None:
-            parts.append(f"{e['setting']} trains up to {fmt(lr)}")
+            parts.append(f"{e['setting']} trains up to {_lr(lr)}")
         else:
             ratio = lr / base
             bound = "≥ " if e["stable_at_top"] and not none["stable_at_top"] else ""
             word = ("no gain" if math.isclose(ratio, 1.0) else
                     "a smaller rate than no clipping" if ratio < 1 else
                     f"{bound}{fmt(ratio)}× larger")
-            parts.append(f"{e['setting']} {fmt(lr)} ({word})")
+            parts.append(f"{e['setting']} {_lr(lr)} ({word})")
     return head + ("; " + ", ".join(parts) if parts else "")
 
 
@@ -69,10 +74,10 @@ def _gain_text(g) -> str:
     if g is None:
         return "no setting trained every seed at any learning rate, so no best loss compares"
     n, c = g["none"]["best"], g["clipped"]["best"]
-    text = (f"the best reachable loss is {fmt(c['mean'], 4)} ± {fmt(c['std'], 2)} bpc with "
-            f"{g['clipped']['setting']} (lr {fmt(c['learning_rate'])}) against "
-            f"{fmt(n['mean'], 4)} ± {fmt(n['std'], 2)} without clipping (lr "
-            f"{fmt(n['learning_rate'])}): ")
+    text = (f"the best reachable loss is {c['mean']:.3f} ± {c['std']:.3f} bpc with "
+            f"{g['clipped']['setting']} (lr {_lr(c['learning_rate'])}) against "
+            f"{n['mean']:.3f} ± {n['std']:.3f} without clipping (lr "
+            f"{_lr(n['learning_rate'])}): ")
     if g["seeds"] < 2:
         return text + f"{g['gain']:+.3f} bpc, one seed: no spread to weigh it against"
     if g["gain"] > g["noise"]:
@@ -93,9 +98,9 @@ def _table(entries) -> str:
         b = e["best"]
         ratio = "–" if e["ratio"] is None else f"{e['ratio']:.3g}"
         best = ("– | – | –" if b is None else f"{b['mean']:.3f} ± {b['std']:.3f} "
-                f"| {fmt(b['learning_rate'])} | {b['clip_fraction']:.2f}")
-        lines.append(f"| {e['setting']} | {fmt(e['largest_stable_lr'])} | {ratio} "
-                     f"| {fmt(e['smallest_diverged_lr'])} | {best} |")
+                f"| {_lr(b['learning_rate'])} | {b['clip_fraction']:.2f}")
+        lines.append(f"| {e['setting']} | {_lr(e['largest_stable_lr'])} | {ratio} "
+                     f"| {_lr(e['smallest_diverged_lr'])} | {best} |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,7 +135,7 @@ def section(results: dict, fig: str) -> str:
     from charrnn import clipping
     adaptive = [(rule, label) for rule in sw["rules"] if clipping.RULES[rule].stateful
                 for label in sw["strengths"][rule]]
-    rates = "; ".join(f"{opt} {', '.join(fmt(x) for x in sw['learning_rates'][opt])}"
+    rates = "; ".join(f"{opt} {', '.join(_lr(x) for x in sw['learning_rates'][opt])}"
                       for opt in sw["optimizers"])
     clipped = "; ".join(f"{rule} {', '.join(sw['strengths'][rule])}" for rule in sw["rules"]
                         if rule != "none")
@@ -145,27 +150,30 @@ def section(results: dict, fig: str) -> str:
     panels = "".join(
         f"\n**{cell_name(c)} + {o}**: {survival(es)}. Over all learning rates, "
         f"{_gain_text(best_gain(es))}.\n\n{_table(es)}" for c, o, es in _panels(s["table"]))
+    steps, ablation_steps = t["num_steps"], results["ablation"]["config"]["train"]["num_steps"]
+    shorter = (f" (fewer than the {ablation_steps} of §2.1, so the losses are higher: the map "
+               "asks where training survives, not where it plateaus)"
+               if steps < ablation_steps else "")
     return f"""
 ### 2.4 Where clipping pays: the stability map
 
 §2.1–2.2 train every setting at one learning rate per optimizer, where clipping barely
 matters. What clipping is for is the step size: a clipped step is at most lr·τ long, so a
 run can survive learning rates at which the unclipped run diverges (Pascanu, Mikolov &
-Bengio 2013; Zhang, He, Sra & Jadbabaie 2020 prove
-that under their relaxed smoothness condition clipped gradient descent converges at a rate
-set by the curvature where the gradient is small, where a fixed step must suit the largest
-curvature it meets).
+Bengio 2013). Zhang, He, Sra & Jadbabaie (2020) prove it under their relaxed smoothness
+condition: clipped gradient descent converges at a rate set by the curvature where the
+gradient is small, while a fixed step must suit the largest curvature it meets.
 `experiments/science/stability.py` makes the learning rate an axis: cells
-{', '.join(cell_name(c) for c in sw['cells'])} ({m['num_layers']}×{m['hidden_size']}, as in
-§2.1), learning rates {rates} (constant); settings: no clipping and {clipped} (`Nx`: N times
-the reference norm of §2.1); seeds {', '.join(str(x) for x in sw['seeds'])}; {len(s['rows'])}
-runs of {t['num_steps']} steps (B = {t['batch_size']}, T = {t['seq_len']}; fewer steps than
-§2.1's runs, so the losses are higher), each (rule, cell, optimizer) one jitted program with
-the learning rate and the strength as runtime arrays; {s['seconds'] / 60:.1f} minutes of
-training on this machine.{choice} A setting's *largest stable learning rate* is the largest
-of the grid at which no seed diverged (as in §2.1: a non-finite step, or a final val loss
-above the initial one); its *best reachable loss* the lowest mean final val bpc over the
-learning rates at which every seed trained.
+{', '.join(cell_name(c) for c in sw['cells'])} ({m['num_layers']}×{m['hidden_size']}, the
+model of §2.1), learning rates {rates} (constant); no clipping and {clipped} (`Nx`: N times
+the reference norm of §2.1); seeds {', '.join(str(x) for x in sw['seeds'])}:
+{len(s['rows'])} runs of {steps} steps{shorter}, B = {t['batch_size']}, T = {t['seq_len']};
+each (rule, cell, optimizer) is one jitted program with the learning rate and the strength
+as runtime arrays ({s['seconds'] / 60:.1f} minutes of training on this machine).{choice}
+A setting's *largest stable learning rate* is the largest of the grid at which no seed
+diverged (as in §2.1: a non-finite step, or a final val loss above the initial one); its
+*best reachable loss* is the lowest mean final val bpc over the learning rates at which
+every seed trained.
 
 ![stability map]({fig}/stability_map.png)
 {panels}

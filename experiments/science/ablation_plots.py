@@ -115,7 +115,8 @@ def plot_val_vs_threshold(path, rows):
         else:
             ax.set_yticks([])
         _say_all_diverged(ax, mine)
-        ax.set_title(f"{cell}: final val bpc (x at the top: n seeds diverged)", fontsize=9)
+        ax.set_title(f"{cell}: final val bpc" + (" (x at the top: n seeds diverged)" if any(
+            _diverged(r) for r in mine) else ""), fontsize=9)
         ax.set_xlabel("τ / reference norm" if _relative(rows) else "τ")
         ax.set_ylabel("bits/char")
         ax.grid(alpha=0.3)

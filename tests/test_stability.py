@@ -93,17 +93,29 @@ def test_the_grid_needs_no_clipping_and_two_learning_rates():
         stability.check_grid(config.sweep)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.sweep.rules=('global_norm',)", "error: the stability map compares every "
-     "setting with no clipping: put 'none' in sweep.rules"),
-    ("--config.sweep.learning_rates.sgd=(1.0,)", "error: the stability map needs at least 2 "
-     "learning rates per optimizer: sweep.learning_rates.sgd is (1.0,)"),
-])
-def test_a_bad_grid_gets_one_line(tmp_path, override, message):
+def test_a_bad_grid_gets_one_line(tmp_path):
+    """On the command line (the other grid check's message: the test above)."""
     r = _run(["-m", "experiments.science.stability", f"--outdir={tmp_path}", "--smoke",
-              override])
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [message]
+              "--config.sweep.learning_rates.sgd=(1.0,)"])
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: the stability map needs at least 2 learning rates per optimizer: "
+        "sweep.learning_rates.sgd is (1.0,)"]
     assert list(tmp_path.iterdir()) == []  # nothing trained
+
+
+def test_the_adaptive_setting_is_checked_against_the_ablation_on_the_page():
+    def rows(zclip_bpc):
+        return [{"cell": c, "optimizer": o, "rule": rule, "threshold": label, "diverged": 0,
+                 "final_val_bpc": bpc}
+                for c in ("rnn", "lstm") for o in ("sgd", "adam")
+                for rule, label, bpc in (("autoclip", "10", 2.56), ("zclip", "1.5", zclip_bpc),
+                                         ("global_norm", "1x", 2.0))]  # not adaptive
+    cells, opts = ("rnn", "lstm"), ("sgd", "adam")
+    text = report_stability.adaptive_choice(rows(2.55), ("zclip", "1.5"), cells, opts)
+    assert text.startswith("zclip 1.5 is also the best adaptive setting") and "2.550" in text
+    text = report_stability.adaptive_choice(rows(2.57), ("zclip", "1.5"), cells, opts)
+    assert text.startswith("the ablation on this page ranks autoclip 10 first instead "
+                           "(2.560 bpc against 2.570")
 
 
 def test_stability_smoke_run_writes_its_outputs(report_smoke):

@@ -161,7 +161,10 @@ def aggregate(outdir: str) -> dict:
 
 
 def train(outdir: str, config_arg: str, overrides: list) -> int:
-    """clip_ablation.py trains the grid into DIR/grid (no plateau check); its exit code."""
+    """clip_ablation.py trains the grid into DIR/grid (no plateau check; the runs of an
+    earlier grid removed first, so that none mixes in); its exit code."""
+    import shutil
+    shutil.rmtree(os.path.join(outdir, GRID, "runs"), ignore_errors=True)
     args = [sys.executable, "-m", "experiments.science.clip_ablation",
             f"--outdir={os.path.join(outdir, GRID)}", "--plateau_factor=1",
             f"--config={config_arg}"] + overrides

@@ -16,10 +16,8 @@ from experiments.configs import clip_ablation
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = clip_ablation.get_config()
     # Shorter than the ablation's 3000 steps: the map asks where training survives, not
-    # where it plateaus. The ablation trained 270 runs × 3000 steps of these models in
-    # 2454 s on 2 CPU cores (3.0 ms per run and step, over rnn, irnn and lstm); at that rate
-    # the 480 runs × 600 steps here take about 15 minutes, about 20 with the LSTM's
-    # larger share.
+    # where it plateaus. The 480 runs × 600 steps take about 22 minutes on 2 idle CPU
+    # cores (docs/design-notes.md, "The stability map's grid").
     config.train.num_steps = 600
     s = config.sweep
     s.cells = ("rnn", "lstm")
@@ -34,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.strengths.zclip = ("1.5",)
     # Half-decade grids over 3.5 decades, from rates that train slowly to rates at which no
     # clipping diverges: in 400-step probes of seed 0 without clipping, SGD diverged from
-    # 3 (tanh RNN) and 30 (LSTM) on, Adam from 0.3 (tanh RNN) and 1 (LSTM) on.
+    # 3 (tanh RNN) and 30 (LSTM) on, Adam from 0.3 (tanh RNN) and 1 (LSTM) on (the same
+    # note).
     s.learning_rates = ml_collections.ConfigDict({
         "sgd": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0),
         "adam": (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)})

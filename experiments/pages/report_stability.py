@@ -72,7 +72,8 @@ def best_gain(entries) -> dict | None:
 
 def _gain_text(g) -> str:
     if g is None:
-        return "no setting trained every seed at any learning rate, so no best loss compares"
+        return ("no learning rate trained every seed both without clipping and with a "
+                "clipping setting, so no best loss compares")
     n, c = g["none"]["best"], g["clipped"]["best"]
     text = (f"the best reachable loss is {c['mean']:.3f} ± {c['std']:.3f} bpc with "
             f"{g['clipped']['setting']} (lr {_lr(c['learning_rate'])}) against "

@@ -2,7 +2,7 @@
 
 stability_map.png: one heatmap per (cell, optimizer), learning rate across and the
 clipping setting down, coloured by the mean final val bpc of the seeds that did not
-diverge. A cell whose seeds all diverged is grey and crossed (its bpc, often hundreds,
+diverge (up to 1 bpc above the panel's best; beyond, the top colour). A cell whose seeds all diverged is grey and crossed (its bpc, often hundreds,
 does not set the colour scale); one where some diverged says how many. A box marks each
 setting's largest stable learning rate, bold type its best reachable loss.
 """
@@ -10,6 +10,8 @@ setting's largest stable learning rate, bold type its best reachable loss.
 import numpy as np
 
 from experiments.science.ablation_plots import _plt
+
+SATURATION = 1.0  # bits/char above a panel's best mean at which the colour scale ends
 
 
 def _lr_label(lr: float) -> str:
@@ -27,11 +29,16 @@ def _panel(ax, entries, fig):
     shown = np.ma.masked_invalid(values)
     cmap = _plt().get_cmap("viridis").copy()
     cmap.set_bad("0.88")
-    image = ax.imshow(shown, cmap=cmap, aspect="auto")
-    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    # the colours resolve the trained runs: SATURATION bpc above the panel's best and beyond
+    # is the top colour (the numbers still say how far)
+    low = float(np.nanmin(values)) if np.isfinite(values).any() else 0.0
+    high = min(float(np.nanmax(values)), low + SATURATION) if np.isfinite(values).any() else 1.0
+    image = ax.imshow(shown, cmap=cmap, aspect="auto", vmin=low, vmax=max(high, low + 1e-3))
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02,
+                       extend="max" if high < np.nanmax(values, initial=-np.inf) else "neither")
     bar.set_label("final val bpc", fontsize=7)
     bar.ax.tick_params(labelsize=7)
-    middle = np.nanmean(values) if np.isfinite(values).any() else 0.0
+    middle = (low + high) / 2
     for i, e in enumerate(entries):
         best = e["best"]
         for c in e["cells"]:

@@ -307,14 +307,8 @@ def main(argv):
     from charrnn.errors import UserError
 
     config = _CONFIG.value
-    if _SMOKE.value:  # the variant first, then the command line's --config.* overrides again
-        ablation_config.apply_variant(config, "smoke")
-        for path, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
-            *parents, name = path.split(".")
-            node = config
-            for p in parents:
-                node = node[p]
-            node[name] = value
+    if _SMOKE.value:
+        cli.apply_variant(config, ablation_config.apply_variant, "smoke", flags.FLAGS["config"])
     try:
         runs = sweep.make_grid(config.sweep)
         if _LIST.value:

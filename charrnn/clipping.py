@@ -152,6 +152,43 @@ def from_rule(name: str, strength=None, **settings) -> Clip:
     return Clip(rule.make(strength, **settings), lambda state: rule.threshold(state, strength))
 
 
+def switch(names: tuple, index, strength, optim_config) -> Clip:
+    """Rule ``names[index]`` at ``strength``, the rule itself a runtime value: the packed
+    rule of a sweep program that trains runs of several rules.
+
+    ``index``: int32 [] (traced; one per run under ``jax.vmap``); ``strength``: the
+    chosen rule's strength; every rule's settings come from ``optim_config``. The
+    state is the tuple of every rule's state (the union: a run carries them all);
+    an update steps rule ``names[index]`` and its own state and hands the others
+    back unchanged, so they stay at their initial values. The threshold in force
+    is the chosen rule's.
+
+    ``jax.lax.switch`` runs one branch when ``index`` is one number; under
+    ``jax.vmap`` with an index per run it computes every branch and selects each
+    run's (``experiments/bench/bench_packing.py`` measures that cost).
+    """
+    rules = [get(name) for name in names]
+    transforms = [r.make(strength, **settings_of(r, optim_config)) for r in rules]
+
+    def init(params):
+        return tuple(t.init(params) for t in transforms)
+
+    def branch(i):
+        def update(updates, state, params):
+            clipped, own = transforms[i].update(updates, state[i], params)
+            return clipped, state[:i] + (own,) + state[i + 1:]
+        return update
+
+    def update(updates, state, params=None):
+        return jax.lax.switch(index, [branch(i) for i in range(len(rules))], updates, state,
+                              params)
+
+    def threshold(state):  # every rule's (scalars; a constant for some), then the run's
+        return jnp.stack([r.threshold(s, strength) for r, s in zip(rules, state)])[index]
+
+    return Clip(optax.GradientTransformation(init, update), threshold)
+
+
 def config_problems(optim_config) -> list[str]:
     """One message per bad clipping field of an ``optim`` config (read by charrnn.config)."""
     name = optim_config.get("clip_mode")

@@ -51,11 +51,11 @@ def _position_nll(params, x, y, *, model: models.CharRNN):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
-def measure(model: models.CharRNN, params, ids: np.ndarray, newline: int | None):
-    """(``{"start_loss", "context_loss", "start_gap"}``, curves float64 [2, L]) of a split.
+def position_nll(model: models.CharRNN, params, ids: np.ndarray, newline: int | None):
+    """(nll_start, nll_context), float64 [K, L] each: the two reads of every line start.
 
-    curves[0] is the loss by position from the start state, curves[1] in context. Returns
-    (None, None) when the split has no line start with C characters before it and L after.
+    Row k is line start s_k, column j position j + 1. (None, None) when the split has no
+    line start with C characters before it and L after.
     """
     starts = (np.zeros(0, np.int64) if newline is None
               else data.line_starts(ids, newline, START_LINES, CONTEXT, CURVE_CHARS))
@@ -66,8 +66,19 @@ def measure(model: models.CharRNN, params, ids: np.ndarray, newline: int | None)
     read = starts[:, None] + np.arange(-(CONTEXT - 1), CURVE_CHARS)  # [K, C-1+L]
     nll_start = _position_nll(params, ids[after], ids[after + 1], model=model)
     nll_context = _position_nll(params, ids[read], ids[read + 1], model=model)[:, CONTEXT - 1:]
-    curves = np.stack([np.asarray(nll_start, np.float64).mean(axis=0),
-                       np.asarray(nll_context, np.float64).mean(axis=0)])
+    return np.asarray(nll_start, np.float64), np.asarray(nll_context, np.float64)
+
+
+def measure(model: models.CharRNN, params, ids: np.ndarray, newline: int | None):
+    """(``{"start_loss", "context_loss", "start_gap"}``, curves float64 [2, L]) of a split.
+
+    curves[0] is the loss by position from the start state, curves[1] in context. Returns
+    (None, None) when the split has no line start with C characters before it and L after.
+    """
+    nll_start, nll_context = position_nll(model, params, ids, newline)
+    if nll_start is None:
+        return None, None
+    curves = np.stack([nll_start.mean(axis=0), nll_context.mean(axis=0)])
     start_loss, context_loss = curves[:, :START_CHARS].mean(axis=1)
     return {"start_loss": float(start_loss), "context_loss": float(context_loss),
             "start_gap": float(start_loss - context_loss)}, curves

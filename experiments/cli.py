@@ -25,6 +25,32 @@ def write_json(outdir: str, name: str, result: dict) -> None:
     print(json.dumps(result))
 
 
+def chunk_sizes(values: list) -> list:
+    """A ``--runs_per_chunk`` list of the sweep benchmarks as integers >= 0 (0 = all runs
+    vmapped); else a usage error."""
+    try:
+        chunks = [int(c) for c in values]
+    except ValueError:
+        raise app.UsageError("--runs_per_chunk must be integers") from None
+    if min(chunks, default=0) < 0:
+        raise app.UsageError("--runs_per_chunk must be >= 0")
+    return chunks
+
+
+def apply_variant(config, apply, name: str, config_flag) -> None:
+    """Apply the config file's variant ``name`` (``apply(config, name)``) to ``config``, then
+    the command line's ``--config.*`` overrides again: a script's ``--smoke`` is the
+    variant, and what the command line sets still wins."""
+    from ml_collections import config_flags
+    apply(config, name)
+    for path, value in config_flags.get_override_values(config_flag).items():
+        *parents, field = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[field] = value
+
+
 def usable_cores() -> int:
     """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -174,6 +174,46 @@ def test_a_traced_strength_gives_what_a_constant_does(rule, strength, settings):
         np.testing.assert_allclose(_flat(jax.tree.map(lambda x: x[0], v)), _flat(c), rtol=1e-6)
 
 
+def test_a_switch_steps_the_chosen_rule_and_only_its_state():
+    """clipping.switch with every rule, the rule a runtime index per run (vmapped: every
+    branch computed, each run's selected): each run's output and threshold are its own
+    rule's, and the other rules' states stay as they were initialised."""
+    names = tuple(clipping.RULES)
+    optim = _optim(autoclip_history=4, zclip_warmup=2, zclip_alpha=0.9)
+    strengths = {"none": math.inf, "global_norm": 0.7, "value": 0.3, "agc": 0.2,
+                 "block_rms": 0.4, "autoclip": 30.0, "zclip": 1.5}
+    params = {"a": jnp.array([1.0, -2.0]), "b": {"c": jnp.array([[0.5]])}}
+    seq = [jax.tree.map(lambda g: g * s, GRADS) for s in (1.0, 0.2, 3.0, 0.5)]
+
+    def run(clip):
+        state, outs = clip.transform.init(params), []
+        for g in seq:
+            out, state = clip.transform.update(g, state, params)
+            outs.append((out, clip.threshold(state)))
+        return outs, state
+
+    packed = jax.jit(jax.vmap(lambda i, tau: run(clipping.switch(names, i, tau, optim))))(
+        jnp.arange(len(names)), jnp.array([strengths[n] for n in names], jnp.float32))
+    initial = clipping.switch(names, 0, 1.0, optim).transform.init(params)
+    for i, name in enumerate(names):
+        rule = clipping.RULES[name]
+        alone, state = run(clipping.from_rule(name, None if rule.strength is None
+                                              else strengths[name],
+                                              **clipping.settings_of(rule, optim)))
+        got = jax.tree.map(lambda x: x[i], packed)
+        for (out, threshold), (want, want_threshold) in zip(got[0], alone):
+            np.testing.assert_allclose(_flat(out), _flat(want), rtol=1e-6, err_msg=name)
+            np.testing.assert_allclose(threshold, want_threshold, rtol=1e-6, err_msg=name)
+        for j, own in enumerate(got[1]):
+            expected = state if j == i else initial[j]
+            assert jax.tree.structure(own) == jax.tree.structure(expected)
+            for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(expected)):
+                np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=f"{name}: {names[j]}")
+    # the rules acted differently on these gradients (else the test could not tell them apart)
+    assert len({tuple(np.round(_flat(jax.tree.map(lambda x: x[i], packed[0][2][0])), 5))
+                for i in range(len(names))}) == len(names)
+
+
 def _optim(**kw):
     return ml_collections.ConfigDict({"clip_mode": "global_norm", **kw})
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from charrnn import data, models, sweep
+from charrnn import clipping, data, models, sweep
 from charrnn import step as step_lib
 
 
@@ -116,48 +116,70 @@ def test_reference_norm_is_the_mean_norm_at_the_initial_parameters(ablation_conf
         assert np.mean(norms) > 10 * max(1.0, ablation_config.optim.clip_norm)
 
 
-# A stateless rule (global_norm, with a threshold that clips and one that does not: the
-# unclipped case stands for "none") and both stateful ones.
-@pytest.mark.parametrize("rule,labels,optimizer", [
-    ("global_norm", ("0.3x", "100"), "sgd"), ("zclip", ("0.5", "3"), "sgd"),
-    ("autoclip", ("10", "100"), "sgd"), ("global_norm", ("0.3x", "100"), "adam")])
-def test_one_program_sweep_equals_separate_runs(ablation_config, rule, labels, optimizer):
-    """R runs of a rule in one program (vmapped, or one by one) = each trained alone with
-    the plain train step; for zclip too, whose state (EMA statistics) each run keeps. The
-    runs differ in seed, strength and learning rate (runtime values of one program)."""
+# Per rule: a strength label that clips within 5 steps of the tiny rnn, and which of the
+# two learning rates its run takes, so that the runs trained alone with each optimizer
+# (every other rule) have both (a rule registered later gets its default strength).
+PACKED_RUNS = {"none": ("none", 0), "global_norm": ("0.3x", 0), "value": ("0.001", 1),
+               "agc": ("0.01", 1), "block_rms": ("0.001", 0), "autoclip": ("10", 0),
+               "zclip": ("0.5", 1)}
+
+
+@pytest.mark.parametrize("optimizer,runs_per_chunk", [("sgd", 0), ("adam", 1)])
+def test_a_packed_program_equals_separate_runs(ablation_config, optimizer, runs_per_chunk):
+    """One run of every registered rule, at two learning rates and two seeds, in one
+    program (the rule a runtime index, each run holding every rule's state): each run
+    equals the same run trained alone with the plain train step. With SGD all runs are
+    vmapped (the rule's switch computes every branch and selects), with Adam they are
+    stepped one by one (a real branch). To keep to one compilation per run, the rules
+    alternate between the two cases in which their run is trained alone too (every
+    rule once, both optimizers, both rates); the other runs show that they clipped."""
     ablation_config.optim.zclip_warmup = 2  # z-scores from step 3 of 5
     corpus = sweep.Corpus.from_config(ablation_config)
     rates = {"sgd": (1.0, 0.25), "adam": (5e-3, 2e-2)}[optimizer]
-    runs = [sweep.Run("rnn", optimizer, seed, label, rule, lr)
-            for seed, (label, lr) in enumerate(zip(labels, rates))]
+    runs = []
+    for i, (name, rule) in enumerate(clipping.RULES.items()):
+        label, rate = (PACKED_RUNS[name] if name in PACKED_RUNS
+                       else (f"{rule.strength.default:g}", 0))
+        runs.append(sweep.Run("rnn", optimizer, i % 2, label, name, rates[rate]))
     taus, refs = sweep.strengths(ablation_config, runs, corpus)
     configs = [sweep.run_config(ablation_config, r, t) for r, t in zip(runs, taus)]
+    assert len({r.group for r in runs}) == 1
+    assert sweep.group_rules(configs) == tuple(clipping.RULES)
     steps = 5
-    vmapped = sweep.run_group(configs, taus, corpus, runs_per_chunk=0, num_steps=steps)
-    one_by_one = sweep.run_group(configs, taus, corpus, runs_per_chunk=1, num_steps=steps)
-    for config, got, other in zip(configs, vmapped, one_by_one):
+    packed = sweep.run_group(configs, taus, corpus, runs_per_chunk=runs_per_chunk,
+                             num_steps=steps)
+    for i, (run, config, got) in enumerate(zip(runs, configs, packed)):
+        # every rule but none acted, so a run stepped by another rule's branch would show
+        assert got["clipped"].any() == (run.rule != "none"), run.name
+        if i % 2 != ("sgd", "adam").index(optimizer):
+            continue
         alone = sweep.run_single(config, corpus, num_steps=steps)
         for key in ("loss", "grad_norm", "grad_norm_clipped", "clip_threshold", "val_loss"):
-            np.testing.assert_allclose(got[key], alone[key], rtol=2e-5, err_msg=key)
-            np.testing.assert_allclose(other[key], alone[key], rtol=2e-5, err_msg=key)
-        np.testing.assert_array_equal(got["clipped"], alone["clipped"])
-    assert list(vmapped[0]["val_steps"]) == [0, 5]  # eval_every 6 > 5 steps: start and end
-    assert [c.optim.learning_rate for c in configs] == list(rates)
-    if rule == "global_norm":
-        assert taus[0] == pytest.approx(0.3 * refs[("rnn", optimizer, 0)]) and taus[1] == 100.0
-        assert vmapped[0]["clipped"].all() and not vmapped[1]["clipped"].any()
-        np.testing.assert_allclose(vmapped[0]["grad_norm_clipped"], taus[0], rtol=1e-5)
-        np.testing.assert_allclose(vmapped[0]["clip_threshold"], taus[0], rtol=1e-6)
-    if rule == "none":
-        assert not vmapped[0]["clipped"].any() and np.isinf(vmapped[0]["clip_threshold"]).all()
-    if rule == "zclip":  # thresholds from the EMA statistics after the warm-up, per z
-        assert np.isinf(vmapped[0]["clip_threshold"][:2]).all()
-        assert np.isfinite(vmapped[0]["clip_threshold"][2:]).all()
-        assert (vmapped[0]["clip_threshold"][2:] < vmapped[1]["clip_threshold"][2:]).all()
-    if rule == "autoclip":  # p = 100: the history's max, this norm included: never clips
-        assert vmapped[0]["clipped"].any() and not vmapped[1]["clipped"].any()
-        assert not vmapped[0]["clipped"][0]  # the first step never clips
-        assert len(set(vmapped[0]["clip_threshold"])) > 1
+            np.testing.assert_allclose(got[key], alone[key], rtol=2e-5, err_msg=f"{run.name} {key}")
+        np.testing.assert_array_equal(got["clipped"], alone["clipped"], err_msg=run.name)
+    assert list(packed[0]["val_steps"]) == [0, 5]  # eval_every 6 > 5 steps: start and end
+    got = dict(zip((r.rule for r in runs), packed))
+    assert np.isinf(got["none"]["clip_threshold"]).all()
+    tau = taus[list(clipping.RULES).index("global_norm")]
+    assert tau == pytest.approx(0.3 * refs[("rnn", optimizer, 1)])
+    np.testing.assert_allclose(got["global_norm"]["grad_norm_clipped"], tau, rtol=1e-5)
+    np.testing.assert_allclose(got["global_norm"]["clip_threshold"], tau, rtol=1e-6)
+    # zclip: no threshold in the warm-up, then one from its EMA statistics
+    assert np.isinf(got["zclip"]["clip_threshold"][:2]).all()
+    assert np.isfinite(got["zclip"]["clip_threshold"][2:]).all()
+    # autoclip: the first step never clips; its threshold follows the norms seen
+    assert not got["autoclip"]["clipped"][0] and len(set(got["autoclip"]["clip_threshold"])) > 1
+
+
+def test_the_report_grid_compiles_as_one_program_per_cell_and_optimizer():
+    """The report's ablation grid (every rule × strengths × 3 seeds × 3 cells × 2
+    optimizers) falls into at most 6 programs; one per rule before the packing."""
+    from experiments.configs import clip_ablation
+    runs = sweep.make_grid(clip_ablation.get_config().sweep)
+    assert len(runs) == 270
+    programs = {r.group for r in runs}
+    assert programs == {(c, o) for c in ("rnn", "irnn", "lstm") for o in ("sgd", "adam")}
+    assert len({r.program(pack_rules=False) for r in runs}) == 42
 
 
 def test_each_run_of_a_group_draws_its_own_dropout(ablation_config):

@@ -4,7 +4,9 @@ each rule's strengths × placements, and the full run config of each point.
 ``sweep.placements`` (optional; default ``("gradient",)``) lists where the rules act
 (``optim.clip_at``). A placement is part of a run's group key: the placements are
 different programs (bptt and example change the backward pass, update the order of
-clip and update rule, device the all-reduce), not runtime values. A rule a placement
+clip and update rule, device the all-reduce), not runtime values; at bptt the rule is
+part of the key too (the packed rules' runtime switch acts on the gradient, not inside
+the backward pass). A rule a placement
 cannot apply (bptt takes only value and global_norm) is left out of that placement,
 and the rule ``none``, which clips nowhere, is run at the first placement only.
 
@@ -53,9 +55,19 @@ class Run:
 
     @property
     def group(self) -> tuple:
-        """Runs of one group share one compiled program: their seeds, strengths and
-        learning rates are runtime values; their placement is not."""
-        return (self.rule, self.cell, self.optimizer, self.clip_at)
+        """Runs of one group share one compiled program: their seeds, strengths, learning
+        rates and clipping rules are runtime values; the cell (the parameters' shapes),
+        the optimizer (its state's) and the placement are not."""
+        return self.program(pack_rules=True)
+
+    def program(self, pack_rules: bool = True) -> tuple:
+        """The key of the program that trains this run; ``pack_rules=False``: the
+        grouping before the rules were packed, one program per (rule, cell, optimizer).
+        A placement other than ``gradient`` is a program of its own; at ``bptt`` the rule
+        is too (value or norm: a static choice inside the backward pass)."""
+        pack = pack_rules and self.clip_at != "bptt"
+        key = (self.cell, self.optimizer) if pack else (self.rule, self.cell, self.optimizer)
+        return key + (() if self.clip_at == optim.PLACEMENTS[0] else (self.clip_at,))
 
 
 def parse_threshold(label: str) -> tuple[str, float]:

@@ -4,13 +4,15 @@ Two ways to run a grid (:mod:`charrnn.sweep.grid`), with the same numbers:
 
 - :func:`run_single`: one run, the plain jitted :func:`step.train_step`
   (one process per run, e.g. one task of a cluster array job);
-- :func:`run_group`: every run of one (rule, cell, optimizer) — they share
-  parameter and rule-state shapes — in one program. The state, the batch and
-  the strength τ get a leading run axis [R, ...] and the step is
-  :func:`step.train_step` under ``jax.vmap`` (in chunks, see
-  :func:`make_group_step`), its runs split over the devices of a mesh if given
-  (:func:`group_mesh`). τ is a runtime array, so one compiled step serves every
-  strength of the rule.
+- :func:`run_group`: every run of one (cell, optimizer) — they share
+  parameter shapes — in one program. The state, the batch and the runtime
+  hyperparameters (the rule's index and strength τ, the learning rate) get a
+  leading run axis [R, ...] and the step is :func:`step.train_step` under
+  ``jax.vmap`` (in chunks, see :func:`make_group_step`), its runs split over the
+  devices of a mesh if given (:func:`group_mesh`). One compiled step serves
+  every rule, strength, learning rate and seed: the rule is a runtime index
+  into the group's rules (:func:`clipping.switch`) and each run's state holds
+  every one of those rules' states (:func:`group_optimizer`).
 
 Both feed :func:`step.run_steps` and record, per run and step, the loss
 (nats/char), the global gradient norm before and after clipping, the
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from charrnn import clipping
 from charrnn import config as config_lib
 from charrnn import data, models, optim, parallel
 from charrnn import step as step_lib
@@ -130,26 +133,48 @@ def strengths(config, runs: list[Run], corpus: Corpus) -> tuple[list[float], dic
 # Many runs: one program
 
 
-def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh=None):
+def group_rules(configs: list) -> tuple:
+    """The clipping rules of a group's runs, each once, in the registry's order (a run's
+    ``hypers["rule"]`` is its index here)."""
+    used = {c.optim.clip_mode for c in configs}
+    return tuple(name for name in clipping.RULES if name in used)
+
+
+def group_optimizer(config, rules: tuple = (), rule=None, **runtime) -> optim.Optimizer:
+    """The optimizer of one run of a group: ``config``'s, with the runtime hyperparameters
+    (:data:`optim.RUNTIME`, traced scalars []) replacing its values. With two or more
+    ``rules`` the clipping rule is ``rules[rule]`` (``rule``: int32 [], traced) and its
+    state the union of theirs (:func:`clipping.switch`); with one, ``config``'s own rule."""
+    optimizer = optim.Optimizer.from_config(config, **runtime)
+    if len(rules) < 2:
+        return optimizer
+    clip = clipping.switch(rules, 0 if rule is None else rule, runtime.get("strength"),
+                           config_lib.upgrade(config).optim)
+    return dataclasses.replace(optimizer, clip=clip)
+
+
+def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh=None,
+                    rules: tuple = ()):
     """The jitted step of R runs: (states[R], batches[R], hypers) -> (states, metrics[R]).
 
-    ``hypers``: runtime hyperparameters, name -> float32 [R], any of
-    :data:`optim.RUNTIME` (``strength``, ``learning_rate``). Each run's step is
-    :func:`step.train_step` with the optimizer of ``config`` whose values of those
-    are run r's, traced scalars (:meth:`optim.Optimizer.from_config`; the rule none
-    ignores a strength).
+    ``hypers``: runtime hyperparameters, name -> [R]: any of :data:`optim.RUNTIME`
+    (``strength``, ``learning_rate``: float32) and, where the program packs two or
+    more ``rules`` (:func:`group_rules`), ``rule`` (int32: an index into them). Each
+    run's step is :func:`step.train_step` with :func:`group_optimizer` at run r's
+    values (the rule none ignores a strength).
     ``runs_per_chunk`` C sets the layout:
     runs are vectorized C at a time by ``jax.vmap`` and the R / C chunks run one
     after another inside the same program (``jax.lax.map``). 0 (or ≥ R) vmaps
     all runs at once, the layout for a GPU or TPU that one small model leaves
-    idle; 1 runs them one by one, which measured fastest on a 2-core CPU, where
+    idle; 1 runs them one by one (no ``vmap``, so the rule's switch is a real
+    branch), which measured fastest on a 2-core CPU, where
     batched matmuls are slower than plain ones (experiments/bench/bench_sweep.py).
     With a ``mesh`` (:func:`parallel.make_mesh`) of N devices the runs are split
     over them (``jax.shard_map``: each device steps its R/N runs, laid out as
     above, with no communication); inputs come placed by
     :func:`parallel.shard_runs`.
-    ``config`` is any run config of the group (optimizer, rule and their other
-    settings are shared). Each run's dropout key derives from its
+    ``config`` is any run config of the group (model, optimizer and the rules'
+    other settings are shared). Each run's dropout key derives from its
     own state (:func:`step.step_key`), as in :func:`run_single`.
     """
     if runs_per_chunk < 0:
@@ -158,7 +183,7 @@ def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh
     reset_prob = config_lib.upgrade(config).train.reset_prob
 
     def one_run(state, batch, hypers):
-        optimizer = optim.Optimizer.from_config(config, **hypers)
+        optimizer = group_optimizer(config, rules, **hypers)
         return step_lib.train_step(state, batch, model=model, optimizer=optimizer,
                                    reset_prob=reset_prob)
 
@@ -167,7 +192,7 @@ def make_group_step(model: models.CharRNN, config, runs_per_chunk: int = 0, mesh
         if runs_per_chunk == 0 or runs_per_chunk >= num_runs:
             return jax.vmap(one_run)(states, batches, hypers)
         return jax.lax.map(lambda args: one_run(*args), (states, batches, hypers),
-                           batch_size=runs_per_chunk)
+                           batch_size=None if runs_per_chunk == 1 else runs_per_chunk)
 
     if mesh is not None:
         runs = parallel.run_axis_sharding(mesh).spec
@@ -188,18 +213,32 @@ def default_runs_per_chunk() -> int:
 
 
 def init_group(model, configs: list) -> step_lib.TrainState:
-    """The R runs' initial states stacked on a leading run axis."""
-    states = [step_lib.init_state(model, optim.Optimizer.from_config(c), c.train.batch_size,
-                                  c.seed) for c in configs]
+    """The R runs' initial states stacked on a leading run axis (each holding the states
+    of all of the group's rules where it has several: :func:`group_optimizer`)."""
+    rules = group_rules(configs)
+    states = [step_lib.init_state(model, group_optimizer(c, rules), c.train.batch_size, c.seed)
+              for c in configs]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def group_hypers(configs: list, taus: list[float]) -> dict:
+    """The runtime hyperparameters of a group's runs (:func:`make_group_step`): name -> [R]."""
+    hypers = {"strength": jnp.asarray(taus, jnp.float32)}
+    rates = [c.optim.learning_rate for c in configs]
+    if len(set(rates)) > 1:  # else the one rate is a constant of the program, as in run_single
+        hypers["learning_rate"] = jnp.asarray(rates, jnp.float32)
+    rules = group_rules(configs)
+    if len(rules) > 1:
+        hypers["rule"] = jnp.asarray([rules.index(c.optim.clip_mode) for c in configs], jnp.int32)
+    return hypers
 
 
 def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: int | None = None,
               num_steps: int | None = None, *, mesh=None) -> list[dict]:
-    """Train R runs of one (rule, cell, optimizer) in one program; one history per run.
+    """Train R runs of one (cell, optimizer) in one program; one history per run.
 
-    configs: run configs differing only in seed, learning rate and the rule's
-    strength, which ``taus`` gives. ``runs_per_chunk``: see
+    configs: run configs differing only in seed, learning rate, clipping rule and
+    its strength, which ``taus`` gives. ``runs_per_chunk``: see
     :func:`make_group_step` (None: :func:`default_runs_per_chunk`). Returns
     what :func:`run_single` returns, for each run, in order. ``mesh``
     (:func:`parallel.make_mesh`): the run axis split over its N devices, each
@@ -216,15 +255,11 @@ def run_group(configs: list, taus: list[float], corpus: Corpus, runs_per_chunk: 
     model = models.CharRNN.from_config(first.model, corpus.vocab_size)
     if runs_per_chunk is None:
         runs_per_chunk = default_runs_per_chunk()
-    step_fn = make_group_step(model, first, runs_per_chunk, mesh)
+    step_fn = make_group_step(model, first, runs_per_chunk, mesh, group_rules(configs))
     batchers = [data.Batcher(corpus.train_ids, B, T, c.seed) for c in configs]
     # With a mesh each device holds R/N runs' states, batches and hyperparameters.
     place = (lambda tree: tree) if mesh is None else (lambda tree: parallel.shard_runs(tree, mesh))
-    hypers = {"strength": jnp.asarray(taus, jnp.float32)}
-    rates = [c.optim.learning_rate for c in configs]
-    if len(set(rates)) > 1:  # else the one rate is a constant of the program, as in run_single
-        hypers["learning_rate"] = jnp.asarray(rates, jnp.float32)
-    state, hypers = place((init_group(model, configs), hypers))
+    state, hypers = place((init_group(model, configs), group_hypers(configs, taus)))
     next_batch = lambda: place(stack_batches([b.next_batch() for b in batchers]))
     evaluate = _evaluator(model, first, corpus, num_runs=len(configs))
     histories = _train(lambda s, b: step_fn(s, b, hypers), state, next_batch, num_steps, evaluate,
@@ -241,9 +276,13 @@ def stack_batches(batches: list[dict]) -> dict:
 # Both
 
 
+# One compiled evaluation per model (and layout), shared by every run and group.
+_eval_step = functools.lru_cache(maxsize=8)(step_lib.make_eval_step)
+
+
 def _evaluator(model, config, corpus: Corpus, num_runs: int | None):
     """params -> val loss (nats/char) of one run, or [R] of a group's stacked params."""
-    eval_fn = step_lib.make_eval_step(model, runs=num_runs is not None)
+    eval_fn = _eval_step(model, num_runs is not None)
     return lambda params: step_lib.evaluate(
         eval_fn, model, params, corpus.val_ids, config.train.eval_batch_size,
         config.train.seq_len, num_runs=num_runs)["loss"]

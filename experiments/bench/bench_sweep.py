@@ -123,10 +123,7 @@ def _with_seed(config, seed: int):
 
 def main(argv):
     cli.start(argv, outdir=_OUTDIR.value)
-    try:
-        chunks = [int(c) for c in _CHUNKS.value]
-    except ValueError:
-        raise app.UsageError("--runs_per_chunk must be integers") from None
+    chunks = cli.chunk_sizes(_CHUNKS.value)
     if min(chunks + [_RUNS.value - 1, _STEPS.value - 1, _REPEATS.value - 1]) < 0:
         raise app.UsageError("--num_runs, --steps, --repeats must be positive, chunks >= 0")
     steps, repeats = (1, 2) if _SMOKE.value else (_STEPS.value, _REPEATS.value)

@@ -17,13 +17,15 @@ Runs, each as its own process (the experiment scripts are the source of every nu
 2. launch.py: trains a small LSTM language model (its metrics.jsonl and
    TensorBoard files are the telemetry shown), then, in this process, measures
    the clipping cosine on one of its real gradients, the BPTT Jacobian of its
-   trained layer, and draws a sample with charrnn.sampling;
+   trained layer, and draws a sample with charrnn.sampling; launch.py again: the same
+   model in the old carried-state regime, for the hand-over (report_handover.py);
 3. experiments/science/clip_ablation.py: every clipping rule × strength × optimizer × cell
    × seed, and the plateau check;
 4. experiments/bench/bench_sweep.py: one-program sweep against sequential runs;
 5. experiments/science/cliff.py: Pascanu et al.'s one-unit cliff, SGD with and without clipping;
 6. experiments/science/smoothness.py: Zhang et al.'s smoothness against the gradient norm
-   along an LSTM's training.
+   along an LSTM's training;
+7. experiments/science/stability.py: the largest learning rate each clipping setting survives.
 
 Code shown in the report is read from the source files when the report is
 generated, with its line numbers. Nothing in REPORT.md is typed by hand.
@@ -45,6 +47,7 @@ from absl import app, flags
 
 from experiments import cli
 from experiments.configs import clip_ablation as ablation_config
+from experiments.configs import stability as stability_config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(_HERE))
@@ -60,8 +63,9 @@ _REUSE = flags.DEFINE_bool("reuse", False, "Reuse finished steps found in --work
 _SMOKE = flags.DEFINE_bool("smoke", False, "Every step tiny: the whole pipeline in about a minute.")
 _DATA_PATH = flags.DEFINE_string("data_path", "", "A text file instead of the built-in corpus.")
 _STEPS = flags.DEFINE_list("steps", None, "Run only these steps into --workdir and write no "
-                           "page (of: exploding, lm, ablation, bench, cliff, smoothness): the "
-                           "pieces a later --reuse run renders from.")
+                           "page (of: exploding, lm, lm_carried, ablation, bench, cliff, "
+                           "smoothness, stability): the pieces a later --reuse run renders "
+                           "from.")
 
 # The language model whose telemetry and sample the report shows.
 LM_FLAGS = ["--config.model.cell=lstm", "--config.model.hidden_size=256",
@@ -72,22 +76,28 @@ LM_FLAGS = ["--config.model.cell=lstm", "--config.model.hidden_size=256",
             # when it trained with τ = 1, where nothing was clipped): clipping is active.
             "--config.optim.clip_norm=0.3"]
 SAMPLE = {"prompt": "ROMEO:", "length": 400, "temperature": 0.8, "seed": 0}
+# The old carried-state regime (issue 26): the state carried from window to window and
+# restarted from zeros only at an epoch's start; the lm_carried step trains LM_FLAGS with it.
+CARRIED_FLAGS = ["--config.model.start_state=zero", "--config.train.reset_prob=0"]
 
 
 class ReportError(Exception):
     """A step of the pipeline failed; the message names it."""
 
 
-def run_script(args: list, what: str) -> str:
+def run_script(args: list, what: str, timed: bool = True) -> str:
     """Run ``python ARGS`` in the repository; return stdout, raise with stderr's tail.
 
-    The wall time is added to ``<workdir>/timings.json`` (kept when steps are reused).
+    The wall time is added to ``<workdir>/timings.json`` (kept when steps are reused)
+    unless ``timed`` is false (work that only redraws a step's outputs).
     """
     start = time.perf_counter()
     out = subprocess.run([sys.executable] + args, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         tail = "\n".join(out.stderr.strip().splitlines()[-15:])
         raise ReportError(f"{what} failed (exit {out.returncode}):\n{tail}")
+    if not timed:
+        return out.stdout
     elapsed = time.perf_counter() - start
     print(f"{what}: {elapsed:.0f} s", flush=True)
     _TIMINGS[what] = elapsed
@@ -133,15 +143,20 @@ def _data_flags() -> list:
 def _script_result(work: str, sub: str, module: str, smoke: bool,
                    extra=(), stale: str | None = None) -> dict:
     """Run ``python -m experiments.<module>`` into work/sub (unless --reuse finds its JSON
-    result there) and return that result; ``stale``: a subdirectory to clear before running."""
+    result there) and return that result; ``stale``: a subdirectory to clear before running.
+    A reused result of a script that trains runs (one with a ``stale`` directory of them) is
+    aggregated again (``--aggregate``): its tables and figures are redrawn by this checkout's
+    code from the runs it left, without training them again."""
     out = os.path.join(work, sub)
     script = module.rpartition(".")[2]
     path = os.path.join(out, f"{script}.json")
+    args = ["-m", f"experiments.{module}", f"--outdir={out}"] + (["--smoke"] if smoke else [])
     if not (_REUSE.value and os.path.exists(path)):
         if stale and os.path.isdir(os.path.join(out, stale)):
             shutil.rmtree(os.path.join(out, stale))
-        run_script(["-m", f"experiments.{module}", f"--outdir={out}"]
-                   + (["--smoke"] if smoke else []) + list(extra), script)
+        run_script(args + list(extra), script)
+    elif stale:
+        run_script(args + ["--aggregate"], f"{script} --aggregate", timed=False)
     with open(path) as f:
         return json.load(f)
 
@@ -159,6 +174,13 @@ def ablation(work: str, smoke: bool) -> dict:
     return result
 
 
+def stability(work: str, smoke: bool) -> dict:
+    result = _script_result(work, "stability", "science.stability", smoke, extra=_data_flags(),
+                            stale="grid")
+    result["config"] = stability_config.get_config("smoke" if smoke else None).to_dict()
+    return result
+
+
 def bench(work: str, smoke: bool) -> dict:
     return _script_result(work, "bench", "bench.bench_sweep", smoke)
 
@@ -172,22 +194,32 @@ def smoothness(work: str, smoke: bool) -> dict:
     return _script_result(work, "smoothness", "science.smoothness", smoke, extra=extra)
 
 
-def train_lm(work: str, smoke: bool) -> str:
-    """Train the report's language model with launch.py; returns its workdir."""
-    lm = os.path.join(work, "lm")
+def train_lm(work: str, smoke: bool, sub: str = "lm", extra=(),
+             what: str = "train the language model (launch.py)") -> str:
+    """Train the report's language model with launch.py (``extra``: more flags) into
+    work/sub; returns that workdir."""
+    lm = os.path.join(work, sub)
     if _REUSE.value and os.path.exists(os.path.join(lm, "metrics.jsonl")):
         return lm
     if os.path.isdir(lm):
         shutil.rmtree(lm)
     config = "experiments/configs/default.py" + (":smoke" if smoke else "")
     flags_ = [] if smoke else LM_FLAGS
-    run_script(["launch.py", f"--workdir={lm}", f"--config={config}"] + flags_
-               + _data_flags(), "train the language model (launch.py)")
+    run_script(["launch.py", f"--workdir={lm}", f"--config={config}"] + flags_ + list(extra)
+               + _data_flags(), what)
     return lm
 
 
-STEPS = {"exploding": exploding, "lm": train_lm, "ablation": ablation, "bench": bench,
-         "cliff": cliff, "smoothness": smoothness}  # name -> step(work, smoke), as in main
+def train_lm_carried(work: str, smoke: bool) -> str:
+    """The same language model trained in the old carried-state regime (CARRIED_FLAGS)."""
+    return train_lm(work, smoke, "lm_carried", CARRIED_FLAGS,
+                    "train the language model, carried state (launch.py)")
+
+
+# name -> step(work, smoke), as in main
+STEPS = {"exploding": exploding, "lm": train_lm, "lm_carried": train_lm_carried,
+         "ablation": ablation, "bench": bench, "cliff": cliff, "smoothness": smoothness,
+         "stability": stability}
 
 
 def run_steps(names: list, work: str, smoke: bool) -> None:
@@ -303,7 +335,8 @@ def collect_figures(work: str, outdir: str) -> None:
               ("ablation", "val_bpc_vs_threshold.png"), ("ablation", "loss_curves.png"),
               ("ablation", "grad_norm_traces.png"), ("ablation", "clip_ablation.csv"),
               ("ablation", "threshold_in_force.png"), ("bench", "bench_sweep.json"),
-              ("cliff", "cliff.png"), ("smoothness", "smoothness.png")]
+              ("cliff", "cliff.png"), ("smoothness", "smoothness.png"),
+              ("stability", "stability_map.png"), ("stability", "stability.csv")]
     for sub, name in wanted:
         src = os.path.join(work, sub, name)
         if os.path.exists(src):
@@ -323,7 +356,7 @@ def destinations(outdir: str | None, smoke: bool) -> tuple[str, str]:
 
 def main(argv):
     cli.start(argv)
-    from experiments.pages import report_sections
+    from experiments.pages import report_handover, report_sections
     smoke = _SMOKE.value
     if _STEPS.value:
         try:
@@ -342,10 +375,16 @@ def main(argv):
         start = time.perf_counter()
         results["lm"] = measure_lm(lm, outdir, smoke)
         _TIMINGS["measurements in report.py"] = time.perf_counter() - start
+        carried = train_lm_carried(work, smoke)
+        start = time.perf_counter()
+        results["handover"] = report_handover.measure({"carried": carried, "restarts": lm},
+                                                      outdir, smoke)
+        _TIMINGS["hand-over measurements"] = time.perf_counter() - start
         results["ablation"] = ablation(work, smoke)
         results["bench"] = bench(work, smoke)
         results["cliff"] = cliff(work, smoke)
         results["smoothness"] = smoothness(work, smoke)
+        results["stability"] = stability(work, smoke)
         collect_figures(work, outdir)
         _save_timings(work)
     except ReportError as e:

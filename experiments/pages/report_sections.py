@@ -54,7 +54,7 @@ def header(results) -> str:
 def section_answers(results) -> str:
     """The seed's three questions answered in a few sentences, each chosen by the numbers
     of the sections below (which give the details)."""
-    from experiments.pages import report_cliff, report_rules, report_smoothness
+    from experiments.pages import report_cliff, report_handover, report_rules, report_smoothness
     rows = results["exploding"]["slopes"]
     # the linear RNN's slope has the sign of ln ρ wherever ρ is not 1
     grows = any(r["ln_rho"] > 0 for r in rows) and all(
@@ -102,7 +102,7 @@ def section_answers(results) -> str:
    {100 * active:.0f}% of the steps.
 3. **Training versus inference.** Training reads the true text (teacher forcing) and updates
    the weights after every window; inference feeds the model's own samples back and learns
-   nothing (§3).
+   nothing (§3){report_handover.glance(results["handover"])}.
 """
 
 
@@ -403,12 +403,15 @@ def _numbered(markdown: str, number: str) -> str:
 
 
 def render(results, fig) -> str:
-    from experiments.pages import report_cliff, report_rules, report_smoothness
+    from experiments.pages import (report_cliff, report_handover, report_rules,
+                                   report_smoothness, report_stability)
     return "".join([header(results), section_answers(results), section_explosion(results, fig),
                     section_clipping(results),
                     _numbered(report_cliff.section(results["cliff"], fig), "1.3"),
                     _numbered(report_smoothness.section(results["smoothness"], fig), "1.4"),
                     section_loop(results), report_ablation.section_ablation(results, fig),
                     report_rules.section(results, fig),
-                    report_ablation.section_bench(results), section_inference(results),
+                    report_ablation.section_bench(results),
+                    report_stability.section(results, fig), section_inference(results),
+                    _numbered(report_handover.section(results["handover"], fig), "3.1"),
                     references()])

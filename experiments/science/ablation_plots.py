@@ -2,11 +2,15 @@
 
 - val_bpc_vs_threshold.png: final val bpc against τ (as a multiple of the
   reference norm, or absolute), one panel per cell, SGD and Adam, seeds as
-  dots, diverged runs as crosses, no clipping at the right edge;
-- loss_curves.png: training loss (bits/char, smoothed) of seed 0 per threshold;
+  dots, no clipping at the right edge; the axes span the runs that trained,
+  diverged runs are crosses at the top edge with their count;
+- loss_curves.png: training loss (bits/char, smoothed) of seed 0 per threshold,
+  the y axis zoomed on the trained runs after the first tenth of training;
 - grad_norm_traces.png: the pre-clip global gradient norm of seed 0's
   unclipped run and of its clipped runs, with each run's τ drawn;
 - threshold_in_force.png: the adaptive rules' threshold over training (seed 0).
+
+A panel whose runs all diverged says so in words.
 """
 
 import math
@@ -44,16 +48,45 @@ def _smooth(y, width):
     return np.convolve(np.where(np.isfinite(y), y, np.nan), kernel, mode="valid")
 
 
+def _diverged(row) -> bool:
+    return bool(row["diverged"]) or not math.isfinite(row["final_val_bpc"])
+
+
+def _trained_range(values, headroom=0.0):
+    """(bottom, top) around the finite ``values`` with a margin, ``headroom`` (a fraction of
+    the span) added on top for the marks of diverged runs; None without finite values."""
+    values = np.asarray([v for v in values if math.isfinite(v)], float)
+    if values.size == 0:
+        return None
+    low, high = float(values.min()), float(values.max())
+    pad = max(0.08 * (high - low), 0.01)
+    return low - pad, high + pad + headroom * max(high - low, 0.05)
+
+
+def _say_all_diverged(ax, rows) -> bool:
+    """Write 'every run diverged' across a panel whose runs all diverged; True if so."""
+    if rows and all(_diverged(r) for r in rows):
+        ax.text(0.5, 0.5, f"all {len(rows)} runs diverged", transform=ax.transAxes,
+                ha="center", va="center", fontsize=10, color="C3")
+        return True
+    return False
+
+
 def plot_val_vs_threshold(path, rows):
+    """Final val bpc against τ, one panel per cell. The axes span the runs that trained;
+    a diverged run (its bpc is often hundreds) is a cross at the top edge of its panel,
+    and an optimizer whose runs all diverged says so in the legend."""
     plt = _plt()
     cells = sorted({r["cell"] for r in rows})
     fig, axes = plt.subplots(1, len(cells), figsize=(4.6 * len(cells), 3.6), squeeze=False)
     finite_x = [_x_of(r) for r in rows if math.isfinite(_x_of(r))]
     none_x = (max(finite_x) * 3) if finite_x else 1.0
-    ceiling = max(r["initial_val_bpc"] for r in rows) + 0.5  # diverged runs are drawn here
     for ax, cell in zip(axes[0], cells):
+        mine = [r for r in rows if r["cell"] == cell]
+        span = _trained_range([r["final_val_bpc"] for r in mine if not _diverged(r)],
+                              headroom=0.3)
         for i, opt in enumerate(sorted({r["optimizer"] for r in rows})):
-            rs = [r for r in rows if r["cell"] == cell and r["optimizer"] == opt]
+            rs = [r for r in mine if r["optimizer"] == opt]
             if not rs:
                 continue
             xs = sorted({_x_of(r) for r in rs})
@@ -61,26 +94,33 @@ def plot_val_vs_threshold(path, rows):
             means = []
             for x, px in zip(xs, plot_x):
                 vals = [r for r in rs if _x_of(r) == x]
-                for r in vals:
-                    y = r["final_val_bpc"]
-                    bad = r["diverged"] or not math.isfinite(y)
-                    ax.scatter([px], [min(y, ceiling) if math.isfinite(y) else ceiling],
-                               marker="x" if bad else "o", color=f"C{i}", s=22, alpha=0.7)
-                finite = [min(r["final_val_bpc"], ceiling) for r in vals
-                          if math.isfinite(r["final_val_bpc"])]
-                means.append(np.mean(finite) if finite else ceiling)
-            ax.plot(plot_x, means, color=f"C{i}", label=opt)
+                ok = [r["final_val_bpc"] for r in vals if not _diverged(r)]
+                ax.scatter([px] * len(ok), ok, marker="o", color=f"C{i}", s=22, alpha=0.7)
+                bad = len(vals) - len(ok)
+                if bad:  # at the top edge, one row per optimizer
+                    ax.scatter([px], [0.96 - 0.07 * i], marker="x", color=f"C{i}", s=40,
+                               transform=ax.get_xaxis_transform(), clip_on=False)
+                    ax.annotate(f"{bad}", (px, 0.96 - 0.07 * i), xycoords=("data", "axes fraction"),
+                                xytext=(5, -3), textcoords="offset points", fontsize=7,
+                                color=f"C{i}")
+                means.append(np.mean(ok) if ok else np.nan)
+            label = opt if any(not _diverged(r) for r in rs) else f"{opt}: all {len(rs)} diverged"
+            ax.plot(plot_x, means, color=f"C{i}", label=label)
         ax.set_xscale("log")
         ticks = sorted(set(finite_x)) + [none_x]
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + ["none"], fontsize=7)
         ax.minorticks_off()
-        ax.set_ylim(top=ceiling + 0.2)
-        ax.set_title(f"{cell}: final val bpc (x: diverged, drawn at most {ceiling:.1f})",
-                     fontsize=9)
+        if span:
+            ax.set_ylim(*span)
+        else:
+            ax.set_yticks([])
+        _say_all_diverged(ax, mine)
+        ax.set_title(f"{cell}: final val bpc" + (" (x at the top: n seeds diverged)" if any(
+            _diverged(r) for r in mine) else ""), fontsize=9)
         ax.set_xlabel("τ / reference norm" if _relative(rows) else "τ")
         ax.set_ylabel("bits/char")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="center left")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -112,18 +152,36 @@ def _save(fig, path):
 
 
 def plot_loss_curves(path, records):
+    """Train loss (bits/char, smoothed) of the first seed per threshold. The y axis spans
+    the trained runs after the first tenth of training, where the thresholds part; a run
+    that diverged is marked where it left that range (or its first non-finite step)."""
     fig, panels = _panels(records, order=lambda r: _x_of(r["row"]))
     for ax, cell, opt, seed, rs in panels:
-        top = 0.0
+        curves = []
         for i, r in enumerate(rs):
             loss = np.asarray(r["history"]["loss"], float) / LN2
             width = max(1, loss.size // 50)
             y = _smooth(loss, width)
-            ax.plot(np.arange(y.size) + width, y, color=f"C{i}", linewidth=1,
-                    label=r["row"]["threshold"])
-            top = max(top, r["row"]["initial_val_bpc"])
-        ax.set_ylim(bottom=0, top=top * 1.6)
-        ax.set_title(f"{cell} / {opt}: train loss, seed {seed}")
+            x = np.arange(y.size) + width
+            diverged = _diverged(r["row"])
+            label = r["row"]["threshold"] + (" (diverged)" if diverged else "")
+            ax.plot(x, y, color=f"C{i}", linewidth=1, label=label)
+            curves.append((x, y, diverged, f"C{i}"))
+        later = [v for x, y, bad, _ in curves if not bad for v in y[x >= x[-1] / 10]]
+        span = _trained_range(later)
+        if span:
+            ax.set_ylim(*span)
+        for x, y, bad, color in curves:
+            if not bad:
+                continue
+            out = ~np.isfinite(y) | ((y > span[1]) if span else False)
+            k = int(np.argmax(out)) if out.any() else len(y) - 1
+            ax.scatter([x[k]], [0.97], marker="x", color=color, s=40,
+                       transform=ax.get_xaxis_transform(), clip_on=False)
+        if _say_all_diverged(ax, [r["row"] for r in rs]):
+            ax.set_yscale("log")  # the blow-up spans orders of magnitude
+        ax.set_title(f"{cell} / {opt}: train loss, seed {seed}" + (" (y zoomed)" if span else ""),
+                     fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("bits/char")
         ax.grid(alpha=0.3)
@@ -142,6 +200,7 @@ def plot_grad_norms(path, records):
                     label=r["row"]["threshold"])
             if math.isfinite(r["row"]["tau"]):
                 ax.axhline(r["row"]["tau"], color=color, linestyle="--", linewidth=0.8)
+        _say_all_diverged(ax, [r["row"] for r in rs])
         ax.set_yscale("log")
         ax.set_title(f"{cell} / {opt}: ||g|| before clipping (dashed: τ)")
         ax.set_xlabel("step")

@@ -4,8 +4,8 @@ The grid and the base run are the config (experiments/configs/clip_ablation.py);
 the rules are charrnn/clipping.py's (sweep.rules, strengths in sweep.strengths).
 Three ways to run it, with the same numbers:
 
-    # the whole grid, one jitted program per (rule, cell, optimizer), its runs split
-    # over the devices (on a CPU: one device per core; --devices=1 for one):
+    # the whole grid, one jitted program per (cell, optimizer) that trains every rule,
+    # its runs split over the devices (on a CPU: one device per core; --devices=1 for one):
     python experiments/science/clip_ablation.py --outdir=DIR
     # one run per process (a cluster array job), then collect:
     python experiments/science/clip_ablation.py --outdir=DIR --list_runs
@@ -43,7 +43,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _OUTDIR = flags.DEFINE_string("outdir", None, "Directory for runs/, tables and figures.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "The config's smoke variant on top: tiny and fast.")
 _RUN_INDEX = flags.DEFINE_integer("run_index", -1, "Run only this grid index (see --list_runs); "
-                                  "-1 runs the whole grid, one program per (rule, cell, optimizer).")
+                                  "-1 runs the whole grid, one program per (cell, optimizer).")
+_PACK = flags.DEFINE_bool("pack_rules", True, "One program trains every rule of a (cell, "
+                          "optimizer), the rule a runtime index; false: one program per (rule, "
+                          "cell, optimizer), as before the packing (for A/B timings).")
 _LIST = flags.DEFINE_bool("list_runs", False, "Print the grid with run indices and exit.")
 _AGGREGATE = flags.DEFINE_bool("aggregate", False, "Only collect DIR/runs/*.json into tables.")
 _PLATEAU = flags.DEFINE_integer(
@@ -60,10 +63,10 @@ _DEVICES = flags.DEFINE_integer(
 
 
 def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None,
-             devices: int = 1) -> None:
+             devices: int = 1, pack_rules: bool = True) -> None:
     """Train the grid (or one run of it) and write DIR/runs/<name>.json per run.
 
-    ``devices``: see --devices (0 = every device)."""
+    ``devices``: see --devices (0 = every device); ``pack_rules``: see --pack_rules."""
     from charrnn import sweep
 
     runs = sweep.make_grid(config.sweep)
@@ -75,7 +78,7 @@ def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None,
     os.makedirs(os.path.join(outdir, "runs"), exist_ok=True)
     groups = {}
     for run, tau in zip(selected, taus):
-        groups.setdefault(run.group, []).append((run, tau))
+        groups.setdefault(run.program(pack_rules), []).append((run, tau))
     for members in groups.values():
         configs = [sweep.run_config(config, run, tau) for run, tau in members]
         if run_index >= 0:
@@ -89,7 +92,7 @@ def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None,
             row = sweep.summarize(run, tau, history, ref)
             # the runs of one program share its clock: their time counts once
             _write_run(outdir, run, row, history,
-                       run.name if run_index >= 0 else "-".join(map(str, run.group)))
+                       run.name if run_index >= 0 else "-".join(run.program(pack_rules)))
             print(f"{run.name}: strength {tau:.4g} final val bpc {row['final_val_bpc']:.3f} "
                   f"(best {row['best_val_bpc']:.3f}) clipped {100 * row['clip_fraction']:.0f}% "
                   f"max grad norm {row['max_grad_norm']:.3g}"
@@ -251,7 +254,7 @@ def markdown(table: list) -> str:
 
 def training_seconds(records: list) -> float:
     """Wall time of the training: each program's time once (records written before the
-    program was recorded: one program per (rule, cell, optimizer), the default layout)."""
+    program was recorded: one program per (rule, cell, optimizer), the layout then)."""
     programs = {}
     for r in records:
         row = r["row"]
@@ -304,14 +307,8 @@ def main(argv):
     from charrnn.errors import UserError
 
     config = _CONFIG.value
-    if _SMOKE.value:  # the variant first, then the command line's --config.* overrides again
-        ablation_config.apply_variant(config, "smoke")
-        for path, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
-            *parents, name = path.split(".")
-            node = config
-            for p in parents:
-                node = node[p]
-            node[name] = value
+    if _SMOKE.value:
+        cli.apply_variant(config, ablation_config.apply_variant, "smoke", flags.FLAGS["config"])
     try:
         runs = sweep.make_grid(config.sweep)
         if _LIST.value:
@@ -320,7 +317,8 @@ def main(argv):
             return
         if not (_AGGREGATE.value or _PLATEAU_ONLY.value):
             chunk = None if _CHUNK.value < 0 else _CHUNK.value
-            run_grid(config, _OUTDIR.value, _RUN_INDEX.value, chunk, _DEVICES.value)
+            run_grid(config, _OUTDIR.value, _RUN_INDEX.value, chunk, _DEVICES.value,
+                     _PACK.value)
         if (_RUN_INDEX.value < 0 and not _AGGREGATE.value) or _PLATEAU_ONLY.value:
             plateau_check(config, _OUTDIR.value, _PLATEAU.value)
         if _AGGREGATE.value or _RUN_INDEX.value < 0 or _PLATEAU_ONLY.value:

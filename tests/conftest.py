@@ -43,6 +43,17 @@ def text_file(tmp_path):
 
 
 @pytest.fixture
+def ablation_config(text_file):
+    """The clip ablation's smoke config on the small corpus (a sweep's grid in seconds)."""
+    from experiments.configs import clip_ablation
+    config = clip_ablation.get_config("smoke")
+    config.data.path = text_file
+    config.data.val_fraction = config.data.test_fraction = 0.1
+    config.sweep.eval_chars = 200
+    return config
+
+
+@pytest.fixture
 def smoke_config(text_file):
     """The smoke config (tiny model, few steps) on the small corpus."""
     from experiments.configs import default

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from charrnn import data, metrics, models, optim, restore, scan, train
+from charrnn import data, metrics, models, optim, restore, scan
 from charrnn import step as step_lib
 from charrnn.cells.base import Cell
 from conftest import REPO
@@ -297,16 +297,6 @@ def test_launch_with_bptt_value_clipping_trains_resumes_and_samples(text_file, t
     runs = [restore.load_checkpoint(str(w))[3] for w in (straight, resumed)]
     for a, b in zip(*(jax.tree.leaves(p) for p in runs)):
         np.testing.assert_array_equal(a, b)
-
-
-@pytest.fixture
-def ablation_config(text_file):
-    from experiments.configs import clip_ablation
-    config = clip_ablation.get_config("smoke")
-    config.data.path = text_file
-    config.data.val_fraction = config.data.test_fraction = 0.1
-    config.sweep.eval_chars = 200
-    return config
 
 
 def test_placement_is_a_grid_axis_and_part_of_the_group_key(ablation_config):

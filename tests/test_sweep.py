@@ -11,16 +11,6 @@ from charrnn import clipping, data, models, sweep
 from charrnn import step as step_lib
 
 
-@pytest.fixture
-def ablation_config(text_file):
-    from experiments.configs import clip_ablation
-    config = clip_ablation.get_config("smoke")
-    config.data.path = text_file
-    config.data.val_fraction = config.data.test_fraction = 0.1
-    config.sweep.eval_chars = 200
-    return config
-
-
 @pytest.mark.parametrize("label,expected", [
     ("none", ("none", math.inf)), ("0.5x", ("relative", 0.5)), ("10X", ("relative", 10.0)),
     ("2.5", ("absolute", 2.5))])

@@ -104,11 +104,14 @@ class CudnnLSTM:
         return getattr(self.base, name)
 
     def __call__(self, params, carry, tokens, dropout_key=None, unroll: int = 1,
-                 batch_rows=None):
-        """Teacher-forced forward pass, as ``CharRNN.__call__`` (no dropout to apply).
+                 batch_rows=None, clip=None):
+        """Teacher-forced forward pass, as ``CharRNN.__call__`` (no dropout to apply; cuDNN
+        offers no clipping inside BPTT, so ``clip`` must be None).
 
         tokens int [B, T]; carry ((c, h) [B, H] per layer) -> (carry, logits [B, T, V]).
         """
+        if clip is not None:
+            raise ValueError("cuDNN's LSTM cannot clip inside BPTT (optim.clip_at=bptt)")
         del dropout_key, unroll, batch_rows
         L, H = self.base.num_layers, self.base.hidden_size
         x = params["embed"][tokens]  # [B, T, E]

@@ -34,6 +34,15 @@ def test_ablation_one_run_per_process_then_aggregate(text_file, tmp_path):
     assert collected.returncode == 0, collected.stderr[-2000:]
     rows = (tmp_path / "clip_ablation.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("rnn,sgd,1.0,0,global_norm,1x,")
+    # --resume trains only the run without a file; the finished run's file is left as it was
+    kept = (tmp_path / "runs" / "rnn-sgd-lr1-seed0-global_norm_1x.json").read_bytes()
+    resumed = _run(base + ["--resume", "--plateau_factor=1"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resume: 1 of 2 runs left to train" in resumed.stdout
+    assert sorted(os.listdir(tmp_path / "runs")) == ["rnn-sgd-lr1-seed0-global_norm_1x.json",
+                                                     "rnn-sgd-lr1-seed0-none.json"]
+    assert (tmp_path / "runs" / "rnn-sgd-lr1-seed0-global_norm_1x.json").read_bytes() == kept
+    assert len((tmp_path / "clip_ablation.csv").read_text().splitlines()) == 3
     bad = _run(base + ["--run_index=5"])
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
     bad = _run(base + ["--devices=-1"])

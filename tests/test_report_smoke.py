@@ -1,10 +1,11 @@
 """The report page rendered from the smoke outputs of every experiment.
 
 Each step of ``report.py --smoke`` (exploding_gradients.py, launch.py twice, clip_ablation.py,
-bench_sweep.py, cliff.py, smoothness.py, stability.py) runs once per test session into a
+bench_sweep.py, cliff.py, smoothness.py, stability.py, placement.py) runs once per test session into a
 workdir the workers share (conftest.ReportSmoke) and is checked in its own test module:
 test_diagnostics.py (exploding), test_experiments.py (ablation; the language model and its
-quality page), test_perf.py (bench), test_cliff.py, test_smoothness.py, test_stability.py. Here
+quality page), test_perf.py (bench), test_cliff.py, test_smoothness.py, test_stability.py,
+test_placement_study.py. Here
 ``report.py --smoke --reuse`` renders the page from those outputs.
 """
 
@@ -32,7 +33,7 @@ def _tree_digest(*paths) -> str:
 def test_report_smoke_renders_every_experiment(report_smoke: ReportSmoke, tmp_path):
     # The steps the other modules have not run yet, smoothness (the last module) first.
     for step in ("smoothness", "bench", "cliff", "exploding", "ablation", "lm", "lm_carried",
-                 "stability"):
+                 "stability", "placement"):
         report_smoke.step(step)
     out = tmp_path / "out"
     committed = [os.path.join(REPO, "REPORT.md"), os.path.join(REPO, "report")]
@@ -54,11 +55,12 @@ def test_report_smoke_renders_every_experiment(report_smoke: ReportSmoke, tmp_pa
                     "### 2.2 Every clipping rule at a trained operating point",
                     "### 2.3 Many runs in one program",
                     "### 2.4 Where clipping pays: the stability map",
+                    "### 2.5 Where clipping sits",
                     "## 3. Training versus inference",
                     "### 3.1 The hand-over: the first characters of a text"]:
         assert heading in report
     figures = re.findall(r"\]\(([^)]+\.png)\)", report)
-    assert len(figures) == 9 and all((out / f).is_file() for f in figures)
+    assert len(figures) == 10 and all((out / f).is_file() for f in figures)
     assert "**Trained to the plateau?**" in report
     # Code is quoted from the source, the telemetry read back from TensorBoard's files.
     assert "optimizer.update(grads, state.opt_state, state.params, axis_name)" in report
@@ -75,7 +77,7 @@ def test_report_steps_refuses_an_unknown_step_in_one_line(tmp_path):
               "--steps=cliff,nope"])
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: --steps: unknown nope; choose from exploding, lm, lm_carried, ablation, bench, "
-        "cliff, smoothness, stability"]
+        "cliff, smoothness, stability, placement"]
     assert os.listdir(tmp_path) == []  # nothing ran
     r = _run(["experiments/pages/report.py", "--smoke", "--steps=cliff"])
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [

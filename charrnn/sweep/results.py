@@ -38,7 +38,18 @@ def summarize(run: Run, tau: float, history: dict, reference: float | None = Non
         "nonfinite_steps": nonfinite,
         "steps": int(history["loss"].size),
         "clip_at": run.clip_at,  # where the rule acted (last: the columns before keep their places)
+        "unit_clip_fraction": unit_clip_fraction(history),
     }
+
+
+def unit_clip_fraction(history: dict) -> float:
+    """The mean share of the units the placement clips that were clipped: rows
+    (clip_at=example), (row, layer, time step) cotangents (bptt), else steps (the
+    whole gradient or update is the unit: ``clip_fraction``)."""
+    for key in ("example_clip_fraction", "bptt_clip_fraction"):
+        if key in history:
+            return float(np.mean(history[key]))
+    return float(np.mean(history["clipped"]))
 
 
 def _finite_mean(values) -> float:

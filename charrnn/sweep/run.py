@@ -38,6 +38,9 @@ from charrnn.sweep.grid import Run, SweepError, parse_strength, run_config
 
 STEP_METRICS = ("loss", "grad_norm", "grad_norm_clipped", "clip_threshold", "clipped",
                 "nonfinite")
+# Kept too where the placement logs them: the share of the units it clips that were
+# clipped (rows at clip_at=example, (row, layer, time step) cotangents at bptt).
+UNIT_METRICS = ("example_clip_fraction", "bptt_clip_fraction")
 
 
 @dataclasses.dataclass
@@ -294,7 +297,7 @@ def _train(step_fn, state, next_batch, num_steps: int, evaluate, num_runs: int,
     history = _History(num_runs)
     history.add_val(0, evaluate(state.params))
     for done, state, metrics in step_lib.run_steps(step_fn, state, next_batch, 0, num_steps):
-        history.add_step({k: metrics[k] for k in STEP_METRICS})
+        history.add_step({k: metrics[k] for k in STEP_METRICS + UNIT_METRICS if k in metrics})
         if done == num_steps or (eval_every > 0 and done % eval_every == 0):
             history.add_val(done, evaluate(state.params))
     return history.finish()
@@ -318,7 +321,7 @@ class _History:
     def finish(self) -> list[dict]:
         host = jax.device_get(self.steps)
         per_step = {k: np.array([m[k] for m in host]).reshape(len(host), self.num_runs)
-                    for k in STEP_METRICS}
+                    for k in (host[0] if host else STEP_METRICS)}
         out = []
         for r in range(self.num_runs):
             h = {k: v[:, r] for k, v in per_step.items()}

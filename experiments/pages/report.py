@@ -25,7 +25,9 @@ Runs, each as its own process (the experiment scripts are the source of every nu
 5. experiments/science/cliff.py: Pascanu et al.'s one-unit cliff, SGD with and without clipping;
 6. experiments/science/smoothness.py: Zhang et al.'s smoothness against the gradient norm
    along an LSTM's training;
-7. experiments/science/stability.py: the largest learning rate each clipping setting survives.
+7. experiments/science/stability.py: the largest learning rate each clipping setting survives;
+8. experiments/science/placement.py: the same rules clipping the gradient, the update, each
+   sequence's gradient or each step's cotangent inside BPTT.
 
 Code shown in the report is read from the source files when the report is
 generated, with its line numbers. Nothing in REPORT.md is typed by hand.
@@ -47,6 +49,7 @@ from absl import app, flags
 
 from experiments import cli
 from experiments.configs import clip_ablation as ablation_config
+from experiments.configs import placement as placement_config
 from experiments.configs import stability as stability_config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,7 +67,7 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Every step tiny: the whole pipeline 
 _DATA_PATH = flags.DEFINE_string("data_path", "", "A text file instead of the built-in corpus.")
 _STEPS = flags.DEFINE_list("steps", None, "Run only these steps into --workdir and write no "
                            "page (of: exploding, lm, lm_carried, ablation, bench, cliff, "
-                           "smoothness, stability): the pieces a later --reuse run renders "
+                           "smoothness, stability, placement): the pieces a later --reuse run renders "
                            "from.")
 
 # The language model whose telemetry and sample the report shows.
@@ -181,6 +184,13 @@ def stability(work: str, smoke: bool) -> dict:
     return result
 
 
+def placement(work: str, smoke: bool) -> dict:
+    result = _script_result(work, "placement", "science.placement", smoke, extra=_data_flags(),
+                            stale="runs")
+    result["config"] = placement_config.get_config("smoke" if smoke else None).to_dict()
+    return result
+
+
 def bench(work: str, smoke: bool) -> dict:
     return _script_result(work, "bench", "bench.bench_sweep", smoke)
 
@@ -219,7 +229,7 @@ def train_lm_carried(work: str, smoke: bool) -> str:
 # name -> step(work, smoke), as in main
 STEPS = {"exploding": exploding, "lm": train_lm, "lm_carried": train_lm_carried,
          "ablation": ablation, "bench": bench, "cliff": cliff, "smoothness": smoothness,
-         "stability": stability}
+         "stability": stability, "placement": placement}
 
 
 def run_steps(names: list, work: str, smoke: bool) -> None:
@@ -336,7 +346,8 @@ def collect_figures(work: str, outdir: str) -> None:
               ("ablation", "grad_norm_traces.png"), ("ablation", "clip_ablation.csv"),
               ("ablation", "threshold_in_force.png"), ("bench", "bench_sweep.json"),
               ("cliff", "cliff.png"), ("smoothness", "smoothness.png"),
-              ("stability", "stability_map.png"), ("stability", "stability.csv")]
+              ("stability", "stability_map.png"), ("stability", "stability.csv"),
+              ("placement", "placement.png"), ("placement", "placement.csv")]
     for sub, name in wanted:
         src = os.path.join(work, sub, name)
         if os.path.exists(src):
@@ -385,6 +396,7 @@ def main(argv):
         results["cliff"] = cliff(work, smoke)
         results["smoothness"] = smoothness(work, smoke)
         results["stability"] = stability(work, smoke)
+        results["placement"] = placement(work, smoke)
         collect_figures(work, outdir)
         _save_timings(work)
     except ReportError as e:

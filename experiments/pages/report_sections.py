@@ -403,8 +403,8 @@ def _numbered(markdown: str, number: str) -> str:
 
 
 def render(results, fig) -> str:
-    from experiments.pages import (report_cliff, report_handover, report_rules,
-                                   report_smoothness, report_stability)
+    from experiments.pages import (report_cliff, report_handover, report_placement,
+                                   report_rules, report_smoothness, report_stability)
     return "".join([header(results), section_answers(results), section_explosion(results, fig),
                     section_clipping(results),
                     _numbered(report_cliff.section(results["cliff"], fig), "1.3"),
@@ -412,6 +412,7 @@ def render(results, fig) -> str:
                     section_loop(results), report_ablation.section_ablation(results, fig),
                     report_rules.section(results, fig),
                     report_ablation.section_bench(results),
-                    report_stability.section(results, fig), section_inference(results),
+                    report_stability.section(results, fig),
+                    report_placement.section(results, fig), section_inference(results),
                     _numbered(report_handover.section(results["handover"], fig), "3.1"),
                     references()])

@@ -12,6 +12,7 @@ Three ways to run it, with the same numbers:
     python experiments/science/clip_ablation.py --outdir=DIR --run_index=$TASK_ID
     python experiments/science/clip_ablation.py --outdir=DIR --plateau_only  # then collect
     python experiments/science/clip_ablation.py --outdir=DIR --aggregate     # or only collect
+    python experiments/science/clip_ablation.py --outdir=DIR --resume  # finish a stopped grid
 
 Each run writes DIR/runs/<name>.json (its per-step history and its row).
 Collecting writes DIR/clip_ablation.csv (one row per run, its rule named),
@@ -24,7 +25,6 @@ LSTM/Adam setting trained --plateau_factor times as long.
 """
 
 import csv
-import glob
 import json
 import math
 import os
@@ -36,6 +36,7 @@ from ml_collections import config_flags
 from charrnn import cpu_devices
 from experiments import cli
 from experiments.configs import clip_ablation as ablation_config
+from experiments.science import runfiles
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", ablation_config.__file__,
@@ -47,6 +48,8 @@ _RUN_INDEX = flags.DEFINE_integer("run_index", -1, "Run only this grid index (se
 _PACK = flags.DEFINE_bool("pack_rules", True, "One program trains every rule of a (cell, "
                           "optimizer), the rule a runtime index; false: one program per (rule, "
                           "cell, optimizer), as before the packing (for A/B timings).")
+_RESUME = flags.DEFINE_bool("resume", False, "Train only the runs without a DIR/runs/<name>.json "
+                             "(finish a grid that was stopped), then collect as usual.")
 _LIST = flags.DEFINE_bool("list_runs", False, "Print the grid with run indices and exit.")
 _AGGREGATE = flags.DEFINE_bool("aggregate", False, "Only collect DIR/runs/*.json into tables.")
 _PLATEAU = flags.DEFINE_integer(
@@ -63,16 +66,23 @@ _DEVICES = flags.DEFINE_integer(
 
 
 def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None,
-             devices: int = 1, pack_rules: bool = True) -> None:
+             devices: int = 1, pack_rules: bool = True, resume: bool = False) -> None:
     """Train the grid (or one run of it) and write DIR/runs/<name>.json per run.
 
-    ``devices``: see --devices (0 = every device); ``pack_rules``: see --pack_rules."""
+    ``devices``: see --devices (0 = every device); ``pack_rules``: see --pack_rules;
+    ``resume``: leave out the runs whose file exists."""
     from charrnn import sweep
 
     runs = sweep.make_grid(config.sweep)
     if run_index >= len(runs):
         raise sweep.SweepError(f"--run_index={run_index} but the grid has {len(runs)} runs")
     selected = runs if run_index < 0 else [runs[run_index]]
+    if resume:
+        selected = [r for r in selected
+                    if not os.path.exists(os.path.join(outdir, "runs", r.name + ".json"))]
+        print(f"resume: {len(selected)} of {len(runs)} runs left to train", flush=True)
+        if not selected:
+            return
     corpus = sweep.Corpus.from_config(config)
     taus, refs = sweep.strengths(config, selected, corpus)
     os.makedirs(os.path.join(outdir, "runs"), exist_ok=True)
@@ -91,7 +101,7 @@ def run_grid(config, outdir: str, run_index: int, runs_per_chunk: int | None,
             ref = refs.get((run.cell, run.optimizer, run.seed))
             row = sweep.summarize(run, tau, history, ref)
             # the runs of one program share its clock: their time counts once
-            _write_run(outdir, run, row, history,
+            runfiles.write_run(outdir, run, row, history,
                        run.name if run_index >= 0 else "-".join(run.program(pack_rules)))
             print(f"{run.name}: strength {tau:.4g} final val bpc {row['final_val_bpc']:.3f} "
                   f"(best {row['best_val_bpc']:.3f}) clipped {100 * row['clip_fraction']:.0f}% "
@@ -121,7 +131,7 @@ def plateau_check(config, outdir: str, factor: int) -> dict | None:
     at the grid's length are kept. The difference is what more training still buys."""
     from charrnn import sweep
     from charrnn.step import LN2
-    rows = [r["row"] for r in load_runs(outdir)]
+    rows = [r["row"] for r in runfiles.load_runs(outdir)]
     best = best_clipped(rows)
     if best is None or factor <= 1:
         return None
@@ -148,30 +158,6 @@ def plateau_check(config, outdir: str, factor: int) -> dict | None:
           f"over {factor * steps} steps {result['best_bpc_long']:.3f} (gain {result['gain']:.3f})",
           flush=True)
     return result
-
-
-def _write_run(outdir, run, row, history, program: str):
-    """DIR/runs/<name>.json; ``program``: the name of the process or program that trained it
-    (``seconds`` is that program's wall time, the same for all its runs)."""
-    import numpy as np
-    record = {"row": row, "seconds": float(history["seconds"]), "program": program,
-              "history": {k: np.asarray(v).astype(float).tolist() for k, v in history.items()
-                          if k != "seconds"}}
-    path = os.path.join(outdir, "runs", run.name + ".json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, allow_nan=True)
-    os.replace(path + ".tmp", path)
-
-
-def load_runs(outdir: str) -> list:
-    paths = sorted(glob.glob(os.path.join(outdir, "runs", "*.json")))
-    if not paths:
-        raise FileNotFoundError(f"no run results in {outdir}/runs: run the grid first")
-    out = []
-    for p in paths:
-        with open(p) as f:
-            out.append(json.load(f))
-    return out
 
 
 def _order(cell, opt, rule, label) -> tuple:
@@ -252,21 +238,10 @@ def markdown(table: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def training_seconds(records: list) -> float:
-    """Wall time of the training: each program's time once (records written before the
-    program was recorded: one program per (rule, cell, optimizer), the layout then)."""
-    programs = {}
-    for r in records:
-        row = r["row"]
-        key = r.get("program", "-".join((row["rule"], row["cell"], row["optimizer"])))
-        programs[key] = max(programs.get(key, 0.0), r["seconds"])
-    return sum(programs.values())
-
-
 def aggregate(outdir: str) -> dict:
     """Tables, figures and clip_ablation.json from DIR/runs/*.json."""
     from experiments.science import ablation_plots
-    records = load_runs(outdir)
+    records = runfiles.load_runs(outdir)
     rows = [r["row"] for r in records]
     with open(os.path.join(outdir, "clip_ablation.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
@@ -288,7 +263,7 @@ def aggregate(outdir: str) -> dict:
     summary = {"rows": rows, "table": table, "rules_table": rules_table, "markdown": md,
                "contrast": optimizer_contrast(table), "plateau": plateau,
                "threshold_figure": threshold_figure,
-               "seconds": training_seconds(records)}
+               "seconds": runfiles.training_seconds(records)}
     with open(os.path.join(outdir, "clip_ablation.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -318,7 +293,7 @@ def main(argv):
         if not (_AGGREGATE.value or _PLATEAU_ONLY.value):
             chunk = None if _CHUNK.value < 0 else _CHUNK.value
             run_grid(config, _OUTDIR.value, _RUN_INDEX.value, chunk, _DEVICES.value,
-                     _PACK.value)
+                     _PACK.value, _RESUME.value)
         if (_RUN_INDEX.value < 0 and not _AGGREGATE.value) or _PLATEAU_ONLY.value:
             plateau_check(config, _OUTDIR.value, _PLATEAU.value)
         if _AGGREGATE.value or _RUN_INDEX.value < 0 or _PLATEAU_ONLY.value:

@@ -166,10 +166,11 @@ rules {', '.join(r for r in sw['rules'] if r != 'none')} at the placements
 for cells {', '.join(cell_name(c) for c in sw['cells'])} ({m['num_layers']}×{m['hidden_size']},
 the model of §2.1), SGD and Adam, seeds {', '.join(str(x) for x in sw['seeds'])}:
 {len(p['rows'])} runs of {t['num_steps']} steps (B = {t['batch_size']}, T = {t['seq_len']};
-{p['seconds'] / 60:.1f} minutes of training on this machine). The learning rates are those
-where clipping has work to do: per cell and optimizer the largest at which no unclipped
-seed diverged in the stability map of §2.4 (for the IRNN, which the map does not cover, a
-probe of seed 0 on the map's grid), and twice it: {rates}.
+{p['seconds'] / 60:.1f} minutes of training on this machine). The learning rates are where clipping
+has work to do: per cell and optimizer the largest at which no unclipped seed diverged, and
+twice it (the stability map of §2.4 for the tanh RNN and the LSTM; probes for the IRNN,
+which the map does not cover: `experiments/configs/placement.py` says how each was
+chosen): {rates}.
 
 Each placement clips a different quantity, so one τ would mean a different thing at each.
 Here a placement's threshold is {', '.join(sw['strengths'][r][0] for r in sw['rules'] if r != 'none')}×

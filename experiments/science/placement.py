@@ -2,6 +2,8 @@
 
     python experiments/science/placement.py --outdir=DIR [--smoke]
     python experiments/science/placement.py --outdir=DIR --aggregate  # tables and figure only
+    # (again) one cell, keeping the other cells' runs in DIR:
+    python experiments/science/placement.py --outdir=DIR --config.sweep.cells="('lstm',)"
 
 The grid is data (experiments/configs/placement.py): cells × optimizers × two learning
 rates per (cell, optimizer) × {no clipping, global_norm, value} × placements
@@ -158,17 +160,28 @@ def reference_of(refs: dict, run) -> float:
 
 
 def train(config, outdir: str, devices: int) -> dict:
-    """Train every cell's grid into DIR/runs; {cell: references}, also DIR/references.json."""
+    """Train every cell's grid into DIR/runs, first removing the runs an earlier grid left
+    there for these cells (other cells' runs stay); {cell: references}, also added to
+    DIR/references.json."""
+    import glob
     from charrnn import sweep
     from experiments.science import runfiles
     corpus = sweep.Corpus.from_config(config)
     os.makedirs(os.path.join(outdir, "runs"), exist_ok=True)
     all_refs = {}
+    path = os.path.join(outdir, REFERENCES)
+    if os.path.exists(path):
+        with open(path) as f:
+            all_refs = json.load(f)
+    for cell in config.sweep.cells:
+        for stale in glob.glob(os.path.join(outdir, "runs", f"{cell}-*.json")):
+            os.remove(stale)
+        all_refs.pop(cell, None)
     for cell in config.sweep.cells:
         c = cell_config(config, cell)
         runs = sweep.make_grid(c.sweep)
         refs = all_refs[cell] = references(c, cell, corpus)
-        with open(os.path.join(outdir, REFERENCES), "w") as f:
+        with open(path, "w") as f:
             json.dump(all_refs, f, indent=1)
         groups = {}
         for run in runs:
@@ -320,8 +333,6 @@ def main(argv):
         cli.apply_variant(config, placement_config.apply_variant, "smoke", flags.FLAGS["config"])
     try:
         if not _AGGREGATE.value:
-            import shutil
-            shutil.rmtree(os.path.join(_OUTDIR.value, "runs"), ignore_errors=True)
             check_grid(config)
             train(config, _OUTDIR.value, 0)
         result = aggregate(_OUTDIR.value)

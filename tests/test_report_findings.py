@@ -139,7 +139,17 @@ def _answers_results(linear_slope_sign, unclipped_jump, smooth_r, sgd_winner):
             "lm": {"records": [{"split": "train", "clip_fraction": 0.25}]},
             "handover": {"gap_diff": {}, "start_chars": 16,
                          "regimes": {"carried": {"start_gap": 0.228},
-                                     "restarts": {"start_gap": 0.136}}}}
+                                     "restarts": {"start_gap": 0.136}}},
+            "placement": {"table": [_placed("gradient", 2.5), _placed("update", 2.505),
+                                    _placed("bptt", 2.3), _placed("example", 2.6, 2)]}}
+
+
+def _placed(clip_at, bpc, diverged=0):
+    """A placement study's table entry (rnn, sgd, lr 1, global_norm, 3 seeds, std 0.01)."""
+    return {"cell": "rnn", "optimizer": "sgd", "learning_rate": 1.0, "clip_at": clip_at,
+            "rule": "global_norm", "setting": f"global_norm @ {clip_at}", "seeds": 3,
+            "diverged": diverged, "final_val_bpc": bpc, "final_val_bpc_std": 0.01,
+            "unit_clip_fraction": 0.5}
 
 
 def test_the_answers_at_a_glance_follow_the_numbers():
@@ -156,8 +166,11 @@ def test_the_answers_at_a_glance_follow_the_numbers():
     assert "clipping did not separate the step lengths" in contrary
     assert "did not grow with the gradient norm under Adam" in contrary
     assert "with sgd: tanh RNN value 0.01 (1.900 bpc)" in contrary
-    no_lines = dict(_answers_results(1, 84.6, 0.9, "global_norm"), handover={})
+    assert ("it changed the outcome in 2 of 3 comparisons with the same rule on the gradient "
+            "(1 of them in which seeds diverged) (§2.5)") in " ".join(usual.split())
+    no_lines = dict(_answers_results(1, 84.6, 0.9, "global_norm"), handover={}, placement={})
     assert "learns\n   nothing (§3).\n" in report_sections.section_answers(no_lines)
+    assert "rescaled\n   25% of the steps.\n" in report_sections.section_answers(no_lines)
 
 
 def test_the_noise_floor_is_the_gap_of_settings_that_never_clipped():

@@ -96,6 +96,20 @@ def answer(comparisons) -> str:
     return head + ". " + ". ".join(p[0].upper() + p[1:] for p in parts)
 
 
+def glance(placement: dict) -> str:
+    """Answers at a glance, question 2: the count of comparisons the placement changed
+    ('' without a study)."""
+    if not placement or not placement.get("table"):
+        return ""
+    counted = [c for c in compare(placement["table"]) if c["kind"] != "n/a"]
+    moved = [c for c in counted if c["kind"] != "none"]
+    survival = sum(c["kind"] == "survival" for c in moved)
+    return (f"; moved onto the update, each sequence's gradient or into BPTT, at learning rates "
+            f"where clipping acts, it changed the outcome in {len(moved)} of {len(counted)} "
+            f"comparisons with the same rule on the gradient ({survival} of them in which seeds "
+            "diverged) (§2.5)")
+
+
 def sgd_identity(comparisons) -> str:
     """For SGD, clipping the update lr·g at lr·τ is clipping g at τ: the runs should agree."""
     pairs = [c for c in comparisons if c["entry"]["clip_at"] == "update"

@@ -54,7 +54,8 @@ def header(results) -> str:
 def section_answers(results) -> str:
     """The seed's three questions answered in a few sentences, each chosen by the numbers
     of the sections below (which give the details)."""
-    from experiments.pages import report_cliff, report_handover, report_rules, report_smoothness
+    from experiments.pages import (report_cliff, report_handover, report_placement,
+                                   report_rules, report_smoothness)
     rows = results["exploding"]["slopes"]
     # the linear RNN's slope has the sign of ln ρ wherever ρ is not 1
     grows = any(r["ln_rho"] > 0 for r in rows) and all(
@@ -99,7 +100,7 @@ def section_answers(results) -> str:
    {diverged['adam']} with Adam.
 2. **Where clipping sits.** Between the backward pass and the optimizer, on the raw gradient
    (`charrnn.step.train_step`, §2); in the report's language model it rescaled
-   {100 * active:.0f}% of the steps.
+   {100 * active:.0f}% of the steps{report_placement.glance(results.get("placement"))}.
 3. **Training versus inference.** Training reads the true text (teacher forcing) and updates
    the weights after every window; inference feeds the model's own samples back and learns
    nothing (§3){report_handover.glance(results["handover"])}.

@@ -123,7 +123,9 @@ def test_sgd_update_clipping_is_gradient_clipping_in_the_sentence():
              _entry("gradient", "global_norm", 2.0, opt="adam"),
              _entry("update", "global_norm", 2.3, opt="adam")]
     text = report_placement.sgd_identity(report_placement.compare(table))
-    assert "the 1 SGD pairs differ by at most 0.0001 bpc" in text
+    assert "0 of the 1 SGD pairs agree to the last digit" in text
+    assert "the largest difference, 0.0001 bpc (tanh RNN + sgd at lr 1, global_norm), lies " \
+        "within 0.01 stds over seeds" in text
 
 
 def test_a_relative_strength_is_one_error_line(tmp_path):

@@ -16,13 +16,12 @@ import numpy as np
 from charrnn import metrics, restore
 from conftest import REPO
 from launch_forks import launch_many
+from test_parallel import _env
 
 
 def test_device_placement_on_four_devices_averages_four_clipped_shards(text_file):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "placement_child.py"),
-                           text_file], env=env, cwd=REPO, capture_output=True, text=True,
+                           text_file], env=_env(4), cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])

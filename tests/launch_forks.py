@@ -18,6 +18,7 @@ children start from a clean, single-threaded state.
 import json
 import os
 import runpy
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -66,6 +67,14 @@ def run(args: list[str]) -> dict:
         return {"args": args, "returncode": os.waitstatus_to_exitcode(status),
                 "stdout": out.read().decode(errors="replace"),
                 "stderr": err.read().decode(errors="replace")}
+
+
+def launch_many(cases: list[list[str]], timeout: float = 600) -> list[dict]:
+    """From a test: ``cases`` through this script in one subprocess; its list of results."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(cases),
+                         capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
 
 
 def main():

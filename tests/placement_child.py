@@ -1,4 +1,4 @@
-"""Child process of test_placement.py: ``optim.clip_at=device`` on 4 CPU devices.
+"""Child process of test_placement_runs.py: ``optim.clip_at=device`` on 4 CPU devices.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/placement_child.py CORPUS
 

@@ -7,17 +7,15 @@ it and must come out unchanged; then --fresh sets it aside and starts again.
 """
 
 import hashlib
-import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from charrnn import config as config_lib, data, metrics, models, optim, train
 from conftest import REPO, _SPEECH
+from launch_forks import launch_many
 
 SMOKE = os.path.join(REPO, "experiments", "configs", "default.py") + ":smoke"
 
@@ -420,11 +418,7 @@ def catalogue(tmp_path_factory):
     fresh = [f"--workdir={trained}", f"--config={SMOKE}", f"--config.data.path={corpus}",
              "--config.model.cell=gru", "--config.train.num_steps=2", "--fresh"]
     changed = [f"--workdir={d}/edited", "--mode=eval", "--changed_text"]
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "launch_forks.py")],
-                         input=json.dumps([args for _, args, _ in cases] + [fresh, changed]),
-                         capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert out.returncode == 0, out.stderr
-    results = json.loads(out.stdout)
+    results = launch_many([args for _, args, _ in cases] + [fresh, changed])
     return {"results": {case: result for (case, _, _), result in zip(cases, results)},
             "expected": {case: expected for case, _, expected in cases},
             "fresh": results[-2], "changed_text": results[-1], "d": d, "trained": trained, "before": before,
@@ -484,12 +478,8 @@ def test_a_bad_cell_name_gets_one_clear_line(tmp_path):
              ("json:loads", "model.cell 'json:loads': loads is not a subclass of charrnn.cells.Cell"),
              ("charrnn.cells.base:Cell", "num_gates must be a positive integer, got 0"),
              ("charrnn:nope", "model.cell 'charrnn:nope': module 'charrnn' has no 'nope'")]
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "launch_forks.py")],
-                         input=json.dumps([work + [f"--config.model.cell={name}"]
-                                           for name, _ in cases]),
-                         capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert out.returncode == 0, out.stderr
-    for (name, expected), result in zip(cases, json.loads(out.stdout)):
+    results = launch_many([work + [f"--config.model.cell={name}"] for name, _ in cases])
+    for (name, expected), result in zip(cases, results):
         assert result["returncode"] == 1, result
         assert result["stderr"].count("\n") == 1 and "Traceback" not in result["stderr"], result
         assert result["stderr"].startswith("error: ") and expected in result["stderr"], result

@@ -4,8 +4,6 @@ training scan, drawn frequencies match the filtered softmax, and the command lin
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,8 @@ import pytest
 import charrnn
 from charrnn import data, models, sampling, train
 from charrnn import step as step_lib
-from conftest import REPO, _SPEECH
+from conftest import _SPEECH
+from launch_forks import launch_many
 
 VOCAB = data.Vocab("\nabcdefg")
 
@@ -213,26 +212,9 @@ def workdir(tmp_path_factory):
     return str(root / "run")
 
 
-def _launch(*flags):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), "--mode=sample",
-                           *flags], capture_output=True, text=True, env=env, cwd=REPO)
-
-
-def test_cli_prints_and_writes_the_samples(workdir, tmp_path):
-    out = tmp_path / "samples.txt"
-    r = _launch(f"--workdir={workdir}", "--prompt=First ", "--length=30", "--num_samples=2",
-                "--temperature=0.8", "--top_k=5", "--top_p=0.9", "--seed=3", f"--output={out}")
-    assert r.returncode == 0, r.stderr
-    assert out.read_text() == r.stdout
-    lines = r.stdout.splitlines()
-    assert lines[0] == "=== sample 1/2 ===" and lines[1].startswith("First ")
-    same = charrnn.sample(workdir, prompt="First ", length=30, num_samples=2, temperature=0.8,
-                          top_k=5, top_p=0.9, seed=3)
-    assert r.stdout == sampling.format_samples(same)
-
-
-@pytest.mark.parametrize("flag,message", [
+CLI_PRINTS = ["--prompt=First ", "--length=30", "--num_samples=2", "--temperature=0.8",
+              "--top_k=5", "--top_p=0.9", "--seed=3"]
+BAD_FLAGS = [
     ("--prompt=Zq#1 First", "prompt has characters not in the model's vocabulary: "
                             "'#', '1', 'Z', 'q'"),
     ("--temperature=-0.5", "temperature must be >= 0"),
@@ -241,17 +223,46 @@ def test_cli_prints_and_writes_the_samples(workdir, tmp_path):
     ("--top_p=0", "top_p must be in (0, 1]"),
     ("--top_p=1.01", "top_p must be in (0, 1]"),
     ("--length=-1", "length must be >= 0"),
-])
-def test_cli_bad_input_is_one_line_and_nonzero(workdir, flag, message):
-    r = _launch(f"--workdir={workdir}", flag)
-    assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.startswith("error: " + message) and r.stderr.count("\n") == 1, r.stderr
+]
 
 
-def test_cli_workdir_without_checkpoint(tmp_path):
-    r = _launch(f"--workdir={tmp_path}")
-    assert r.returncode == 1
-    assert r.stderr.startswith(f"error: no checkpoint in {tmp_path}") and r.stderr.count("\n") == 1
+@pytest.fixture(scope="module")
+def cli(workdir, tmp_path_factory):
+    """``launch.py --mode=sample`` for every command-line case below, run in one process that
+    imports JAX once and forks per run (tests/launch_forks.py): {case: result}."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "empty").mkdir()
+    cases = {"prints": [f"--workdir={workdir}", *CLI_PRINTS, f"--output={root}/samples.txt"],
+             "no_checkpoint": [f"--workdir={root}/empty"],
+             **{flag: [f"--workdir={workdir}", flag] for flag, _ in BAD_FLAGS}}
+    results = launch_many([["--mode=sample", *args] for args in cases.values()])
+    return {"root": root, **dict(zip(cases, results))}
+
+
+def test_cli_prints_and_writes_the_samples(workdir, cli):
+    r = cli["prints"]
+    assert r["returncode"] == 0, r["stderr"]
+    assert (cli["root"] / "samples.txt").read_text() == r["stdout"]
+    lines = r["stdout"].splitlines()
+    assert lines[0] == "=== sample 1/2 ===" and lines[1].startswith("First ")
+    same = charrnn.sample(workdir, prompt="First ", length=30, num_samples=2, temperature=0.8,
+                          top_k=5, top_p=0.9, seed=3)
+    assert r["stdout"] == sampling.format_samples(same)
+
+
+@pytest.mark.parametrize("flag,message", BAD_FLAGS)
+def test_cli_bad_input_is_one_line_and_nonzero(cli, flag, message):
+    r = cli[flag]
+    assert r["returncode"] == 1 and r["stdout"] == ""
+    assert r["stderr"].startswith("error: " + message) and r["stderr"].count("\n") == 1, \
+        r["stderr"]
+
+
+def test_cli_workdir_without_checkpoint(cli):
+    r, empty = cli["no_checkpoint"], cli["root"] / "empty"
+    assert r["returncode"] == 1
+    assert r["stderr"].startswith(f"error: no checkpoint in {empty}") and \
+        r["stderr"].count("\n") == 1
 
 
 def test_checkpoint_saved_on_a_gpu_samples_on_the_cpu(workdir, tmp_path):

@@ -250,3 +250,33 @@ def test_quality_page_names_the_corpus_not_its_path_and_shows_archived_runs(tmp_
                 f"`data.path=corpus.txt` | corpus.txt with sha256 {sha[:12]}… (val 5%)") in text
         assert f"## `{name}`: val curve" in text
     assert "  - archived: copied.\n" in text and "## Earlier runs" not in text
+
+
+def test_aggregate_reads_runs_of_older_code_and_panels_whose_every_loss_is_nan(tmp_path):
+    """A grid finished by --resume mixes rows written before a column existed with rows that
+    have it (the CSV takes every column; an old row's is empty), and a panel whose runs all
+    diverged with no finite loss at all is drawn (it once asked for a log axis over NaN)."""
+    import json
+    from experiments.science import clip_ablation
+    (tmp_path / "runs").mkdir()
+    for i, (rule, label, tau) in enumerate([("none", "none", float("inf")),
+                                            ("global_norm", "1x", 0.5)]):
+        row = {"cell": "irnn", "optimizer": "sgd", "learning_rate": 1.0, "seed": 0,
+               "rule": rule, "threshold": label, "tau": tau, "reference_norm": 0.5,
+               "mean_clip_threshold": tau, "final_val_bpc": float("nan"),
+               "best_val_bpc": 270.0, "initial_val_bpc": 6.3, "diverged": True,
+               "clip_fraction": 0.0, "mean_grad_norm": float("nan"),
+               "max_grad_norm": float("nan"), "nonfinite_steps": 10, "steps": 10}
+        if i:  # written by the newer code
+            row.update(clip_at="gradient", unit_clip_fraction=0.0)
+        record = {"row": row, "seconds": 1.0, "program": "p",
+                  "history": {"loss": [float("nan")] * 10, "grad_norm": [float("nan")] * 10,
+                              "grad_norm_clipped": [float("nan")] * 10,
+                              "clip_threshold": [tau] * 10, "clipped": [0.0] * 10,
+                              "nonfinite": [1.0] * 10, "val_steps": [0, 10],
+                              "val_loss": [4.4, float("nan")]}}
+        (tmp_path / "runs" / f"run{i}.json").write_text(json.dumps(record))
+    clip_ablation.aggregate(str(tmp_path))
+    lines = (tmp_path / "clip_ablation.csv").read_text().splitlines()
+    assert lines[0].endswith(",clip_at,unit_clip_fraction") and lines[1].endswith(",,")
+    assert (tmp_path / "loss_curves.png").is_file()

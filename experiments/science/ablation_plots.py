@@ -178,8 +178,9 @@ def plot_loss_curves(path, records):
             k = int(np.argmax(out)) if out.any() else len(y) - 1
             ax.scatter([x[k]], [0.97], marker="x", color=color, s=40,
                        transform=ax.get_xaxis_transform(), clip_on=False)
-        if _say_all_diverged(ax, [r["row"] for r in rs]):
-            ax.set_yscale("log")  # the blow-up spans orders of magnitude
+        positive = any(np.any(np.isfinite(y) & (y > 0)) for _, y, _, _ in curves)
+        if _say_all_diverged(ax, [r["row"] for r in rs]) and positive:
+            ax.set_yscale("log")  # the blow-up spans orders of magnitude (if any is finite)
         ax.set_title(f"{cell} / {opt}: train loss, seed {seed}" + (" (y zoomed)" if span else ""),
                      fontsize=9)
         ax.set_xlabel("step")

@@ -244,7 +244,8 @@ def aggregate(outdir: str) -> dict:
     records = runfiles.load_runs(outdir)
     rows = [r["row"] for r in records]
     with open(os.path.join(outdir, "clip_ablation.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
+        # every field of every row (runs written by older code lack the newer columns)
+        w = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)), restval="")
         w.writeheader()
         w.writerows(rows)
     rules_table = grouped(rows)

@@ -111,6 +111,7 @@ def test_the_answer_counts_only_differences_beyond_the_noise_or_in_survival():
                      "global_norm @ example": "survival", "value @ bptt": "n/a"}
     text = report_placement.answer(report_placement.compare(table))
     assert text.startswith("the placement changed the outcome in 2 of 3 comparisons")
+    assert "; 1 more had every seed diverged on both sides" in text
     assert "Survival: global_norm @ example" in text and "3/3 seeds diverged against 0/3" in text
     assert "Lower loss than at `gradient`: global_norm @ bptt" in text and "-0.100" in text
     calm = [e for e in table if e["clip_at"] in ("gradient", "update")]

@@ -74,9 +74,12 @@ def answer(comparisons) -> str:
     moved = [c for c in counted if c["kind"] in ("survival", "loss")]
     if not counted:
         return "no comparison had a trained seed on both sides: the study answers nothing"
+    unanswered = len(comparisons) - len(counted)
     head = (f"the placement changed the outcome in {len(moved)} of {len(counted)} comparisons "
             f"with the same rule at `{BASE}` (a different number of diverged seeds, or a mean "
-            f"final val bpc more than {NOISE_FACTOR:g} stds over seeds apart)")
+            f"final val bpc more than {NOISE_FACTOR:g} stds over seeds apart)"
+            + (f"; {unanswered} more had every seed diverged on both sides" if unanswered
+               else ""))
     if not moved:
         return head + ": where clipping sits did not matter beyond the seeds' noise here"
     survival = [c for c in moved if c["kind"] == "survival"]
@@ -146,7 +149,8 @@ def _table(entries) -> str:
                 continue
             bpc = ("–" if not math.isfinite(e["final_val_bpc"]) else
                    f"{e['final_val_bpc']:.3f} ± {e['final_val_bpc_std']:.3f}")
-            cells.append(f"{bpc} | {e['diverged']}/{e['seeds']} | {e['unit_clip_fraction']:.2f}")
+            units = "–" if e["rule"] == "none" else f"{e['unit_clip_fraction']:.2f}"
+            cells.append(f"{bpc} | {e['diverged']}/{e['seeds']} | {units}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -196,8 +200,8 @@ which the map does not cover: `experiments/configs/placement.py` says how each w
 chosen): {rates}.
 
 Each placement clips a different quantity, so one τ would mean a different thing at each.
-Here a placement's threshold is {', '.join(sw['strengths'][r][0] for r in sw['rules'] if r != 'none')}×
-its *reference*: the threshold at which the rule changes half the units it acts on at the
+Here a rule's threshold is a multiple of its placement's *reference* ({', '.join(
+f"{r} {'/'.join(sw['strengths'][r])}×" for r in sw['rules'] if r != 'none')}): the threshold at which the rule changes half the units it acts on at the
 initial parameters (a unit: the batch's gradient, the optimizer's first update, one row's
 gradient, one (row, layer, time step) cotangent; the norm for global_norm, the largest
 |component| for value; the first {sw['warmup_steps']} windows of seed 0). The references
@@ -207,8 +211,7 @@ gradient, one (row, layer, time step) cotangent; the norm for global_norm, the l
 
 "Units clipped" below is the share of those units clipped over training.
 
-**Does it matter where clipping sits?** Over {len(comparisons)} comparisons,
-{answer(comparisons)}. The noise floor: the median std over seeds of a setting's final val
+**Does it matter where clipping sits?** At these learning rates {answer(comparisons)}. The noise floor: the median std over seeds of a setting's final val
 bpc is {fmt(noise_floor(p['table']), 2)} bpc.{sgd_identity(comparisons)}
 
 ![placement]({fig}/placement.png)

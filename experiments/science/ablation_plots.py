@@ -179,8 +179,11 @@ def plot_loss_curves(path, records):
             ax.scatter([x[k]], [0.97], marker="x", color=color, s=40,
                        transform=ax.get_xaxis_transform(), clip_on=False)
         positive = any(np.any(np.isfinite(y) & (y > 0)) for _, y, _, _ in curves)
-        if _say_all_diverged(ax, [r["row"] for r in rs]) and positive:
-            ax.set_yscale("log")  # the blow-up spans orders of magnitude (if any is finite)
+        if _say_all_diverged(ax, [r["row"] for r in rs]):
+            if positive:
+                ax.set_yscale("log")  # the blow-up spans orders of magnitude
+            else:  # no finite loss at all: no axis to read
+                ax.set_yticks([])
         ax.set_title(f"{cell} / {opt}: train loss, seed {seed}" + (" (y zoomed)" if span else ""),
                      fontsize=9)
         ax.set_xlabel("step")

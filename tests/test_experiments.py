@@ -257,7 +257,6 @@ def test_aggregate_reads_runs_of_older_code_and_panels_whose_every_loss_is_nan(t
     have it (the CSV takes every column; an old row's is empty), and a panel whose runs all
     diverged with no finite loss at all is drawn (it once asked for a log axis over NaN)."""
     import json
-    from experiments.science import clip_ablation
     (tmp_path / "runs").mkdir()
     for i, (rule, label, tau) in enumerate([("none", "none", float("inf")),
                                             ("global_norm", "1x", 0.5)]):
@@ -276,7 +275,9 @@ def test_aggregate_reads_runs_of_older_code_and_panels_whose_every_loss_is_nan(t
                               "nonfinite": [1.0] * 10, "val_steps": [0, 10],
                               "val_loss": [4.4, float("nan")]}}
         (tmp_path / "runs" / f"run{i}.json").write_text(json.dumps(record))
-    clip_ablation.aggregate(str(tmp_path))
+    # a process of its own: clip_ablation.py defines absl flags when imported
+    r = _run(["experiments/science/clip_ablation.py", f"--outdir={tmp_path}", "--aggregate"])
+    assert r.returncode == 0, r.stderr[-2000:]
     lines = (tmp_path / "clip_ablation.csv").read_text().splitlines()
     assert lines[0].endswith(",clip_at,unit_clip_fraction") and lines[1].endswith(",,")
     assert (tmp_path / "loss_curves.png").is_file()

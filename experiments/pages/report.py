@@ -67,8 +67,8 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Every step tiny: the whole pipeline 
 _DATA_PATH = flags.DEFINE_string("data_path", "", "A text file instead of the built-in corpus.")
 _STEPS = flags.DEFINE_list("steps", None, "Run only these steps into --workdir and write no "
                            "page (of: exploding, lm, lm_carried, ablation, bench, cliff, "
-                           "smoothness, stability, placement): the pieces a later --reuse run renders "
-                           "from.")
+                           "smoothness, stability, placement): the pieces a later --reuse run "
+                           "renders from.")
 
 # The language model whose telemetry and sample the report shows.
 LM_FLAGS = ["--config.model.cell=lstm", "--config.model.hidden_size=256",

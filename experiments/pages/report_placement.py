@@ -177,7 +177,8 @@ def section(results: dict, fig: str) -> str:
         f"\n**{cell_name(c)} + {o}**\n\n"
         + _table([e for e in p["table"] if (e["cell"], e["optimizer"]) == (c, o)])
         for c, o in panels)
-    rates = "; ".join(f"{cell_name(c)} {o} {', '.join(f'{x:g}' for x in sw['learning_rates_by_cell'][c][o])}"
+    by_cell = sw["learning_rates_by_cell"]
+    rates = "; ".join(f"{cell_name(c)} {o} {', '.join(f'{x:g}' for x in by_cell[c][o])}"
                       for c in sw["cells"] for o in sw["optimizers"])
     return f"""
 ### 2.5 Where clipping sits

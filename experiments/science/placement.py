@@ -223,7 +223,8 @@ def table(rows) -> list:
     and best val bpc of the seeds that trained, the mean share of units clipped, the mean τ."""
     out = []
     for cell, opt, lr in sorted({(r["cell"], r["optimizer"], r["learning_rate"]) for r in rows}):
-        mine = [r for r in rows if (r["cell"], r["optimizer"], r["learning_rate"]) == (cell, opt, lr)]
+        mine = [r for r in rows
+                if (r["cell"], r["optimizer"], r["learning_rate"]) == (cell, opt, lr)]
         for name in _settings(mine):
             runs = [r for r in mine if setting(r) == name]
             ok = [r for r in runs if not r["diverged"] and math.isfinite(r["final_val_bpc"])]

@@ -51,15 +51,19 @@ def text_file(tmp_path):
     return str(path)
 
 
-@pytest.fixture
-def ablation_config(text_file):
-    """The clip ablation's smoke config on the small corpus (a sweep's grid in seconds)."""
-    from experiments.configs import clip_ablation
-    config = clip_ablation.get_config("smoke")
+def sweep_on_small_corpus(config, text_file):
+    """A sweep study's config (its smoke variant) reading the small corpus, in place."""
     config.data.path = text_file
     config.data.val_fraction = config.data.test_fraction = 0.1
     config.sweep.eval_chars = 200
     return config
+
+
+@pytest.fixture
+def ablation_config(text_file):
+    """The clip ablation's smoke config on the small corpus (a sweep's grid in seconds)."""
+    from experiments.configs import clip_ablation
+    return sweep_on_small_corpus(clip_ablation.get_config("smoke"), text_file)
 
 
 @pytest.fixture

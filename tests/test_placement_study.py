@@ -15,41 +15,49 @@ from charrnn import step as step_lib
 from experiments.configs import placement as placement_config
 from experiments.pages import report_placement
 from experiments.science import placement
+from conftest import sweep_on_small_corpus
 from test_experiments import _run
 
 
 @pytest.fixture
 def study_config(text_file):
-    config = placement_config.get_config("smoke")
-    config.data.path = text_file
-    config.data.val_fraction = config.data.test_fraction = 0.1
-    config.sweep.eval_chars = 200
+    """The study's smoke grid of one cell (lstm) on the small corpus, SGD and Adam."""
+    config = sweep_on_small_corpus(placement_config.get_config("smoke"), text_file)
     config.sweep.optimizers = ("sgd", "adam")
     config.sweep.learning_rates_by_cell.lstm.adam = (0.01,)
     config.sweep.learning_rates_by_cell.lstm.sgd = (2.0,)
     return placement.cell_config(config, "lstm")
 
 
-def test_each_placements_reference_is_the_median_of_its_units(study_config):
-    """Against per-window gradients from jax.grad and per-row gradients one row at a time."""
-    config, corpus = study_config, sweep.Corpus.from_config(study_config)
-    refs = placement.references(config, "lstm", corpus)
+def _warmup(config, corpus):
+    """(model, initial params, the warm-up windows (carry, x, y) with the state carried):
+    what placement.references reads, rebuilt here from the training pieces."""
     c = sweep.run_config(config, sweep.Run("lstm", "sgd", 0, "none", "none"))
     model = models.CharRNN.from_config(c.model, corpus.vocab_size)
     state = step_lib.init_state(model, optim.Optimizer.frozen(), c.train.batch_size, 0)
     batcher = data.Batcher(corpus.train_ids, c.train.batch_size, c.train.seq_len, 0)
-    flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
-    grads, rows, carry = [], [], state.carry
+    windows, carry = [], state.carry
     for _ in range(config.sweep.warmup_steps):
-        b = batcher.next_batch()
-        x, y = jnp.asarray(b["x"]), jnp.asarray(b["y"])
-        g, new_carry = jax.grad(step_lib.loss_fn, has_aux=True)(state.params, model, carry, x, y)
-        grads.append(flat(g))
+        batch = batcher.next_batch()
+        x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
+        windows.append((carry, x, y))
+        carry = step_lib.loss_fn(state.params, model, carry, x, y)[1]
+    return model, state.params, windows
+
+
+def test_each_placements_reference_is_the_median_of_its_units(study_config):
+    """Against per-window gradients from jax.grad and per-row gradients one row at a time."""
+    corpus = sweep.Corpus.from_config(study_config)
+    refs = placement.references(study_config, "lstm", corpus)
+    model, params, windows = _warmup(study_config, corpus)
+    flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
+    grads, rows = [], []
+    for carry, x, y in windows:
+        grads.append(flat(jax.grad(lambda p: step_lib.loss_fn(p, model, carry, x, y)[0])(params)))
         for r in range(x.shape[0]):
             one = jax.tree.map(lambda a: a[r:r + 1], carry)
             rows.append(flat(jax.grad(lambda p: step_lib.loss_fn(p, model, one, x[r:r + 1],
-                                                                 y[r:r + 1])[0])(state.params)))
-        carry = new_carry
+                                                                 y[r:r + 1])[0])(params)))
     assert refs["gradient"]["global_norm"] == pytest.approx(
         np.median([np.linalg.norm(g) for g in grads]), rel=1e-5)
     assert refs["gradient"]["value"] == pytest.approx(
@@ -69,23 +77,14 @@ def test_each_placements_reference_is_the_median_of_its_units(study_config):
 def test_the_bptt_reference_clips_half_the_cotangents(study_config):
     """At its reference a BPTT rule clips half the (row, layer, step) cotangents of the
     warm-up windows; a little above, fewer; a little below, more."""
-    config, corpus = study_config, sweep.Corpus.from_config(study_config)
-    refs = placement.references(config, "lstm", corpus)
-    c = sweep.run_config(config, sweep.Run("lstm", "sgd", 0, "none", "none"))
-    model = models.CharRNN.from_config(c.model, corpus.vocab_size)
-    state = step_lib.init_state(model, optim.Optimizer.frozen(), c.train.batch_size, 0)
-    b = data.Batcher(corpus.train_ids, c.train.batch_size, c.train.seq_len, 0)
-    windows, carry = [], state.carry
-    for _ in range(config.sweep.warmup_steps):
-        batch = b.next_batch()
-        x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
-        windows.append((carry, x, y))
-        carry = step_lib.loss_fn(state.params, model, carry, x, y)[1]
+    corpus = sweep.Corpus.from_config(study_config)
+    refs = placement.references(study_config, "lstm", corpus)
+    model, params, windows = _warmup(study_config, corpus)
     for rule in ("global_norm", "value"):
         def share(tau):
             clip = scan.CotangentClip(rule, jnp.float32(tau))
             return np.mean([float(step_lib.bptt_gradients(
-                (state.params, model, cw, xw, yw, None, None, None), clip, None, 0, 0)[2]
+                (params, model, cw, xw, yw, None, None, None), clip, None, 0, 0)[2]
                 ["bptt_clip_fraction"]) for cw, xw, yw in windows])
         tau = refs["bptt"][rule]
         assert share(0.9 * tau) > 0.5 >= share(1.1 * tau), rule

@@ -169,8 +169,8 @@ gradient is small, while a fixed step must suit the largest curvature it meets.
 model of §2.1), learning rates {rates} (constant); no clipping and {clipped} (`Nx`: N times
 the reference norm of §2.1); seeds {', '.join(str(x) for x in sw['seeds'])}:
 {len(s['rows'])} runs of {steps} steps{shorter}, B = {t['batch_size']}, T = {t['seq_len']};
-each (rule, cell, optimizer) is one jitted program with the learning rate and the strength
-as runtime arrays ({s['seconds'] / 60:.1f} minutes of training on this machine).{choice}
+each (cell, optimizer) is one jitted program, with the clipping rule, the learning rate
+and the strength as runtime data ({s['seconds'] / 60:.1f} minutes of training on this machine).{choice}
 A setting's *largest stable learning rate* is the largest of the grid at which no seed
 diverged (as in §2.1: a non-finite step, or a final val loss above the initial one); its
 *best reachable loss* is the lowest mean final val bpc over the learning rates at which

@@ -7,7 +7,7 @@
 The grid is data (experiments/configs/stability.py): cells × optimizers × learning
 rates × {no clipping, global-norm thresholds, an adaptive rule} × seeds. It is
 trained by clip_ablation.py into DIR/grid/runs/ (charrnn.sweep: one program per
-(rule, cell, optimizer), the learning rate and the strength runtime arrays; the
+(cell, optimizer), the rule, the learning rate and the strength runtime data; the
 tables and figures clip_ablation.py leaves in DIR/grid pool the learning rates).
 Then, per (cell, optimizer) and setting (rule and strength):
 

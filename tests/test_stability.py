@@ -80,6 +80,23 @@ def test_the_finding_sentences_follow_the_numbers():
     assert "never diverged" in report_stability.survival(stability.table(_rows(calm)))
 
 
+def test_the_glance_names_the_largest_survival_ratio_and_counts_the_better_losses():
+    """The hand-made grid above: global_norm 0.25x trains every seed up to 100 (the grid's
+    top), no clipping up to 1; global_norm 1x's best loss lies beyond the seeds' spread."""
+    text = report_stability.glance({"table": stability.table(_rows())})
+    assert ("was ≥ 100× for the tanh RNN with SGD (global_norm 0.25x); the best loss over "
+            "all learning rates was lower with clipping beyond the seeds' spread in 1 of 1 "
+            "(cell, optimizer) pairs") in text
+    closer = {**GRID, ("global_norm 1x", 10.0): (2.5, 2.6),
+              ("global_norm 0.25x", 100.0): (2.7, 2.7)}
+    assert text.replace("in 1 of 1", "in 0 of 1") == report_stability.glance(
+        {"table": stability.table(_rows(closer))})
+    calm = {k: v for k, v in GRID.items() if k[1] < 10.0}  # every setting trains up to 1
+    assert "was the same for the tanh RNN with SGD;" in report_stability.glance(
+        {"table": stability.table(_rows(calm))})
+    assert report_stability.glance(None) == ""
+
+
 def test_the_grid_needs_no_clipping_and_two_learning_rates():
     config = stability_config.get_config("smoke")
     stability.check_grid(config.sweep)

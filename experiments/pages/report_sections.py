@@ -55,7 +55,7 @@ def section_answers(results) -> str:
     """The seed's three questions answered in a few sentences, each chosen by the numbers
     of the sections below (which give the details)."""
     from experiments.pages import (report_cliff, report_handover, report_placement,
-                                   report_rules, report_smoothness)
+                                   report_rules, report_smoothness, report_stability)
     rows = results["exploding"]["slopes"]
     # the linear RNN's slope has the sign of ln ρ wherever ρ is not 1
     grows = any(r["ln_rho"] > 0 for r in rows) and all(
@@ -78,6 +78,9 @@ def section_answers(results) -> str:
                           f"{report_smoothness._name(opt)} (slope {st['fit']['slope']:.2f}, "
                           f"r {st['fit']['pearson_r']:.2f})" for opt, st in studies.items())
               + " (§1.4)")
+    stable = report_stability.glance(results.get("stability"))
+    if stable:
+        q1.append(stable)
     ws = report_rules.winners(results["ablation"]["rules_table"])
     q2 = []
     for opt in ("sgd", "adam"):

@@ -11,6 +11,9 @@ import math
 from experiments.pages.report_format import cell_name, fmt
 
 
+_OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam"}
+
+
 def _lr(x) -> str:
     """A learning rate as written in the config ('1000', '0.003'); '–' for None."""
     return "–" if x is None else f"{x:g}"
@@ -89,6 +92,37 @@ def _gain_text(g) -> str:
                        f"the seeds' spread (std {fmt(g['noise'], 2)})")
     return text + (f"a difference of {g['gain']:+.3f} bpc, within the seeds' spread (std "
                    f"{fmt(g['noise'], 2)}): a better loss is not shown")
+
+
+def glance(stability: dict | None) -> str:
+    """Answers at a glance, question 1: per (cell, optimizer) the largest stable learning
+    rate of the clipped setting that survives the largest, as a multiple of no clipping's,
+    and in how many pairs clipping reached a lower loss beyond the seeds' spread ('' without
+    a map)."""
+    if not stability or not stability.get("table"):
+        return ""
+    parts, beyond, compared = [], 0, 0
+    for c, o, entries in _panels(stability["table"]):
+        none = next((e for e in entries if e["setting"] == "none"), None)
+        clipped = [e for e in entries if e is not none and e["largest_stable_lr"] is not None]
+        name = f"the {cell_name(c)} with {_OPTIMIZER_NAMES.get(o, o)}"
+        if none is None or none["largest_stable_lr"] is None or not clipped:
+            parts.append(f"no ratio for {name} (a setting diverged at every rate)")
+        else:
+            top = max(clipped, key=lambda e: e["largest_stable_lr"])
+            ratio = top["largest_stable_lr"] / none["largest_stable_lr"]
+            bound = "≥ " if top["stable_at_top"] and not none["stable_at_top"] else ""
+            parts.append(f"the same for {name}" if ratio <= 1 or math.isclose(ratio, 1.0) else
+                         f"{bound}{fmt(ratio)}× for {name} ({top['setting']})")
+        g = best_gain(entries)
+        if g is not None and g["seeds"] >= 2:
+            compared += 1
+            beyond += g["gain"] > g["noise"]
+    return (f"on the stability map (§2.4) the largest learning rate at which every seed "
+            f"trained, the best clipping setting's against no clipping's, was "
+            f"{', '.join(parts)}; the best loss over all learning rates was lower with "
+            f"clipping beyond the seeds' spread in {beyond} of {compared} (cell, optimizer) "
+            f"pairs")
 
 
 def _table(entries) -> str:

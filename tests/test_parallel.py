@@ -20,9 +20,8 @@ CHILD = os.path.join(REPO, "tests", "parallel_child.py")
 
 
 def _env(num_devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
-    return env
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count="
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags.strip()}{num_devices}")
 
 
 def _child(*args, num_devices=4) -> dict:

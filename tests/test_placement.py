@@ -163,11 +163,19 @@ def _train(config, steps):
 
 
 def test_bptt_above_every_cotangent_is_gradient_with_none(smoke_config):
+    """Plain SGD at learning rate 1, so each step moves the parameters by the gradient itself
+    (Adam would hide a gradient scaled by a constant). The two are different programs, so
+    they agree to rounding, not bit for bit: the tests' XLA flags (tests/conftest.py) round
+    them differently in the last bit of a few elements."""
+    sgd = {"name": "sgd", "learning_rate": 1.0, "momentum": 0.0}
     bptt, m_bptt = _train(_config(smoke_config.copy_and_resolve_references(), clip_at="bptt",
-                                  clip_mode="value", clip_norm=1e30), 2)
-    plain, _ = _train(_config(smoke_config, clip_at="gradient", clip_mode="none"), 2)
+                                  clip_mode="value", clip_norm=1e30, **sgd), 2)
+    plain, m_plain = _train(_config(smoke_config, clip_at="gradient", clip_mode="none", **sgd),
+                            2)
     for a, b in zip(jax.tree.leaves(bptt.params), jax.tree.leaves(plain.params)):
-        np.testing.assert_array_equal(a, b)  # bit for bit
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([m["grad_norm"] for m in m_bptt],
+                               [m["grad_norm"] for m in m_plain], rtol=1e-5)
     assert all(m["bptt_clip_fraction"] == 0 and not m["clipped"] for m in m_bptt)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -97,6 +98,20 @@ def _clipping(o) -> str:
             + (f" ({settings})" if settings else "") + f", clip_at={o.clip_at}")
 
 
+def viewer_requirement() -> str:
+    """TensorBoard as setup.cfg's ``viewer`` extra pins it (from the installed package's
+    metadata), or plain ``tensorboard`` where charrnn is not installed."""
+    try:
+        requires = importlib.metadata.requires("charrnn") or []
+    except importlib.metadata.PackageNotFoundError:
+        requires = []
+    for requirement in requires:
+        spec, _, marker = requirement.partition(";")
+        if "extra" in marker and "viewer" in marker:
+            return spec.strip()
+    return "tensorboard"
+
+
 def next_commands(workdir: str, launcher: str) -> str:
     """The commands to sample from, evaluate and view the run in ``workdir``.
 
@@ -111,11 +126,16 @@ def next_commands(workdir: str, launcher: str) -> str:
     launch = f"{shlex.quote(python)} {shlex.quote(_short(launcher))}"
     work = shlex.quote(_short(workdir))
     tb = shlex.quote(os.path.join(_short(workdir), "tensorboard"))
+    # TensorBoard through the same interpreter, installed first where it is missing (an
+    # optional extra): a bare ``tensorboard`` is not on PATH in a fresh shell, if at all.
+    view = f"{shlex.quote(python)} -m tensorboard.main --logdir {tb}"
+    if importlib.util.find_spec("tensorboard") is None:
+        view = f"{shlex.quote(python)} -m pip install {shlex.quote(viewer_requirement())} && {view}"
     return "\n".join([
         f"trained model in {os.path.abspath(workdir)}; next:",
         f"  sample:       {launch} --mode=sample --workdir={work} --length=500",
         f"  evaluate:     {launch} --mode=eval --workdir={work}",
-        f"  TensorBoard:  tensorboard --logdir {tb}",
+        f"  TensorBoard:  {view}",
     ])
 
 

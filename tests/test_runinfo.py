@@ -55,3 +55,21 @@ def test_the_header_names_the_optimizer_schedule_and_averaged_weights():
                                    "sampling use them)")
     config.optim.update(name="sgd", momentum=0.9)
     assert _line(_header(config), "optim").startswith("  optim    sgd (momentum 0.9), ")
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_the_tensorboard_command_runs_through_this_interpreter(installed, monkeypatch):
+    """The printed viewer command needs no ``tensorboard`` on PATH: the run's own python
+    runs it, installing the pinned viewer extra first where it is missing."""
+    import importlib.util
+    import shlex
+    import sys
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        (object() if installed else None) if name == "tensorboard" else find_spec(name, *a)))
+    line = runinfo.next_commands("runs/x", "launch.py").splitlines()[-1]
+    python = shlex.quote(runinfo._short(sys.executable))
+    view = f"{python} -m tensorboard.main --logdir runs/x/tensorboard"
+    install = f"{python} -m pip install 'tensorboard<3,>=2.16' && "
+    assert line == "  TensorBoard:  " + ("" if installed else install) + view
+    assert runinfo.viewer_requirement() == "tensorboard<3,>=2.16"  # setup.cfg's viewer extra

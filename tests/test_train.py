@@ -186,7 +186,7 @@ def test_launch_says_what_it_trains_and_what_to_do_next(text_file, tmp_path):
         f"trained model in {workdir}; next:",
         f"  sample:       {python} {REPO}/launch.py --mode=sample --workdir=run --length=500",
         f"  evaluate:     {python} {REPO}/launch.py --mode=eval --workdir=run"]
-    assert lines[-1] == "  TensorBoard:  tensorboard --logdir run/tensorboard"
+    assert lines[-1].startswith("  TensorBoard:  ")  # its command: the test below
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
     (record,) = [json.loads(line) for line in open(os.path.join(workdir, "launches.jsonl"))]

@@ -130,7 +130,8 @@ def next_commands(workdir: str, launcher: str) -> str:
     # optional extra): a bare ``tensorboard`` is not on PATH in a fresh shell, if at all.
     view = f"{shlex.quote(python)} -m tensorboard.main --logdir {tb}"
     if importlib.util.find_spec("tensorboard") is None:
-        view = f"{shlex.quote(python)} -m pip install {shlex.quote(viewer_requirement())} && {view}"
+        install = shlex.quote(viewer_requirement())
+        view = f"{shlex.quote(python)} -m pip install {install} && {view}"
     return "\n".join([
         f"trained model in {os.path.abspath(workdir)}; next:",
         f"  sample:       {launch} --mode=sample --workdir={work} --length=500",

@@ -24,7 +24,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 if os.environ["JAX_PLATFORMS"] == "cpu":
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
     # XLA's older CPU code generator for fusions compiles the same programs in about two
-    # thirds of the time (the suite on 2 cores: 277 -> 196 s); only on the jaxlib it was
+    # thirds of the time (the suite on 2 idle cores: 277 -> 186 s); only on the jaxlib it was
     # measured with, since XLA aborts on a flag it no longer knows.
     from importlib import metadata
     if metadata.version("jaxlib").startswith("0.10."):

@@ -112,8 +112,9 @@ def glance(stability: dict | None) -> str:
             top = max(clipped, key=lambda e: e["largest_stable_lr"])
             ratio = top["largest_stable_lr"] / none["largest_stable_lr"]
             bound = "≥ " if top["stable_at_top"] and not none["stable_at_top"] else ""
-            parts.append(f"the same for {name}" if ratio <= 1 or math.isclose(ratio, 1.0) else
-                         f"{bound}{fmt(ratio)}× for {name} ({top['setting']})")
+            parts.append(f"the same for {name}" if math.isclose(ratio, 1.0) else
+                         f"{bound}{fmt(ratio)}× for {name} ({top['setting']}"
+                         + (", lower than without clipping)" if ratio < 1 else ")"))
         g = best_gain(entries)
         if g is not None and g["seeds"] >= 2:
             compared += 1
@@ -203,8 +204,9 @@ gradient is small, while a fixed step must suit the largest curvature it meets.
 model of §2.1), learning rates {rates} (constant); no clipping and {clipped} (`Nx`: N times
 the reference norm of §2.1); seeds {', '.join(str(x) for x in sw['seeds'])}:
 {len(s['rows'])} runs of {steps} steps{shorter}, B = {t['batch_size']}, T = {t['seq_len']};
-each (cell, optimizer) is one jitted program, with the clipping rule, the learning rate
-and the strength as runtime data ({s['seconds'] / 60:.1f} minutes of training on this machine).{choice}
+each (cell, optimizer) is one jitted program, with the clipping rule, the learning
+rate and the strength as runtime data ({s['seconds'] / 60:.1f} minutes of training on this
+machine).{choice}
 A setting's *largest stable learning rate* is the largest of the grid at which no seed
 diverged (as in §2.1: a non-finite step, or a final val loss above the initial one); its
 *best reachable loss* is the lowest mean final val bpc over the learning rates at which

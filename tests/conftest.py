@@ -18,8 +18,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # take longer to compile than to run): the suite's time is mostly XLA compiling hundreds of
 # small programs once each, and this cuts the suite's CPU time by about a quarter
 # (docs/design-notes.md, "The test suite's time"). Every program computes what it computed,
-# to rounding, and the tests that ask two programs for the same bits still get them. An
-# environment variable, so the subprocesses that tests start (launch.py, the 4-device
+# to rounding; a test may ask one program for the same bits twice (a resumed run), not two
+# different programs. An environment variable, so the subprocesses that tests start (launch.py, the 4-device
 # children, report.py's steps) compile the same way.
 if os.environ["JAX_PLATFORMS"] == "cpu":
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")

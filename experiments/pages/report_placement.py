@@ -130,7 +130,8 @@ def sgd_identity(comparisons) -> str:
             f"{abs(worst['diff']) / worst['noise']:.2g} stds over seeds: the two programs round "
             "differently, and at a rate where seeds scatter the difference grows."
             if worst["noise"] > 0 else
-            f" With SGD update clipping is gradient clipping (clip(lr·g, lr·τ) = lr·clip(g, τ)); "
+            f" With SGD update clipping is gradient clipping "
+            f"(clip(lr·g, lr·τ) = lr·clip(g, τ)); "
             f"the largest difference of the {len(pairs)} SGD pairs is "
             f"{abs(worst['diff']):.3g} bpc.")
 
@@ -177,6 +178,8 @@ def section(results: dict, fig: str) -> str:
         f"\n**{cell_name(c)} + {o}**\n\n"
         + _table([e for e in p["table"] if (e["cell"], e["optimizer"]) == (c, o)])
         for c, o in panels)
+    multiples = ", ".join(f"{r} {'/'.join(sw['strengths'][r])}×" for r in sw["rules"]
+                          if r != "none")
     by_cell = sw["learning_rates_by_cell"]
     rates = "; ".join(f"{cell_name(c)} {o} {', '.join(f'{x:g}' for x in by_cell[c][o])}"
                       for c in sw["cells"] for o in sw["optimizers"])
@@ -201,9 +204,8 @@ which the map does not cover: `experiments/configs/placement.py` says how each w
 chosen): {rates}.
 
 Each placement clips a different quantity, so one τ would mean a different thing at each.
-Here a rule's threshold is a multiple of its placement's *reference* ({', '.join(
-f"{r} {'/'.join(sw['strengths'][r])}×" for r in sw['rules'] if r != 'none')}): the threshold at which the rule changes half the units it acts on at the
-initial parameters (a unit: the batch's gradient, the optimizer's first update, one row's
+Here a rule's threshold is a multiple of its placement's *reference* ({multiples}): the
+threshold at which the rule changes half the units it acts on at the initial parameters (a unit: the batch's gradient, the optimizer's first update, one row's
 gradient, one (row, layer, time step) cotangent; the norm for global_norm, the largest
 |component| for value; the first {sw['warmup_steps']} windows of seed 0). The references
 (global_norm τ / value bound):
@@ -212,8 +214,8 @@ gradient, one (row, layer, time step) cotangent; the norm for global_norm, the l
 
 "Units clipped" below is the share of those units clipped over training.
 
-**Does it matter where clipping sits?** At these learning rates {answer(comparisons)}. The noise floor: the median std over seeds of a setting's final val
-bpc is {fmt(noise_floor(p['table']), 2)} bpc.{sgd_identity(comparisons)}
+**Does it matter where clipping sits?** At these learning rates {answer(comparisons)}.
+The noise floor: the median std over seeds of a setting's final val bpc is {fmt(noise_floor(p['table']), 2)} bpc.{sgd_identity(comparisons)}
 
 ![placement]({fig}/placement.png)
 {tables}

@@ -25,6 +25,15 @@ def _panels(table) -> list:
     return [(c, o, [e for e in table if (e["cell"], e["optimizer"]) == (c, o)]) for c, o in keys]
 
 
+def _multiple(e, none) -> tuple[float, str]:
+    """Setting ``e``'s largest stable learning rate over no clipping's (both not None), as
+    a number and as written ('10×'; '≥ 100×' where e was stable up to the grid's top and no
+    clipping was not, so the true multiple may be larger)."""
+    ratio = e["largest_stable_lr"] / none["largest_stable_lr"]
+    bound = "≥ " if e["stable_at_top"] and not none["stable_at_top"] else ""
+    return ratio, f"{bound}{fmt(ratio)}×"
+
+
 def survival(entries) -> str:
     """How far each clipped setting's largest stable learning rate lies from no clipping's."""
     none = next((e for e in entries if e["setting"] == "none"), None)
@@ -48,11 +57,9 @@ def survival(entries) -> str:
         elif base is None:
             parts.append(f"{e['setting']} trains up to {_lr(lr)}")
         else:
-            ratio = lr / base
-            bound = "≥ " if e["stable_at_top"] and not none["stable_at_top"] else ""
+            ratio, times = _multiple(e, none)
             word = ("no gain" if math.isclose(ratio, 1.0) else
-                    "a smaller rate than no clipping" if ratio < 1 else
-                    f"{bound}{fmt(ratio)}× larger")
+                    "a smaller rate than no clipping" if ratio < 1 else f"{times} larger")
             parts.append(f"{e['setting']} {_lr(lr)} ({word})")
     return head + ("; " + ", ".join(parts) if parts else "")
 
@@ -110,10 +117,9 @@ def glance(stability: dict | None) -> str:
             parts.append(f"no ratio for {name} (a setting diverged at every rate)")
         else:
             top = max(clipped, key=lambda e: e["largest_stable_lr"])
-            ratio = top["largest_stable_lr"] / none["largest_stable_lr"]
-            bound = "≥ " if top["stable_at_top"] and not none["stable_at_top"] else ""
+            ratio, times = _multiple(top, none)
             parts.append(f"the same for {name}" if math.isclose(ratio, 1.0) else
-                         f"{bound}{fmt(ratio)}× for {name} ({top['setting']}"
+                         f"{times} for {name} ({top['setting']}"
                          + (", lower than without clipping)" if ratio < 1 else ")"))
         g = best_gain(entries)
         if g is not None and g["seeds"] >= 2:
